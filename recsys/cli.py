@@ -1,0 +1,44 @@
+"""The ``recsys`` command."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """\
+usage: recsys <command> [options]
+
+Training (LightningCLI; `recsys fit --help` lists every option):
+  fit        train a model:       recsys fit --config configs/movielens/base.yaml
+  validate   score the val split: recsys validate --config ... --ckpt_path CKPT
+  test       score the test split
+  predict    write predictions.parquet for data.predict_split
+
+Evaluation:
+  eval       offline CTR report (AUC, GAUC, logloss, RelaImpr, bootstrap CIs, calibration plot):
+             recsys eval --ckpt CKPT [--data DIR] [--split test] [--out DIR] [--baseline REPORT.json]
+"""
+
+LIGHTNING = {"fit", "validate", "test", "predict"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in LIGHTNING:
+        from recsys.train.cli import run
+
+        run([command, *rest])
+        return 0
+    if command == "eval":
+        from recsys.eval.report import main as eval_main
+
+        return eval_main(rest)
+    print(f"recsys: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

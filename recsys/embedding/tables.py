@@ -1,0 +1,93 @@
+"""Plain embedding tables: one torchrec table per id feature, sequences sharing their target's.
+
+Example::
+
+    info = DatasetInfo.from_any(datamodule.dataset_info)
+    tables = pooled_tables(info, embedding_dim=16, pooling="mean")
+    guard = IdGuard.for_tables(tables)
+    pooled = tables(guard(kjt))          # KeyedTensor, one [B, D_f] block per feature
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.data.schema import FeatureType
+from recsys.data.vocab import DatasetInfo
+
+POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+
+
+def table_configs(
+    info: DatasetInfo, embedding_dim: int, pooling: str = "sum", include_sequences: bool = True
+) -> list[EmbeddingBagConfig]:
+    """One ``EmbeddingBagConfig`` per table-owning feature; its sequences read the same table.
+
+    A feature's ``embedding_dim`` in the schema overrides ``embedding_dim``.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, got {pooling!r}")
+    schema = info.parsed_schema
+    configs = []
+    for owner in schema.tables:
+        readers = [owner.name]
+        if include_sequences and owner.type is FeatureType.CATEGORICAL:
+            readers += [s.name for s in schema.sequences if s.target == owner.name]
+        configs.append(
+            EmbeddingBagConfig(
+                name=f"t_{owner.name}",
+                embedding_dim=owner.embedding_dim or embedding_dim,
+                num_embeddings=info.num_embeddings[owner.name],
+                feature_names=readers,
+                pooling=POOLINGS[pooling],
+            )
+        )
+    return configs
+
+
+def pooled_tables(
+    info: DatasetInfo, embedding_dim: int, pooling: str = "sum", device: torch.device | str | None = None
+) -> EmbeddingBagCollection:
+    """An ``EmbeddingBagCollection`` over every id feature (sequences pooled in their target's table)."""
+    return EmbeddingBagCollection(tables=table_configs(info, embedding_dim, pooling), device=device)
+
+
+class IdGuard(nn.Module):
+    """Stops a batch whose ids fall outside their table before any embedding kernel sees it.
+
+    FBGEMM kernels do not bounds-check; an out-of-range id reads or corrupts another row.
+    The check is one vectorised comparison over the KJT's values.
+    """
+
+    def __init__(self, rows_per_feature: dict[str, int]) -> None:
+        super().__init__()
+        self.rows_per_feature = dict(rows_per_feature)
+
+    @classmethod
+    def for_tables(cls, tables: EmbeddingBagCollection) -> IdGuard:
+        return cls({f: t.num_embeddings for t in tables.embedding_bag_configs() for f in t.feature_names})
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        keys = kjt.keys()
+        unknown = [k for k in keys if k not in self.rows_per_feature]
+        if unknown:
+            raise KeyError(f"features {unknown} have no embedding table (known: {sorted(self.rows_per_feature)})")
+        values = kjt.values()
+        if values.numel() == 0:
+            return kjt
+        counts = torch.tensor(kjt.length_per_key(), device=values.device)
+        bounds = torch.tensor([self.rows_per_feature[k] for k in keys], device=values.device)
+        limit = torch.repeat_interleave(bounds, counts, output_size=values.numel())
+        bad = (values < 0) | (values >= limit)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            key = keys[int(torch.searchsorted(torch.cumsum(counts, 0), first, right=True))]
+            raise IndexError(
+                f"feature {key!r}: id {int(values[first])} outside its table of "
+                f"{self.rows_per_feature[key]} rows ({int(bad.sum())} bad ids in this batch); "
+                f"is the checkpoint's vocabulary the dataset's?"
+            )
+        return kjt

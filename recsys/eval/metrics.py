@@ -1,0 +1,177 @@
+"""CTR metrics by the definitions in PROTOCOLS.md, vectorised in numpy (no per-group Python loop).
+
+Example::
+
+    auc(labels, probs)                 # ROC AUC, ties averaged
+    gauc(labels, probs, users)         # impression-weighted mean of per-user AUC
+    logloss(labels, probs)             # probabilities clipped to [1e-7, 1 - 1e-7]
+    rela_impr(0.80, 0.78)              # % relative improvement over the base AUC
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-7
+
+
+def _tied_ranks(sorted_scores: np.ndarray, segment_starts: np.ndarray | None = None) -> np.ndarray:
+    """1-based ranks of already-sorted scores with ties averaged; restarts at ``segment_starts``."""
+    n = len(sorted_scores)
+    new_value = np.ones(n, dtype=bool)
+    new_value[1:] = sorted_scores[1:] != sorted_scores[:-1]
+    if segment_starts is not None:
+        new_value[segment_starts] = True
+    run_id = np.cumsum(new_value) - 1
+    run_start = np.flatnonzero(new_value)
+    run_end = np.append(run_start[1:], n)
+    base = np.zeros(n, dtype=np.int64)
+    if segment_starts is not None:
+        base[segment_starts] = segment_starts
+        base = np.maximum.accumulate(base)
+    # average of positions run_start..run_end-1 (0-based), made 1-based and relative to segment
+    avg = (run_start + run_end - 1) / 2.0 + 1.0
+    return avg[run_id] - base
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC (Mann-Whitney U with averaged ties). NaN when only one class is present."""
+    labels = np.asarray(labels, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(scores, kind="mergesort")
+    ranks = _tied_ranks(scores[order])
+    positive = labels[order] > 0.5
+    n_pos = positive.sum()
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def group_aucs(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-group (group ids, AUC, impressions) for groups holding both classes."""
+    labels = np.asarray(labels, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    groups = np.asarray(groups)
+    order = np.lexsort((scores, groups))
+    g, s, y = groups[order], scores[order], labels[order] > 0.5
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    ranks = _tied_ranks(s, starts)
+    n = np.diff(np.append(starts, len(g)))
+    n_pos = np.add.reduceat(y.astype(np.int64), starts)
+    rank_pos = np.add.reduceat(np.where(y, ranks, 0.0), starts)
+    n_neg = n - n_pos
+    both = (n_pos > 0) & (n_neg > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_group = (rank_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return g[starts][both], per_group[both], n[both]
+
+
+def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
+    """Σ_u n_u·AUC_u / Σ_u n_u over groups with both classes (PROTOCOLS.md)."""
+    _, aucs, weights = group_aucs(labels, scores, groups)
+    if len(aucs) == 0:
+        return float("nan")
+    return float((aucs * weights).sum() / weights.sum())
+
+
+def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
+    labels = np.asarray(labels, dtype=np.float64)
+    p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1 - EPS)
+    return float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean())
+
+
+def rela_impr(metric_model: float, metric_base: float) -> float:
+    """RelaImpr (DIN paper) in percent: ((m − 0.5) / (base − 0.5) − 1) × 100."""
+    return ((metric_model - 0.5) / (metric_base - 0.5) - 1.0) * 100.0
+
+
+def ctr_metrics(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    return {
+        "auc": auc(labels, probs),
+        "gauc": gauc(labels, probs, groups),
+        "logloss": logloss(labels, probs),
+    }
+
+
+def bootstrap_intervals(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    groups: np.ndarray,
+    num_samples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of AUC, GAUC and logloss, resampling groups (users) with replacement.
+
+    Resampling whole users keeps each user's correlated rows together, so the intervals are
+    not too narrow; GAUC reuses the per-user AUCs (they do not change when a user is drawn).
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels, dtype=np.float64)
+    probs = np.asarray(probs, dtype=np.float64)
+    groups = np.asarray(groups)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    sizes = np.bincount(inverse, minlength=len(uniq))
+    starts = np.cumsum(sizes) - sizes
+    gids, aucs, weights = group_aucs(labels, probs, groups)
+    group_auc = np.full(len(uniq), np.nan)
+    group_weight = np.zeros(len(uniq))
+    position = np.searchsorted(uniq, gids)
+    group_auc[position], group_weight[position] = aucs, weights
+    results: dict[str, list[float]] = {"auc": [], "gauc": [], "logloss": []}
+    for _ in range(num_samples):
+        drawn = rng.integers(0, len(uniq), len(uniq))
+        rows = order[np.repeat(starts[drawn], sizes[drawn]) + _ranges(sizes[drawn])]
+        results["auc"].append(auc(labels[rows], probs[rows]))
+        results["logloss"].append(logloss(labels[rows], probs[rows]))
+        w = group_weight[drawn]
+        results["gauc"].append(float(np.nansum(group_auc[drawn] * w) / w.sum()) if w.sum() else np.nan)
+    alpha = (1 - level) / 2
+    return {k: (float(np.nanquantile(v, alpha)), float(np.nanquantile(v, 1 - alpha))) for k, v in results.items()}
+
+
+def paired_bootstrap_pvalue(
+    labels: np.ndarray,
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    groups: np.ndarray,
+    num_samples: int = 1000,
+    seed: int = 0,
+) -> float:
+    """One-sided p-value that model A's GAUC is not above model B's, resampling users."""
+    _, auc_a, w = group_aucs(labels, probs_a, groups)
+    _, auc_b, _ = group_aucs(labels, probs_b, groups)
+    rng = np.random.default_rng(seed)
+    diff = auc_a - auc_b
+    drawn = rng.integers(0, len(diff), (num_samples, len(diff)))
+    stats = (diff[drawn] * w[drawn]).sum(1) / w[drawn].sum(1)
+    return float((np.sum(stats <= 0) + 1) / (num_samples + 1))
+
+
+def calibration_bins(labels: np.ndarray, probs: np.ndarray, num_bins: int = 10) -> dict[str, np.ndarray]:
+    """Equal-width reliability bins: mean predicted vs observed click rate, and counts."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.float64)
+    edges = np.linspace(0, 1, num_bins + 1)
+    which = np.clip(np.digitize(probs, edges[1:-1]), 0, num_bins - 1)
+    counts = np.bincount(which, minlength=num_bins)
+    with np.errstate(invalid="ignore"):
+        predicted = np.bincount(which, probs, minlength=num_bins) / counts
+        observed = np.bincount(which, labels, minlength=num_bins) / counts
+    return {"edges": edges, "predicted": predicted, "observed": observed, "counts": counts}
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, num_bins: int = 10) -> float:
+    bins = calibration_bins(labels, probs, num_bins)
+    mask = bins["counts"] > 0
+    gap = np.abs(bins["predicted"][mask] - bins["observed"][mask])
+    return float((gap * bins["counts"][mask]).sum() / bins["counts"].sum())
+
+
+def _ranges(sizes: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s)`` for each s in sizes."""
+    total = int(sizes.sum())
+    starts = np.cumsum(sizes) - sizes
+    return np.arange(total) - np.repeat(starts, sizes)

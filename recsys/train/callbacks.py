@@ -1,0 +1,46 @@
+"""Callbacks every recsys run has: predictions to Parquet, and a summary of where things went."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``recsys predict`` output to ``<log_dir>/predictions.parquet`` (prob, label, group)."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any) -> None:
+        if not predictions:
+            return
+        cat = {k: torch.cat([p[k] for p in predictions]).numpy() for k in predictions[0]}
+        out = Path(trainer.log_dir or ".") / (
+            "predictions.parquet" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.parquet"
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(cat), out)
+        rank_zero_info(f"[recsys] wrote {len(cat['prob']):,} predictions to {out}")
+
+
+class RunSummary(L.Callback):
+    """Prints, at the end of fit, where the best checkpoint, the config and TensorBoard logs are."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        lines = []
+        for cb in trainer.callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.best_model_path:
+                score = "" if cb.best_model_score is None else f" ({cb.monitor}={float(cb.best_model_score):.4f})"
+                lines.append(f"best checkpoint: {cb.best_model_path}{score}")
+        if trainer.log_dir:
+            lines.append(f"config + TensorBoard logs: {trainer.log_dir}  (tensorboard --logdir {trainer.log_dir})")
+        for line in lines:
+            rank_zero_info(f"[recsys] {line}")

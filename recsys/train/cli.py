@@ -1,0 +1,36 @@
+"""``recsys fit|validate|test|predict``: LightningCLI over any recsys model and dataset directory.
+
+    recsys fit --config configs/movielens/base.yaml --trainer.max_epochs 3 --seed_everything 7
+    recsys fit --config configs/movielens/base.yaml --data.path OTHER_DATASET_DIR
+    recsys test --config configs/movielens/base.yaml --ckpt_path runs/.../best.ckpt
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from recsys.data.datamodule import CTRDataModule
+from recsys.train.callbacks import PredictionWriter, RunSummary
+from recsys.train.module import CTRModule
+
+
+class RecsysCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # the model's tables and inputs come from the dataset (schema + vocabulary sizes)
+        parser.link_arguments("data.dataset_info", "model.init_args.features", apply_on="instantiate")
+
+
+def run(args: list[str] | None = None) -> RecsysCLI:
+    # ParquetStream.__len__ counts each worker's own row groups, so it is exact
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    return RecsysCLI(
+        CTRModule,
+        CTRDataModule,
+        subclass_mode_model=True,
+        trainer_defaults={"callbacks": [PredictionWriter(), RunSummary()]},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        auto_configure_optimizers=False,
+    )

@@ -1,0 +1,120 @@
+"""``CTRModule``: the LightningModule every CTR model extends.
+
+A model subclass builds its layers in ``__init__`` from ``features`` (the dataset info that
+``CTRDataModule`` provides; LightningCLI links it) and implements ``forward(batch) -> logits [B]``.
+This class owns the rest: binary cross-entropy, an optional ``regularization()`` term,
+optimizers, exact epoch-level AUC/GAUC/logloss on val and test, and predictions.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+
+from recsys.data.batch import Batch
+from recsys.data.vocab import DatasetInfo
+from recsys.eval.metrics import ctr_metrics
+
+
+def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+class CTRModule(L.LightningModule):
+    """Base of all models. Subclasses call ``super().__init__(features, optimizer)`` first."""
+
+    def __init__(self, features: DatasetInfo | dict, optimizer: OptimizerCallable = default_optimizer) -> None:
+        super().__init__()
+        # collects the subclass's __init__ arguments too; they are the model's config
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.info = DatasetInfo.from_any(features)
+        self.schema = self.info.parsed_schema
+        self.optimizer_factory = optimizer
+        self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
+
+    # -- to implement ----------------------------------------------------------------------
+    def forward(self, batch: Batch) -> torch.Tensor:  # pragma: no cover - abstract
+        """Click logits ``[B]``."""
+        raise NotImplementedError
+
+    def regularization(self, batch: Batch) -> torch.Tensor | float:
+        """Extra loss term added in training (0 by default)."""
+        return 0.0
+
+    # -- training --------------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.parameters())
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        reg = self.regularization(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        if isinstance(reg, torch.Tensor):
+            self.log("train/reg", reg, batch_size=len(batch))
+        return loss + reg
+
+    def on_train_epoch_start(self) -> None:
+        # a streaming dataset has no sampler for Lightning to re-seed; tell it the epoch
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+
+    # -- evaluation ------------------------------------------------------------------------
+    def _shared_step(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
+        logits = self(batch)
+        out = {"prob": torch.sigmoid(logits).detach().float().cpu(), "label": batch.labels.cpu(), "group": batch.groups.cpu()}
+        if stage != "predict":
+            loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+            self.log(f"{stage}/loss", loss, batch_size=len(batch), sync_dist=True)
+            self._outputs.setdefault(stage, []).append(out)
+        return out
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "predict")
+
+    def _epoch_metrics(self, stage: str) -> None:
+        outputs = self._outputs.pop(stage, [])
+        if not outputs:
+            return
+        cat = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+        if self.trainer.world_size > 1:  # exact metrics need every rank's rows
+            cat = {k: self.all_gather(v).reshape(-1).cpu() for k, v in cat.items()}
+        metrics = ctr_metrics(cat["label"].numpy(), cat["prob"].numpy(), cat["group"].numpy())
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", float(np.nan_to_num(value)), prog_bar=name != "logloss", rank_zero_only=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_metrics("test")
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cls = type(self)
+        checkpoint["recsys"] = {"model_class": f"{cls.__module__}.{cls.__qualname__}", "features": self.info.to_dict()}
+
+
+def load_model(ckpt_path: str, map_location: str | torch.device = "cpu") -> CTRModule:
+    """Loads any recsys model from a Lightning checkpoint (the class is recorded inside)."""
+    checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=False)
+    if "recsys" not in checkpoint:
+        raise ValueError(f"{ckpt_path}: not a recsys checkpoint (no 'recsys' entry)")
+    module_name, _, class_name = checkpoint["recsys"]["model_class"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    model = cls.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=False)
+    model.eval()
+    return model
