@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from recsys.data.datamodule import CTRDataModule
@@ -23,8 +21,6 @@ class RecsysCLI(LightningCLI):
 
 
 def run(args: list[str] | None = None) -> RecsysCLI:
-    # ParquetStream.__len__ counts each worker's own row groups, so it is exact
-    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     return RecsysCLI(
         CTRModule,
         CTRDataModule,

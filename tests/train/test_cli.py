@@ -1,0 +1,105 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from recsys.eval.metrics import ctr_metrics, rela_impr
+from recsys.eval.report import main as eval_main
+from recsys.train.cli import run
+from tests.conftest import ROOT, write_dataset
+
+CONFIG = ROOT / "configs" / "movielens" / "base.yaml"
+
+
+def _fit(data: Path, logs: Path, *extra: str) -> Path:
+    run(["fit", "--config", str(CONFIG), "--data.path", str(data), "--trainer.max_epochs", "2",
+         "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false",
+         "--model.init_args.embedding_dim", "8", "--data.batch_size", "256",
+         "--model.init_args.optimizer.init_args.lr", "0.01", *extra])
+    ckpts = sorted(logs.rglob("best.ckpt"))
+    assert len(ckpts) == 1
+    return ckpts[0]
+
+
+def test_fit_then_eval_on_any_dataset_in_the_contract(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = write_dataset(tmp_path / "tiny")
+    ckpt = _fit(data, tmp_path / "runs", "--seed_everything", "7")
+    run_dir = ckpt.parent.parent
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())  # resolved config saved with the logs
+    assert config["seed_everything"] == 7 and config["trainer"]["max_epochs"] == 2
+    assert config["model"]["init_args"]["embedding_dim"] == 8
+    assert list(run_dir.glob("events.out.tfevents.*"))  # TensorBoard
+
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({"auc": 0.6, "gauc": 0.55}))
+    out = tmp_path / "report"
+    assert eval_main(["--ckpt", str(ckpt), "--out", str(out), "--baseline", str(baseline), "--bootstrap", "50"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"] == 600 and report["data"] == str(data)
+    # the report's numbers are the metrics of its own predictions
+    scored = pq.read_table(out / "predictions.parquet").to_pandas()
+    expected = ctr_metrics(scored["label"].to_numpy(), scored["prob"].to_numpy(), scored["group"].to_numpy())
+    for key in ("auc", "gauc", "logloss"):
+        assert report[key] == pytest.approx(expected[key])
+        lo, hi = report["ci95"][key]
+        assert lo <= report[key] <= hi
+    assert report["auc"] > 0.7
+    assert report["rela_impr_auc"] == pytest.approx(rela_impr(report["auc"], 0.6))
+    md = (out / "report.md").read_text()
+    assert "RelaImpr(AUC)" in md and "reliability.png" in md
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert "[recsys eval] test (600 rows)" in capsys.readouterr().out
+
+
+def test_same_config_trains_on_a_dataset_with_other_features(tmp_path: Path) -> None:
+    schema = """\
+label: click
+features:
+  - {name: item, type: categorical}
+  - {name: price, type: numeric}
+"""
+    data = write_dataset(tmp_path / "other", schema=schema)
+    ckpt = _fit(data, tmp_path / "runs")
+    from recsys.train.module import load_model
+
+    model = load_model(str(ckpt))
+    assert [c.name for c in model.tables.embedding_bag_configs()] == ["t_item"]
+    assert model.dnn.layers[0].in_features == 8 + 1
+
+
+def test_validate_test_and_predict_from_a_checkpoint(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "tiny")
+    ckpt = _fit(data, tmp_path / "runs")
+    common = ["--config", str(CONFIG), "--data.path", str(data), "--model.init_args.embedding_dim", "8",
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs2"), "--trainer.enable_progress_bar", "false",
+              "--ckpt_path", str(ckpt)]
+    cli = run(["test", *common])
+    test_auc = cli.trainer.callback_metrics["test/auc"].item()
+    cli = run(["predict", *common, "--data.predict_split", "test"])
+    predictions = list((tmp_path / "runs2").rglob("predictions.parquet"))
+    assert len(predictions) == 1
+    scored = pq.read_table(predictions[0]).to_pandas()
+    assert len(scored) == 600
+    assert ctr_metrics(scored["label"].to_numpy(), scored["prob"].to_numpy(), scored["group"].to_numpy())["auc"] == pytest.approx(test_auc, abs=1e-6)
+
+
+def test_eval_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert eval_main(["--ckpt", str(tmp_path / "missing.ckpt")]) == 2
+    assert "missing.ckpt: checkpoint not found" in capsys.readouterr().err
+
+
+def test_console_script_help_and_print_config() -> None:
+    recsys = Path(sys.executable).parent / "recsys"
+    out = subprocess.run([str(recsys), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "fit" in out and "eval" in out
+    out = subprocess.run([str(recsys), "fit", "--config", str(CONFIG), "--print_config"], capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout
+    printed = yaml.safe_load(out)
+    assert printed["model"]["class_path"] == "recsys.models.base.EmbeddingMLP"
+    assert "features" not in printed["model"]["init_args"]  # linked from the data module
+    assert np.isclose(printed["model"]["init_args"]["optimizer"]["init_args"]["lr"], 0.001)
