@@ -134,19 +134,26 @@ def bootstrap_intervals(
 
 def paired_bootstrap_pvalue(
     labels: np.ndarray,
-    probs_a: np.ndarray,
-    probs_b: np.ndarray,
+    probs_a: np.ndarray | list[np.ndarray],
+    probs_b: np.ndarray | list[np.ndarray],
     groups: np.ndarray,
     num_samples: int = 1000,
     seed: int = 0,
 ) -> float:
-    """One-sided p-value that model A's GAUC is not above model B's, resampling users."""
-    _, auc_a, w = group_aucs(labels, probs_a, groups)
-    _, auc_b, _ = group_aucs(labels, probs_b, groups)
-    rng = np.random.default_rng(seed)
+    """One-sided p-value that model A's GAUC is not above model B's, resampling users.
+
+    ``probs_a``/``probs_b`` may be lists (one array per training seed, rows aligned): each
+    user's AUC is then averaged over seeds, so the test is on the seed-mean GAUC.
+    """
+    def mean_group_auc(probs: np.ndarray | list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        runs = [group_aucs(labels, p, groups) for p in (probs if isinstance(probs, list) else [probs])]
+        return np.mean([r[1] for r in runs], axis=0), runs[0][2]
+
+    auc_a, weights = mean_group_auc(probs_a)
+    auc_b, _ = mean_group_auc(probs_b)
     diff = auc_a - auc_b
-    drawn = rng.integers(0, len(diff), (num_samples, len(diff)))
-    stats = (diff[drawn] * w[drawn]).sum(1) / w[drawn].sum(1)
+    drawn = np.random.default_rng(seed).integers(0, len(diff), (num_samples, len(diff)))
+    stats = (diff[drawn] * weights[drawn]).sum(1) / weights[drawn].sum(1)
     return float((np.sum(stats <= 0) + 1) / (num_samples + 1))
 
 

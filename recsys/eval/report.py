@@ -219,3 +219,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[recsys eval] RelaImpr vs baseline: AUC {report['rela_impr_auc']:+.2f}%  GAUC {report['rela_impr_gauc']:+.2f}%")
     print(f"[recsys eval] report: {report['out']}/report.md  (report.json, reliability.png, predictions.parquet)")
     return 0 if all(math.isfinite(report[k]) for k in ("auc", "logloss")) else 1
+
+
+def write_doc_section(path: str | Path, name: str, markdown: str) -> None:
+    """Replaces (or appends) the ``<!-- name:start -->``…``<!-- name:end -->`` block of a doc.
+
+    Each benchmark script owns one block of docs/benchmarks.md and rewrites only that.
+    """
+    path = Path(path)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{markdown.rstrip()}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def machine() -> str:
+    """CPU model, cores and torch build, for benchmark tables."""
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"

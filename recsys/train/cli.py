@@ -20,7 +20,9 @@ class RecsysCLI(LightningCLI):
         parser.link_arguments("data.dataset_info", "model.init_args.features", apply_on="instantiate")
 
 
-def run(args: list[str] | None = None) -> RecsysCLI:
+def run(args: list[str] | None = None, subcommand: bool = True) -> RecsysCLI:
+    """Runs ``args`` (``[subcommand, options...]``); with ``subcommand=False`` it only builds
+    the model, data module and trainer from ``args`` (options only) and returns the CLI."""
     return RecsysCLI(
         CTRModule,
         CTRDataModule,
@@ -29,4 +31,5 @@ def run(args: list[str] | None = None) -> RecsysCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
         auto_configure_optimizers=False,
+        run=subcommand,
     )

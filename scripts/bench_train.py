@@ -1,0 +1,104 @@
+"""Training throughput (samples/s) of a config, and where the time goes; writes docs/benchmarks.md.
+
+    python scripts/bench_train.py                                   # ml100k base config, 2 threads
+    python scripts/bench_train.py --config configs/movielens/base.yaml --threads 2 --epochs 3
+
+Three numbers per config, measured in one process on the same data:
+  end-to-end   Lightning fit loop incl. data loading (first epoch excluded as warm-up)
+  loader only  iterating the training stream, no model
+  model only   forward + backward + optimizer step on batches already in memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from recsys.eval.report import machine, write_doc_section
+from recsys.train.cli import run
+
+
+class Throughput(L.Callback):
+    def __init__(self) -> None:
+        self.epochs: list[tuple[int, float]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start, self._rows, self._last = time.perf_counter(), 0, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._rows += len(batch)
+        self._last = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epochs.append((self._rows, self._last - self._start))
+
+
+def measure(config: str, epochs: int, batch_size: int | None) -> dict:
+    args = ["--config", config, "--trainer.max_epochs", str(epochs), "--trainer.logger", "false",
+            "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
+            "--trainer.callbacks", "[]"]
+    if batch_size:
+        args += ["--data.batch_size", str(batch_size)]
+    cli = run(args, subcommand=False)
+    meter = Throughput()
+    cli.trainer.callbacks.append(meter)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    rows = sum(r for r, _ in meter.epochs[1:])
+    seconds = sum(s for _, s in meter.epochs[1:])
+
+    stream = cli.datamodule.stream("train")
+    start = time.perf_counter()
+    batches = list(stream)
+    loader = sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+    model = cli.model.train()
+    optimizer = model.configure_optimizers()
+    start = time.perf_counter()
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
+        loss.backward()
+        optimizer.step()
+    compute = sum(len(b) for b in batches) / (time.perf_counter() - start)
+    return {"end_to_end": rows / seconds, "loader": loader, "model": compute,
+            "batch_size": cli.datamodule.batch_size, "rows": cli.datamodule.stream("train").num_rows,
+            "model_class": type(cli.model).__name__, "workers": cli.datamodule.num_workers}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", nargs="+", default=["configs/movielens/base.yaml"])
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs to run (the first is warm-up)")
+    parser.add_argument("--batch-size", type=int, help="override data.batch_size")
+    parser.add_argument("--doc", default="docs/benchmarks.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for config in args.config:
+        r = measure(config, args.epochs, args.batch_size)
+        print(f"[bench_train] {config}: end-to-end {r['end_to_end']:,.0f} samples/s, loader {r['loader']:,.0f}, model {r['model']:,.0f}")
+        rows.append(f"| `{config}` | {r['model_class']} | {r['batch_size']} | {r['workers']} | "
+                    f"{r['end_to_end']:,.0f} | {r['loader']:,.0f} | {r['model']:,.0f} |")
+    md = "\n".join([
+        "## Training throughput (`scripts/bench_train.py`)",
+        "",
+        f"Command: `python scripts/bench_train.py --config {' '.join(args.config)} --threads {args.threads} --epochs {args.epochs}`  ",
+        f"Machine: {machine()}, {torch.get_num_threads()} torch threads; "
+        f"{time.strftime('%Y-%m-%d')}. End-to-end excludes the first (warm-up) epoch and validation.",
+        "",
+        "| config | model | batch | workers | end-to-end samples/s | loader only | model only (fwd+bwd+step) |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ])
+    write_doc_section(Path(args.doc), "bench_train", md)
+    print(f"[bench_train] wrote {args.doc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Trains configs over several seeds on one dataset, scores the test split, writes a comparison table.
+
+    python scripts/compare_models.py --configs configs/movielens/base.yaml --seeds 1 2 3
+
+Model selection uses val only (best val AUC checkpoint); test is read once per run. The table
+(AUC, GAUC, logloss as mean ± std over seeds; RelaImpr and a paired bootstrap p-value on GAUC
+against the first config) goes to docs/benchmarks.md and runs/compare/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from recsys.eval.metrics import paired_bootstrap_pvalue, rela_impr
+from recsys.eval.report import evaluate, machine, write_doc_section
+from recsys.train.cli import run
+
+
+def train_and_score(config: str, seed: int, out: Path, extra: list[str]) -> dict:
+    name = Path(config).stem
+    run(["fit", "--config", config, "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false",
+         "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", name,
+         "--trainer.logger.init_args.version", f"seed{seed}", *extra])
+    ckpt = out / name / f"seed{seed}" / "checkpoints" / "best.ckpt"
+    report = evaluate(ckpt, split="test", bootstrap=0)
+    predictions = pq.read_table(Path(report["out"]) / "predictions.parquet").to_pandas()
+    return {"seed": seed, **{k: report[k] for k in ("auc", "gauc", "logloss", "rows", "data")},
+            "prob": predictions["prob"].to_numpy(), "label": predictions["label"].to_numpy(),
+            "group": predictions["group"].to_numpy()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["configs/movielens/base.yaml"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--doc", default="docs/benchmarks.md")
+    parser.add_argument("--section", default="compare_models", help="block of the doc to (re)write")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="more LightningCLI options after --")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    extra = [a for a in args.extra if a != "--"]
+    started = time.time()
+    results = {c: [train_and_score(c, s, args.out, extra) for s in args.seeds] for c in args.configs}
+
+    base = args.configs[0]
+    base_auc = np.mean([r["auc"] for r in results[base]])
+    base_gauc = np.mean([r["gauc"] for r in results[base]])
+    rows, summary = [], {}
+    for config, runs in results.items():
+        stats = {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))) for k in ("auc", "gauc", "logloss")}
+        line = f"| `{config}` | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in stats.values())
+        if config == base:
+            line += " | — | — |"
+        else:
+            p = paired_bootstrap_pvalue(runs[0]["label"], [r["prob"] for r in runs], [r["prob"] for r in results[base]],
+                                        runs[0]["group"], num_samples=2000)
+            line += f" | {rela_impr(stats['auc'][0], base_auc):+.2f}% / {rela_impr(stats['gauc'][0], base_gauc):+.2f}% | {p:.4f} |"
+            stats["gauc_p_value_vs_base"] = p
+        rows.append(line)
+        summary[config] = {"per_seed": [{k: r[k] for k in ("seed", "auc", "gauc", "logloss")} for r in runs], **stats}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
+    seeds = " ".join(map(str, args.seeds))
+    md = "\n".join([
+        f"## Test metrics on `{Path(results[base][0]['data']).name}` (`scripts/compare_models.py`)",
+        "",
+        f"Command: `python scripts/compare_models.py --configs {' '.join(args.configs)} --seeds {seeds}"
+        + (f" -- {' '.join(extra)}" if extra else "") + "`  ",
+        f"Machine: {machine()}, {args.threads} torch threads; seeds {seeds}; "
+        f"{results[base][0]['rows']:,} test rows; best-val-AUC checkpoint of each run; "
+        f"{time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s in all.",
+        "",
+        "| config | test AUC | test GAUC | test logloss | RelaImpr AUC / GAUC vs first | p (GAUC > first, paired bootstrap over users) |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ])
+    write_doc_section(Path(args.doc), args.section, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
