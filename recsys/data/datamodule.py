@@ -1,0 +1,104 @@
+"""``CTRDataModule``: the dataset directory as Lightning dataloaders.
+
+Example::
+
+    dm = CTRDataModule("data/ml100k-ctr", batch_size=2048)
+    dm.dataset_info["num_embeddings"]      # table sizes the model builds its tables from
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from recsys.data.parquet import SPLITS, DataError, ParquetStream
+from recsys.data.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+# ParquetStream.__len__ counts each worker's own row groups, so Lightning's warning does not apply
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+
+
+class CTRDataModule(L.LightningDataModule):
+    """Streams ``train``/``val``/``test`` of a dataset directory in the recsys contract.
+
+    Args:
+        path: dataset directory (``schema.yaml`` + Parquet splits).
+        batch_size: training rows per batch.
+        eval_batch_size: rows per batch for validation, test and predict.
+        num_workers: dataloader worker processes (each reads its own Parquet row groups).
+        shuffle_buffer: rows held to shuffle training data (bounds memory).
+        seed: shuffle seed; defaults to the run's ``--seed_everything``.
+        predict_split: split that ``predict`` scores.
+    """
+
+    def __init__(
+        self,
+        path: str = "data/ml100k-ctr",
+        batch_size: int = 2048,
+        eval_batch_size: int = 8192,
+        num_workers: int = 0,
+        shuffle_buffer: int = 200_000,
+        seed: int | None = None,
+        predict_split: str = "test",
+    ) -> None:
+        super().__init__()
+        if predict_split not in SPLITS:
+            raise ValueError(f"predict_split must be one of {SPLITS}, got {predict_split!r}")
+        self.path = Path(path)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.predict_split = predict_split
+        self.vocab = Vocabulary.load_or_build(self.path)
+        for spec in self.vocab.schema.text:
+            log.info("text feature %r is validated but not used by id-only models", spec.name)
+        self.dataset_info = self.vocab.info().to_dict()
+        self._streams: dict[str, ParquetStream] = {}
+
+    def stream(self, split: str) -> ParquetStream:
+        if split not in self._streams:
+            train = split == "train"
+            seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+            self._streams[split] = ParquetStream(
+                self.path,
+                split,
+                self.vocab,
+                batch_size=self.batch_size if train else self.eval_batch_size,
+                shuffle=train,
+                shuffle_buffer=self.shuffle_buffer,
+                seed=seed,
+                num_workers=self.num_workers,
+            )
+        return self._streams[split]
+
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(
+            self.stream(split),
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            prefetch_factor=4 if self.num_workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_split)
+
+
+__all__ = ["CTRDataModule", "DataError"]

@@ -1,0 +1,287 @@
+"""Vocabularies and numeric statistics, built from the train split only and saved beside the data.
+
+Row 0 of every table is the OOV row: ids unseen in train (or rarer than ``min_count``), nulls,
+and, for hashed features, missing values. Known ids take rows 1..n by descending train count.
+
+Files (rebuilt automatically when the train files or schema change)::
+
+    <dir>/vocab/<table>.parquet   value, count      (one row per known id, row i -> table row i+1)
+    <dir>/vocab/meta.json         table sizes, numeric mean/std, train column types, fingerprint
+
+Example::
+
+    vocab = Vocabulary.load_or_build("data/ml100k-ctr")
+    vocab.num_embeddings("item_id")                         # 1 + distinct train items
+    vocab.lookup("item_id", pa.array([50, 999999]))        # array([k, 0]): unknown -> OOV row 0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from recsys.data.parquet import DataError, check_columns, flat_ids, id_kind, open_parquet, split_files
+from recsys.data.schema import ID_TYPES, Schema, load_schema, parse_schema
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+
+
+def hash_bucket(values: pa.Array, num_buckets: int) -> np.ndarray:
+    """Stable hash of ints or strings into rows 1..num_buckets (row 0: null). Same on every platform."""
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    nulls = values.is_null().to_numpy(zero_copy_only=False)
+    array = values.to_numpy(zero_copy_only=False)
+    if pa.types.is_integer(values.type):
+        array = np.where(nulls, 0, array).astype(np.int64) if nulls.any() else array.astype(np.int64)
+    else:
+        array = np.where(nulls, "", array).astype(object)
+    hashed = pd.util.hash_array(array)  # siphash with a fixed key: stable across processes
+    rows = (hashed % np.uint64(num_buckets)).astype(np.int64) + 1
+    rows[nulls] = 0
+    return rows
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Writes via a temporary file and a rename, so concurrent builders (ranks) never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _fingerprint(schema: Schema, files: list[Path]) -> str:
+    h = hashlib.sha256(json.dumps(schema.to_dict(), sort_keys=True).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _index(values: np.ndarray) -> pd.Index:
+    # object dtype for strings: pandas' Arrow-backed string index converts itself on every lookup
+    return pd.Index(values, dtype=object if values.dtype.kind not in "iu" else values.dtype)
+
+
+def _values_numpy(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    nulls = values.is_null().to_numpy(zero_copy_only=False)
+    if nulls.any():
+        fill = 0 if pa.types.is_integer(values.type) else ""
+        values = pc.fill_null(values, fill)
+    return values.to_numpy(zero_copy_only=False), nulls
+
+
+@dataclass
+class DatasetInfo:
+    """What a model needs to know about its dataset; stored in checkpoints as a plain dict."""
+
+    path: str
+    schema: dict
+    num_embeddings: dict[str, int]  # table (owning feature) -> rows, OOV row included
+    fingerprint: str = ""
+
+    @property
+    def parsed_schema(self) -> Schema:
+        return parse_schema(self.schema, source=f"{self.path}/schema.yaml")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_any(cls, value: DatasetInfo | dict) -> DatasetInfo:
+        if isinstance(value, DatasetInfo):
+            return value
+        if not isinstance(value, dict) or not {"path", "schema", "num_embeddings"} <= set(value):
+            raise ValueError("features must be the dataset info dict that CTRDataModule.dataset_info provides")
+        return cls(**value)
+
+
+@dataclass
+class Vocabulary:
+    """Id lookups and statistics of one dataset directory (see module docstring)."""
+
+    data_dir: Path
+    schema: Schema
+    values: dict[str, pd.Index]  # vocabulary tables: known values, row i -> id i + 1
+    counts: dict[str, np.ndarray]  # [num_embeddings] train counts per row (row 0 = OOV)
+    buckets: dict[str, int]  # hashed tables: number of buckets
+    numeric_stats: dict[str, tuple[float, float]]  # name -> (mean, std) over train
+    column_types: dict[str, str]  # id kind of each id column in train (drift check)
+    fingerprint: str
+
+    # -- lookups ---------------------------------------------------------------------------
+    def num_embeddings(self, table: str) -> int:
+        if table in self.buckets:
+            return self.buckets[table] + 1
+        return len(self.values[table]) + 1
+
+    def table_sizes(self) -> dict[str, int]:
+        return {f.name: self.num_embeddings(f.name) for f in self.schema.tables}
+
+    def lookup(self, table: str, values: pa.Array) -> np.ndarray:
+        """Table rows (int64) for raw ids; unseen ids and nulls map to 0, the OOV row.
+
+        Only the distinct values of ``values`` are looked up (a batch of sequences repeats
+        the same few thousand items hundreds of thousands of times).
+        """
+        encoded = values if pa.types.is_dictionary(values.type) else pc.dictionary_encode(values)
+        distinct = encoded.dictionary
+        rows = np.append(self._rows_of_distinct(table, distinct), 0)  # last slot: null -> OOV
+        indices = pc.fill_null(encoded.indices, len(distinct)).to_numpy(zero_copy_only=False)
+        return rows[indices]
+
+    def _rows_of_distinct(self, table: str, distinct: pa.Array) -> np.ndarray:
+        if table in self.buckets:
+            return hash_bucket(distinct, self.buckets[table])
+        array, nulls = _values_numpy(distinct)
+        index = self.values[table]
+        if index.dtype.kind in "iu" and array.dtype.kind not in "iu":
+            return np.zeros(len(array), dtype=np.int64)  # type drift is caught by check_types
+        ids = index.get_indexer(array).astype(np.int64) + 1
+        ids[nulls] = 0
+        return ids
+
+    def group_ids(self, column: pa.Array) -> np.ndarray:
+        if pa.types.is_integer(column.type):
+            return pc.fill_null(column, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        return hash_bucket(column, 2**62)
+
+    def check_types(self, arrow_schema: pa.Schema, file: Path) -> None:
+        """Stops on schema drift: an id column whose kind (int/str, scalar/list) differs from train's.
+
+        Ints looked up in a string vocabulary (or the reverse) would all become OOV silently.
+        """
+        for column, train_kind in self.column_types.items():
+            if column in arrow_schema.names and id_kind(arrow_schema.field(column).type) != train_kind:
+                raise DataError(
+                    f"{file}: column {column!r} has type {arrow_schema.field(column).type} "
+                    f"({id_kind(arrow_schema.field(column).type)}) but {train_kind} ids in the train split (schema drift)"
+                )
+
+    def info(self) -> DatasetInfo:
+        return DatasetInfo(
+            path=str(self.data_dir),
+            schema=self.schema.to_dict(),
+            num_embeddings=self.table_sizes(),
+            fingerprint=self.fingerprint,
+        )
+
+    # -- building and loading --------------------------------------------------------------
+    @classmethod
+    def load_or_build(cls, data_dir: str | Path, schema: Schema | None = None) -> Vocabulary:
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise DataError(f"{data_dir}: dataset directory not found")
+        schema = schema or load_schema(data_dir)
+        files = split_files(data_dir, "train")
+        fingerprint = _fingerprint(schema, files)
+        meta_file = data_dir / "vocab" / "meta.json"
+        if meta_file.exists():
+            meta = json.loads(meta_file.read_text())
+            if meta.get("fingerprint") == fingerprint and meta.get("format_version") == FORMAT_VERSION:
+                return cls._load(data_dir, schema, meta)
+            log.info("%s: train files or schema changed; rebuilding vocabularies", data_dir)
+        return cls._build(data_dir, schema, files, fingerprint)
+
+    @classmethod
+    def _load(cls, data_dir: Path, schema: Schema, meta: dict) -> Vocabulary:
+        values, counts = {}, {}
+        for name in meta["vocab_tables"]:
+            file = data_dir / "vocab" / f"{name}.parquet"
+            try:
+                table = pq.read_table(file)
+            except Exception as err:
+                raise DataError(f"{file}: cannot read vocabulary ({err}); delete {data_dir / 'vocab'} to rebuild") from err
+            values[name] = _index(table.column("value").to_numpy(zero_copy_only=False))
+            counts[name] = np.concatenate([[0], table.column("count").to_numpy()]).astype(np.int64)
+        return cls(
+            data_dir=data_dir,
+            schema=schema,
+            values=values,
+            counts=counts,
+            buckets={k: int(v) for k, v in meta["buckets"].items()},
+            numeric_stats={k: (float(m), float(s)) for k, (m, s) in meta["numeric"].items()},
+            column_types=meta["column_types"],
+            fingerprint=meta["fingerprint"],
+        )
+
+    @classmethod
+    def _build(cls, data_dir: Path, schema: Schema, files: list[Path], fingerprint: str) -> Vocabulary:
+        owners = schema.tables
+        hashed = {f.name: f.num_buckets for f in owners if f.num_buckets}
+        counted = [f for f in owners if not f.num_buckets]
+        partial: dict[str, list[pd.Series]] = {f.name: [] for f in counted}
+        sums = {f.name: np.zeros(3) for f in schema.numeric}  # n, sum, sum of squares
+        column_types: dict[str, str] = {}
+        id_columns = [f.name for f in schema.features if f.type in ID_TYPES] + ([schema.group] if schema.group else [])
+        rows = 0
+        columns = [f.name for f in counted] + [f.name for f in schema.numeric]
+        for file in tqdm(files, desc=f"vocab {data_dir.name}", unit="file", disable=len(files) < 4):
+            reader = open_parquet(file)
+            check_columns(schema, reader.schema_arrow, file)
+            for c in id_columns:
+                kind = id_kind(reader.schema_arrow.field(c).type)
+                if column_types.setdefault(c, kind) != kind:
+                    raise DataError(f"{file}: column {c!r} holds {kind} ids but {column_types[c]} in {files[0]}")
+            for batch in reader.iter_batches(batch_size=262_144, columns=columns or None):
+                rows += batch.num_rows
+                for f in counted:
+                    flat, _ = flat_ids(batch.column(f.name))
+                    vc = pc.value_counts(pc.drop_null(flat))
+                    partial[f.name].append(
+                        pd.Series(vc.field("counts").to_numpy(), index=vc.field("values").to_numpy(zero_copy_only=False))
+                    )
+                for f in schema.numeric:
+                    x = pc.fill_null(batch.column(f.name).cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+                    if not np.isfinite(x).all():
+                        bad = int(np.flatnonzero(~np.isfinite(x))[0])
+                        raise DataError(f"{file}: column {f.name!r}: non-finite or missing numeric value {x[bad]!r}")
+                    sums[f.name] += (len(x), x.sum(), (x * x).sum())
+        if rows == 0:
+            raise DataError(f"{data_dir}: split 'train' is empty (0 rows)")
+
+        out = data_dir / "vocab"
+        out.mkdir(exist_ok=True)
+        values, counts = {}, {}
+        for f in counted:
+            merged = pd.concat(partial[f.name]).groupby(level=0, sort=False).sum()
+            frame = pd.DataFrame({"value": merged.index, "count": merged.to_numpy()})
+            frame = frame[frame["count"] >= f.min_count]
+            frame = frame.sort_values(["count", "value"], ascending=[False, True], kind="stable")
+            _atomic(out / f"{f.name}.parquet", lambda tmp, frame=frame: pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp))
+            values[f.name] = _index(frame["value"].to_numpy())
+            counts[f.name] = np.concatenate([[0], frame["count"].to_numpy()]).astype(np.int64)
+        numeric = {}
+        for name, (n, total, squares) in sums.items():
+            mean = total / n
+            std = float(np.sqrt(max(squares / n - mean * mean, 0.0)))
+            numeric[name] = (float(mean), std if std > 1e-12 else 1.0)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "train_rows": rows,
+            "vocab_tables": [f.name for f in counted],
+            "buckets": hashed,
+            "num_embeddings": {f.name: (hashed[f.name] + 1 if f.name in hashed else len(values[f.name]) + 1) for f in owners},
+            "numeric": numeric,
+            "column_types": column_types,
+        }
+        _atomic(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+        log.info("%s: built vocabularies %s from %d train rows", data_dir, meta["num_embeddings"], rows)
+        return cls(data_dir, schema, values, counts, hashed, numeric, column_types, fingerprint)
+

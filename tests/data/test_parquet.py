@@ -1,0 +1,197 @@
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from recsys.data.batch import jagged_take
+from recsys.data.parquet import DataError, ParquetStream, keep_most_recent
+from recsys.data.vocab import Vocabulary
+from tests.conftest import TINY_SCHEMA, write_dataset
+
+ROW_SCHEMA = TINY_SCHEMA.replace("group: user", "group: row_id")
+
+
+def _stream(root: Path, split: str = "train", **kwargs) -> ParquetStream:
+    return ParquetStream(root, split, Vocabulary.load_or_build(root), **kwargs)
+
+
+def test_batch_matches_a_plain_reference(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "d", schema=ROW_SCHEMA)
+    vocab = Vocabulary.load_or_build(root)
+    frame = pq.read_table(root / "val").to_pandas()
+    batch = next(iter(ParquetStream(root, "val", vocab, batch_size=50)))
+    rows = frame.iloc[:50]
+    assert batch.labels.tolist() == rows["click"].astype(float).tolist()
+    assert batch.groups.tolist() == rows["row_id"].tolist()
+    item_ids = {v: i + 1 for i, v in enumerate(vocab.values["item"])}
+    assert batch.sparse["item"].values().tolist() == [item_ids.get(v, 0) for v in rows["item"]]
+    # sequences: jagged, truncated to the most recent max_len=4, most recent last
+    expected_hist = [[item_ids.get(v, 0) for v in list(h)[-4:]] for h in rows["hist_item"]]
+    hist = batch.sequences["hist_item"]
+    assert hist.lengths().tolist() == [len(h) for h in expected_hist]
+    assert hist.values().tolist() == [v for h in expected_hist for v in h]
+    assert batch.sparse["tags"].lengths().tolist() == [len(t) for t in rows["tags"]]
+    mean, std = vocab.numeric_stats["price"]
+    assert torch.allclose(batch.dense[:, 0], torch.tensor(((rows["price"] - mean) / std).to_numpy(), dtype=torch.float32))
+    assert batch.sparse.stride() == 50 and batch.sequences.stride() == 50
+
+
+def test_keep_most_recent_against_reference() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 9, 100)
+    values = np.arange(lengths.sum())
+    got_values, got_lengths = keep_most_recent(values, lengths, 3)
+    starts = np.cumsum(lengths) - lengths
+    expected = [values[s:s + n][-3:] for s, n in zip(starts, lengths, strict=True)]
+    assert got_lengths.tolist() == [len(e) for e in expected]
+    assert got_values.tolist() == [v for e in expected for v in e]
+
+
+def test_jagged_take_against_reference() -> None:
+    lengths = np.array([2, 0, 3, 1])
+    values = np.array([10, 11, 20, 21, 22, 30])
+    taken, taken_lengths = jagged_take(values, lengths, np.array([3, 0, 1, 2]))
+    assert taken.tolist() == [30, 10, 11, 20, 21, 22] and taken_lengths.tolist() == [1, 2, 0, 3]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_row_exactly_once_across_workers_and_ranks(tmp_path: Path, num_workers: int) -> None:
+    root = write_dataset(tmp_path / "d", rows={"train": 2500, "val": 10, "test": 10}, schema=ROW_SCHEMA, row_group_size=300)
+    vocab = Vocabulary.load_or_build(root)
+    seen = []
+    for rank in range(2):
+        stream = ParquetStream(root, "train", vocab, batch_size=128, shuffle=True, shuffle_buffer=500,
+                               rank=rank, world_size=2, num_workers=num_workers)
+        batches = list(DataLoader(stream, batch_size=None, num_workers=num_workers))
+        assert len(batches) == len(stream)  # __len__ is exact
+        seen.append(torch.cat([b.groups for b in batches]))
+    all_rows = torch.cat(seen).sort().values
+    assert all_rows.tolist() == list(range(2500))
+    assert set(seen[0].tolist()).isdisjoint(seen[1].tolist())
+
+
+def test_shuffle_changes_with_epoch_and_is_seeded(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "d", schema=ROW_SCHEMA)
+    stream = _stream(root, batch_size=3000, shuffle=True, seed=1)
+    first = next(iter(stream)).groups
+    assert torch.equal(first, next(iter(stream)).groups)  # same epoch, same order
+    stream.set_epoch(1)
+    second = next(iter(stream)).groups
+    assert not torch.equal(first, second) and sorted(first.tolist()) == sorted(second.tolist())
+    assert first.tolist() != sorted(first.tolist())
+
+
+def test_unseen_ids_become_oov_and_stay_in_range(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "d")
+    vocab = Vocabulary.load_or_build(root)
+    table = pq.read_table(root / "test" / "part-0.parquet")
+    items = table.column("item").to_numpy().copy()
+    items[:10] = 10_000 + np.arange(10)  # never seen in train
+    pq.write_table(table.set_column(table.schema.get_field_index("item"), "item", pa.array(items)), root / "test" / "part-0.parquet")
+    batch = next(iter(ParquetStream(root, "test", vocab, batch_size=64)))
+    assert batch.sparse["item"].values()[:10].tolist() == [0] * 10
+    for key, rows in vocab.table_sizes().items():
+        assert int(batch.sparse[key].values().max()) < rows
+
+
+def _rewrite(root: Path, split: str, change) -> Path:
+    file = root / split / "part-0.parquet"
+    pq.write_table(change(pq.read_table(file)), file)
+    return file
+
+
+def _first_batch(root: Path, split: str = "val"):
+    return next(iter(_stream(root, split, batch_size=10_000)))
+
+
+def test_missing_column_names_file_and_column(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "d")
+    file = _rewrite(root, "val", lambda t: t.drop(["price"]))
+    with pytest.raises(DataError, match=rf"{file}: missing column\(s\) \['price'\]"):
+        _first_batch(root)
+
+
+def test_wrong_dtype_names_the_column(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "d")
+    file = _rewrite(root, "val", lambda t: t.set_column(t.schema.get_field_index("price"), "price", pa.array(["x"] * len(t))))
+    with pytest.raises(DataError, match=rf"{file}: column 'price' has type string, expected a number"):
+        _first_batch(root)
+
+
+def test_list_where_a_scalar_belongs(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "d")
+    _rewrite(root, "train", lambda t: t.set_column(t.schema.get_field_index("user"), "user", pa.array([[1]] * len(t))))
+    with pytest.raises(DataError, match="column 'user' has type list<element: int64>, expected an integer or string"):
+        Vocabulary.load_or_build(root)
+
+
+def test_schema_drift_between_splits(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "d")
+    file = _rewrite(root, "val", lambda t: t.set_column(t.schema.get_field_index("item"), "item", pa.array([str(v) for v in t.column("item").to_pylist()])))
+    with pytest.raises(DataError, match=rf"{file}: column 'item' has type string \(str\) but int ids in the train split"):
+        _first_batch(root)
+
+
+@pytest.mark.parametrize("bad", [2, float("nan")])
+def test_bad_label_names_file_column_and_row(tmp_path: Path, bad: float) -> None:
+    root = write_dataset(tmp_path / "d")
+
+    def corrupt(t: pa.Table) -> pa.Table:
+        labels = t.column("click").to_numpy().astype(float)
+        labels[17] = bad
+        return t.set_column(t.schema.get_field_index("click"), "click", pa.array(labels))
+
+    file = _rewrite(root, "val", corrupt)
+    with pytest.raises(DataError, match=rf"{file}: column 'click' row 17: label must be 0 or 1"):
+        _first_batch(root)
+
+
+def test_nan_numeric_is_rejected_with_row(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "d")
+
+    def corrupt(t: pa.Table) -> pa.Table:
+        price = t.column("price").to_numpy().copy()
+        price[5] = np.nan
+        return t.set_column(t.schema.get_field_index("price"), "price", pa.array(price))
+
+    file = _rewrite(root, "val", corrupt)
+    with pytest.raises(DataError, match=rf"{file}: column 'price' row 5"):
+        _first_batch(root)
+
+
+def test_empty_split_and_missing_split(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "d")
+    _rewrite(root, "val", lambda t: t.slice(0, 0))
+    with pytest.raises(DataError, match="split 'val' is empty"):
+        _stream(root, "val")
+    (root / "test" / "part-0.parquet").unlink()
+    with pytest.raises(DataError, match="split 'test' has no Parquet files"):
+        _stream(root, "test")
+
+
+def test_corrupt_parquet_file_is_named(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "d")
+    Vocabulary.load_or_build(root)
+    file = root / "val" / "part-0.parquet"
+    file.write_bytes(file.read_bytes()[:200])
+    with pytest.raises(DataError, match=rf"{file}: cannot read as Parquet"):
+        _stream(root, "val")
+
+
+def test_extra_columns_are_logged_and_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = write_dataset(tmp_path / "d")
+    with caplog.at_level(logging.INFO):
+        _stream(root, "val")
+    assert "ignoring column(s) not in the schema: ['row_id']" in caplog.text
+
+
+def test_single_file_split_layout(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "d")
+    (root / "val" / "part-0.parquet").rename(root / "val.parquet")
+    (root / "val").rmdir()
+    assert len(_first_batch(root)) == 600
