@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 USAGE = """\
@@ -21,8 +22,22 @@ Evaluation:
 LIGHTNING = {"fit", "validate", "test", "predict"}
 
 
+def _configure_logging() -> None:
+    # recsys' own INFO lines (ignored columns, vocab builds, unused text features) reach the user
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[recsys] %(message)s"))
+    logger = logging.getLogger("recsys")
+    if not logger.handlers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    # torchrec calls torch.fx.is_fx_tracing on import; the deprecation note it triggers is not ours
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _configure_logging()
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(USAGE)
         return 0

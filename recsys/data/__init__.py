@@ -2,7 +2,14 @@
 
 from recsys.data.batch import Batch, make_kjt
 from recsys.data.parquet import DataError, ParquetStream, split_files
-from recsys.data.schema import FeatureSpec, FeatureType, Schema, SchemaError, load_schema, parse_schema
+from recsys.data.schema import (
+    FeatureSpec,
+    FeatureType,
+    Schema,
+    SchemaError,
+    load_schema,
+    parse_schema,
+)
 from recsys.data.vocab import DatasetInfo, Vocabulary
 
 __all__ = [

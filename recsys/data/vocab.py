@@ -32,7 +32,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from recsys.data.parquet import DataError, check_columns, flat_ids, id_kind, open_parquet, split_files
+from recsys.data.parquet import (
+    DataError,
+    check_columns,
+    flat_ids,
+    id_kind,
+    open_parquet,
+    split_files,
+)
 from recsys.data.schema import ID_TYPES, Schema, load_schema, parse_schema
 
 log = logging.getLogger(__name__)
