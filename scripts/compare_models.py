@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -25,10 +26,11 @@ from recsys.train.cli import run
 
 def train_and_score(config: str, seed: int, out: Path, extra: list[str]) -> dict:
     name = Path(config).stem
-    run(["fit", "--config", config, "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false",
+    shutil.rmtree(out / name / f"seed{seed}", ignore_errors=True)  # a stale best.ckpt must not be scored
+    cli = run(["fit", "--config", config, "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false",
          "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", name,
          "--trainer.logger.init_args.version", f"seed{seed}", *extra])
-    ckpt = out / name / f"seed{seed}" / "checkpoints" / "best.ckpt"
+    ckpt = cli.trainer.checkpoint_callback.best_model_path
     report = evaluate(ckpt, split="test", bootstrap=0)
     predictions = pq.read_table(Path(report["out"]) / "predictions.parquet").to_pandas()
     return {"seed": seed, **{k: report[k] for k in ("auc", "gauc", "logloss", "rows", "data")},

@@ -6,6 +6,7 @@ and, for hashed features, missing values. Known ids take rows 1..n by descending
 Files (rebuilt automatically when the train files or schema change)::
 
     <dir>/vocab/<table>.parquet   value, count      (one row per known id, row i -> table row i+1)
+    <dir>/vocab/<table>.buckets.parquet  count      (hashed tables: train occurrences per row)
     <dir>/vocab/meta.json         table sizes, numeric mean/std, train column types, fingerprint
 
 Example::
@@ -44,7 +45,7 @@ from recsys.data.schema import ID_TYPES, Schema, load_schema, parse_schema
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def hash_bucket(values: pa.Array, num_buckets: int) -> np.ndarray:
@@ -125,7 +126,7 @@ class Vocabulary:
     data_dir: Path
     schema: Schema
     values: dict[str, pd.Index]  # vocabulary tables: known values, row i -> id i + 1
-    counts: dict[str, np.ndarray]  # [num_embeddings] train counts per row (row 0 = OOV)
+    counts: dict[str, np.ndarray]  # [num_embeddings] train occurrences per row (row 0 = OOV: 0), every table
     buckets: dict[str, int]  # hashed tables: number of buckets
     numeric_stats: dict[str, tuple[float, float]]  # name -> (mean, std) over train
     column_types: dict[str, str]  # id kind of each id column in train (drift check)
@@ -216,6 +217,9 @@ class Vocabulary:
                 raise DataError(f"{file}: cannot read vocabulary ({err}); delete {data_dir / 'vocab'} to rebuild") from err
             values[name] = _index(table.column("value").to_numpy(zero_copy_only=False))
             counts[name] = np.concatenate([[0], table.column("count").to_numpy()]).astype(np.int64)
+        for name in meta["buckets"]:
+            file = data_dir / "vocab" / f"{name}.buckets.parquet"
+            counts[name] = pq.read_table(file).column("count").to_numpy().astype(np.int64)
         return cls(
             data_dir=data_dir,
             schema=schema,
@@ -237,7 +241,8 @@ class Vocabulary:
         column_types: dict[str, str] = {}
         id_columns = [f.name for f in schema.features if f.type in ID_TYPES] + ([schema.group] if schema.group else [])
         rows = 0
-        columns = [f.name for f in counted] + [f.name for f in schema.numeric]
+        bucket_counts = {name: np.zeros(n + 1, dtype=np.int64) for name, n in hashed.items()}
+        columns = [f.name for f in owners] + [f.name for f in schema.numeric]
         for file in tqdm(files, desc=f"vocab {data_dir.name}", unit="file", disable=len(files) < 4):
             reader = open_parquet(file)
             check_columns(schema, reader.schema_arrow, file)
@@ -253,6 +258,9 @@ class Vocabulary:
                     partial[f.name].append(
                         pd.Series(vc.field("counts").to_numpy(), index=vc.field("values").to_numpy(zero_copy_only=False))
                     )
+                for name, n in hashed.items():
+                    flat, _ = flat_ids(batch.column(name))
+                    bucket_counts[name] += np.bincount(hash_bucket(flat, n), minlength=n + 1)
                 for f in schema.numeric:
                     x = pc.fill_null(batch.column(f.name).cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
                     if not np.isfinite(x).all():
@@ -273,6 +281,10 @@ class Vocabulary:
             _atomic(out / f"{f.name}.parquet", lambda tmp, frame=frame: pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp))
             values[f.name] = _index(frame["value"].to_numpy())
             counts[f.name] = np.concatenate([[0], frame["count"].to_numpy()]).astype(np.int64)
+        for name, row_counts in bucket_counts.items():
+            row_counts[0] = 0  # nulls: the OOV row, like vocabulary tables
+            _atomic(out / f"{name}.buckets.parquet", lambda tmp, c=row_counts: pq.write_table(pa.table({"count": c}), tmp))
+            counts[name] = row_counts
         numeric = {}
         for name, (n, total, squares) in sums.items():
             mean = total / n

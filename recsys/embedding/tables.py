@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.schema import FeatureType
@@ -22,9 +22,14 @@ POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
 def table_configs(
-    info: DatasetInfo, embedding_dim: int, pooling: str = "sum", include_sequences: bool = True
+    info: DatasetInfo,
+    embedding_dim: int,
+    pooling: str = "sum",
+    include_sequences: bool = True,
+    features: list[str] | None = None,
 ) -> list[EmbeddingBagConfig]:
-    """One ``EmbeddingBagConfig`` per table-owning feature; its sequences read the same table.
+    """One ``EmbeddingBagConfig`` per table-owning feature (all, or those in ``features``);
+    with ``include_sequences`` its sequences read the same table, pooled.
 
     A feature's ``embedding_dim`` in the schema overrides ``embedding_dim``.
     """
@@ -33,6 +38,8 @@ def table_configs(
     schema = info.parsed_schema
     configs = []
     for owner in schema.tables:
+        if features is not None and owner.name not in features:
+            continue
         readers = [owner.name]
         if include_sequences and owner.type is FeatureType.CATEGORICAL:
             readers += [s.name for s in schema.sequences if s.target == owner.name]
@@ -55,6 +62,15 @@ def pooled_tables(
     return EmbeddingBagCollection(tables=table_configs(info, embedding_dim, pooling), device=device)
 
 
+def pooled_tables_for(
+    info: DatasetInfo, features: list[str], embedding_dim: int, pooling: str = "sum"
+) -> EmbeddingBagCollection | None:
+    """An ``EmbeddingBagCollection`` over just ``features`` (no sequences), or None if empty."""
+    if not features:
+        return None
+    return EmbeddingBagCollection(tables=table_configs(info, embedding_dim, pooling, include_sequences=False, features=features))
+
+
 class IdGuard(nn.Module):
     """Stops a batch whose ids fall outside their table before any embedding kernel sees it.
 
@@ -67,8 +83,16 @@ class IdGuard(nn.Module):
         self.rows_per_feature = dict(rows_per_feature)
 
     @classmethod
-    def for_tables(cls, tables: EmbeddingBagCollection) -> IdGuard:
-        return cls({f: t.num_embeddings for t in tables.embedding_bag_configs() for f in t.feature_names})
+    def for_tables(cls, *collections: EmbeddingBagCollection | EmbeddingCollection) -> IdGuard:
+        rows = {}
+        for collection in collections:
+            configs = (
+                collection.embedding_bag_configs()
+                if isinstance(collection, EmbeddingBagCollection)
+                else collection.embedding_configs()
+            )
+            rows.update({f: t.num_embeddings for t in configs for f in t.feature_names})
+        return cls(rows)
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         keys = kjt.keys()

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "prelu": nn.PReLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+from recsys.layers.activations import make_activation
 
 
 class MLP(nn.Module):
@@ -25,20 +25,19 @@ class MLP(nn.Module):
         in_features: int,
         hidden_units: Sequence[int],
         out_features: int | None = None,
-        activation: str = "relu",
+        activation: str = "relu",  # relu, prelu, dice, gelu, sigmoid, tanh
         dropout: float = 0.0,
         batch_norm: bool = False,
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        make_activation(activation, 1)  # fail early on an unknown name
         layers: list[nn.Module] = []
         width = in_features
         for units in hidden_units:
             layers.append(nn.Linear(width, units))
             if batch_norm:
                 layers.append(nn.BatchNorm1d(units))
-            layers.append(ACTIVATIONS[activation]())
+            layers.append(make_activation(activation, units))
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = units

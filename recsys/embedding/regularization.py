@@ -1,0 +1,29 @@
+"""Mini-batch aware L2 regularization (DIN paper, section 4.3).
+
+For every id j that occurs in the mini-batch (once, however often it occurs)::
+
+    penalty = λ · Σ_j ||w_j||² / n_j
+
+with n_j the id's number of occurrences in the train split (from the dataset's vocabulary), so
+frequent ids are shrunk less per batch than rare ones, and rows absent from the batch are not
+touched (plain L2 over the whole table would cost a pass over every row at every step).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def mba_penalty(weight: Tensor, ids: Tensor, inverse_counts: Tensor, strength: float) -> Tensor:
+    """``strength · Σ_{j ∈ unique(ids)} ||weight[j]||² · inverse_counts[j]`` (a scalar)."""
+    if ids.numel() == 0:
+        return weight.new_zeros(())
+    unique = torch.unique(ids)
+    rows = weight.index_select(0, unique)
+    return strength * (rows.pow(2).sum(1) * inverse_counts.index_select(0, unique)).sum()
+
+
+def inverse_counts(counts: Tensor) -> Tensor:
+    """1 / max(n_j, 1): the OOV row and ids missing from train count as seen once."""
+    return 1.0 / counts.clamp(min=1).to(torch.float32)

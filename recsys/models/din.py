@@ -1,0 +1,164 @@
+"""DIN: Deep Interest Network (Zhou et al., 2018).
+
+::
+
+    target ids (item_id, genre) ─┐                                      ┌─▶ target embeddings [B, ΣD]
+    behavior sequences ──────────┴─▶ EmbeddingCollection (shared tables)┤
+      (hist_item_id, hist_genre)        jagged, one row per behavior    └─▶ behaviors [N, ΣD], lengths [B]
+                                                                                   │
+                             query = target embeddings ──▶ TargetAttention ◀───────┘
+                                 a_i = MLP([q, k_i, q−k_i, q⊙k_i]),  interest = Σ a_i k_i   [B, ΣD]
+    other ids (user, gender, genres…) ─▶ EmbeddingBagCollection ─▶ pooled [B, Σ D_f]
+    numeric features ───────────────────────────────────────────▶ dense [B, n_dense]
+                       concat(pooled, targets, interest, dense) ─▶ MLP (Dice) ─▶ logit
+
+Sequences read their target's table (``hist_item_id`` → ``item_id``) through one torchrec
+``EmbeddingCollection`` table holding both feature names. Every schema ``sequence`` feature takes
+part; sequences listed together in one attention group (default: all of them, which must then
+have equal lengths per row) are concatenated per behavior, as the paper does with item and
+category. Mini-batch aware regularization (``mba_lambda``) penalises the rows a batch touches.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torchrec import EmbeddingCollection, EmbeddingConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.data.batch import Batch
+from recsys.data.vocab import DatasetInfo, Vocabulary
+from recsys.embedding.regularization import inverse_counts, mba_penalty
+from recsys.embedding.tables import IdGuard, pooled_tables_for
+from recsys.layers.attention import TargetAttention
+from recsys.layers.mlp import MLP
+from recsys.train.module import CTRModule, default_optimizer
+
+
+class DIN(CTRModule):
+    """Deep Interest Network over any dataset whose schema declares ``sequence`` features.
+
+    Args:
+        features: dataset info (linked from the data module by the CLI).
+        embedding_dim: dimension of every table (the sequence tables must share one).
+        attention_hidden_units: widths of the attention MLP.
+        attention_activation: ``dice`` (paper), ``prelu``, ``relu``, ``sigmoid``.
+        attention_softmax: normalise attention weights per row (the paper does not).
+        attention_groups: lists of sequence features that attend together; default all in one.
+        dnn_hidden_units, dnn_activation, dnn_dropout: the prediction MLP.
+        pooling: pooling of the non-sequence multi-hot features (``sum`` or ``mean``).
+        mba_lambda: strength λ of mini-batch aware L2 on the embedding rows a batch uses (0: off).
+        optimizer: optimizer factory over all parameters.
+
+    Example::
+
+        model = DIN(datamodule.dataset_info, embedding_dim=16, mba_lambda=0.01)
+        logits = model(batch)       # [B]
+    """
+
+    def __init__(
+        self,
+        features: DatasetInfo | dict,
+        embedding_dim: int = 16,
+        attention_hidden_units: list[int] = [36],  # noqa: B006 (the paper's activation unit)
+        attention_activation: str = "dice",
+        attention_softmax: bool = False,
+        attention_groups: list[list[str]] | None = None,
+        dnn_hidden_units: list[int] = [200, 80],  # noqa: B006
+        dnn_activation: str = "dice",
+        dnn_dropout: float = 0.0,
+        pooling: str = "mean",
+        mba_lambda: float = 0.0,
+        optimizer: OptimizerCallable = default_optimizer,
+    ) -> None:
+        super().__init__(features, optimizer)
+        sequences = self.schema.sequences
+        if not sequences:
+            raise ValueError(f"{self.schema.source}: DIN needs at least one 'sequence' feature; use EmbeddingMLP instead")
+        self.target_of = {s.name: s.target for s in sequences}
+        self.targets = list(dict.fromkeys(self.target_of.values()))  # in schema order, unique
+        self.groups = attention_groups or [[s.name for s in sequences]]
+        self._check_groups()
+
+        dims = {self.schema[t].embedding_dim or embedding_dim for t in self.targets}
+        if len(dims) > 1:
+            raise ValueError(f"sequence target tables {self.targets} must share one embedding_dim, got {sorted(dims)}")
+        dim = dims.pop()
+        self.sequence_tables = EmbeddingCollection(tables=[
+            EmbeddingConfig(name=f"t_{t}", embedding_dim=dim, num_embeddings=self.info.num_embeddings[t],
+                            feature_names=[t] + [s for s, target in self.target_of.items() if target == t])
+            for t in self.targets
+        ])
+        self.pooled_features = [f.name for f in self.schema.sparse if f.name not in self.targets]
+        self.pooled_tables = pooled_tables_for(self.info, self.pooled_features, embedding_dim, pooling)
+        self.guard = IdGuard.for_tables(self.sequence_tables, *([self.pooled_tables] if self.pooled_tables else []))
+        self.attention = torch.nn.ModuleList(
+            TargetAttention(dim * len(group), attention_hidden_units, attention_activation, attention_softmax)
+            for group in self.groups
+        )
+        pooled_width = sum(c.embedding_dim for c in self.pooled_tables.embedding_bag_configs()) if self.pooled_tables else 0
+        width = pooled_width + dim * len(self.targets) + dim * len(sequences) + len(self.schema.numeric)
+        self.dnn = MLP(width, dnn_hidden_units, 1, dnn_activation, dnn_dropout)
+
+        self.mba_lambda = mba_lambda
+        if mba_lambda > 0:
+            counts = self._train_counts()
+            for table in [*self.targets, *self.pooled_features]:
+                self.register_buffer(f"inverse_counts_{table}", inverse_counts(counts[table]))
+
+    def _check_groups(self) -> None:
+        grouped = [s for group in self.groups for s in group]
+        unknown = sorted(set(grouped) - set(self.target_of))
+        if unknown or len(grouped) != len(set(grouped)) or set(grouped) != set(self.target_of):
+            raise ValueError(
+                f"attention_groups must list each sequence feature {sorted(self.target_of)} exactly once, got {self.groups}"
+            )
+
+    def _train_counts(self) -> dict[str, torch.Tensor]:
+        """Per-row train counts for the MBA penalty; ones when the dataset is not at hand
+        (loading a checkpoint elsewhere: the saved buffers replace them)."""
+        try:
+            vocab = Vocabulary.load_or_build(self.info.path)
+            return {t: torch.from_numpy(c) for t, c in vocab.counts.items()}
+        except (OSError, ValueError):
+            return {t: torch.ones(n, dtype=torch.int64) for t, n in self.info.num_embeddings.items()}
+
+    def _ids(self, batch: Batch) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor | None]:
+        """(ids read through the sequence tables: targets + sequences, ids of the pooled tables)."""
+        sparse = batch.sparse.to_dict()
+        sequence_ids = KeyedJaggedTensor.from_jt_dict({t: sparse[t] for t in self.targets} | batch.sequences.to_dict())
+        if not self.pooled_features:
+            return sequence_ids, None
+        return sequence_ids, KeyedJaggedTensor.from_jt_dict({f: sparse[f] for f in self.pooled_features})
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        sequence_ids, pooled_ids = self._ids(batch)
+        jagged = self.sequence_tables(self.guard(sequence_ids))  # feature -> JaggedTensor
+        targets = {t: jagged[t].values() for t in self.targets}  # [B, D] each: one id per row
+        parts = [] if pooled_ids is None else [self.pooled_tables(self.guard(pooled_ids)).values()]
+        parts += list(targets.values())
+        for attention, group in zip(self.attention, self.groups, strict=True):
+            lengths = jagged[group[0]].lengths()
+            for s in group[1:]:
+                if not torch.equal(jagged[s].lengths(), lengths):
+                    raise ValueError(f"sequences {group} attend together but differ in length; set attention_groups")
+            query = torch.cat([targets[self.target_of[s]] for s in group], dim=1)  # [B, D·|group|]
+            keys = torch.cat([jagged[s].values() for s in group], dim=1)  # [N, D·|group|]
+            parts.append(attention(query, keys, lengths))
+        parts.append(batch.dense)
+        return self.dnn(torch.cat(parts, dim=1)).squeeze(-1)
+
+    def regularization(self, batch: Batch) -> torch.Tensor | float:
+        if self.mba_lambda <= 0:
+            return 0.0
+        sequence_ids, pooled_ids = self._ids(batch)
+        penalty = torch.zeros((), device=batch.labels.device)
+        for t in self.targets:
+            readers = [t] + [s for s, target in self.target_of.items() if target == t]
+            ids = torch.cat([sequence_ids[f].values() for f in readers])
+            weight = self.sequence_tables.embeddings[f"t_{t}"].weight
+            penalty = penalty + mba_penalty(weight, ids, getattr(self, f"inverse_counts_{t}"), self.mba_lambda)
+        for f in self.pooled_features:
+            weight = self.pooled_tables.embedding_bags[f"t_{f}"].weight
+            penalty = penalty + mba_penalty(weight, pooled_ids[f].values(), getattr(self, f"inverse_counts_{f}"), self.mba_lambda)
+        return penalty
