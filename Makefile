@@ -6,7 +6,7 @@ CONFIG  := configs/movielens/base.yaml
 RUN     := runs/movielens/base/make_run
 STAMP   := .venv/.installed
 
-.PHONY: setup data run test lint bench clean
+.PHONY: setup data run test lint bench compare clean
 
 setup: $(STAMP)
 
@@ -37,7 +37,11 @@ lint: $(STAMP)
 	.venv/bin/ruff check recsys tests scripts datasets
 
 bench: $(STAMP) $(DATA)/PREPARED.json
-	$(PY) scripts/bench_train.py
+	$(PY) scripts/bench_train.py --config configs/movielens/base.yaml configs/movielens/din.yaml
+	$(PY) scripts/profile_train_step.py --config configs/movielens/din.yaml
+
+compare: $(STAMP) $(DATA)/PREPARED.json
+	$(PY) scripts/compare_models.py --configs configs/movielens/base.yaml configs/movielens/din.yaml --seeds 1 2 3
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
