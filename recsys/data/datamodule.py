@@ -76,6 +76,9 @@ class CTRDataModule(L.LightningDataModule):
                 shuffle_buffer=self.shuffle_buffer,
                 seed=seed,
                 num_workers=self.num_workers,
+                # evaluation: every rank reads the whole split, so metrics are exact without a
+                # gather and a sharded model's collective forward sees the same batches everywhere
+                **({} if train else {"rank": 0, "world_size": 1}),
             )
         return self._streams[split]
 

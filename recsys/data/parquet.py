@@ -328,17 +328,22 @@ class ParquetStream(IterableDataset):
     def _units_of(self, reader: int, num_readers: int) -> list[_Unit]:
         return self.units[reader::num_readers]
 
+    def _batches_of(self, reader: int, num_readers: int) -> int:
+        rows = sum(u.num_rows for u in self._units_of(reader, num_readers))
+        return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+
+    def _cap(self, worker: int, workers: int, world: int) -> int:
+        """Batches reader (·, worker) yields: the fewest any rank's same worker has, so that
+        every rank runs the same number of steps (collectives in DDP/DMP must line up)."""
+        return min(self._batches_of(r * workers + worker, world * workers) for r in range(world))
+
     def __len__(self) -> int:
         """Batches this rank yields per epoch, over all its dataloader workers."""
-        rank, world = self._rank_world()
+        _, world = self._rank_world()
         workers = max(1, self.num_workers)
-        total = 0
-        for worker in range(workers):
-            rows = sum(u.num_rows for u in self._units_of(rank * workers + worker, world * workers))
-            total += rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
-        return total
+        return sum(self._cap(worker, workers, world) for worker in range(workers))
 
-    def _shard(self) -> tuple[list[_Unit], np.random.Generator]:
+    def _shard(self) -> tuple[list[_Unit], np.random.Generator, int]:
         rank, world = self._rank_world()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -347,7 +352,7 @@ class ParquetStream(IterableDataset):
         rng = np.random.default_rng([self.seed, int(self._epoch.item()), reader])
         if self.shuffle:
             units = [units[i] for i in rng.permutation(len(units))]
-        return units, rng
+        return units, rng, self._cap(worker, workers, world)
 
     def _chunks(self, units: list[_Unit]) -> Iterator[Chunk]:
         encoder = ChunkEncoder(self.schema, self.vocab)
@@ -364,7 +369,13 @@ class ParquetStream(IterableDataset):
                 raise DataError(f"{unit.file}: row group {unit.row_group} is unreadable: {err}") from err
 
     def __iter__(self) -> Iterator[Batch]:
-        units, rng = self._shard()
+        units, rng, cap = self._shard()
+        for count, batch in enumerate(self._batches(units, rng)):
+            if count == cap:
+                return
+            yield batch
+
+    def _batches(self, units: list[_Unit], rng: np.random.Generator) -> Iterator[Batch]:
         pending: list[Chunk] = []
         held = 0
         for chunk in self._chunks(units):

@@ -76,8 +76,6 @@ def evaluate(
     from recsys.train.module import load_model  # lightning import kept out of `--help`
 
     ckpt = Path(ckpt)
-    if not ckpt.exists():
-        raise FileNotFoundError(f"{ckpt}: checkpoint not found")
     model = load_model(str(ckpt))
     data_dir = Path(data) if data else Path(model.info.path)
     vocab = Vocabulary.load_or_build(data_dir)

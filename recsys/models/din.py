@@ -21,6 +21,8 @@ category. Mini-batch aware regularization (``mba_lambda``) penalises the rows a 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchrec import EmbeddingCollection, EmbeddingConfig
@@ -33,6 +35,8 @@ from recsys.embedding.tables import IdGuard, pooled_tables_for
 from recsys.layers.attention import TargetAttention
 from recsys.layers.mlp import MLP
 from recsys.train.module import CTRModule, default_optimizer
+
+log = logging.getLogger(__name__)
 
 
 class DIN(CTRModule):
@@ -150,6 +154,11 @@ class DIN(CTRModule):
 
     def regularization(self, batch: Batch) -> torch.Tensor | float:
         if self.mba_lambda <= 0:
+            return 0.0
+        if not isinstance(self.sequence_tables, EmbeddingCollection):
+            if not getattr(self, "_warned_sharded_mba", False):
+                log.warning("mba_lambda is ignored while the tables are sharded (torchrec strategy); see docs/architecture.md")
+                self._warned_sharded_mba = True
             return 0.0
         sequence_ids, pooled_ids = self._ids(batch)
         penalty = torch.zeros((), device=batch.labels.device)

@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from recsys.data.datamodule import CTRDataModule
 from recsys.train.callbacks import PredictionWriter, RunSummary
 from recsys.train.module import CTRModule
+from recsys.train.strategy import TorchrecStrategy  # noqa: F401  (registers --trainer.strategy torchrec)
 
 
 class RecsysCLI(LightningCLI):

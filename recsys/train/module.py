@@ -9,6 +9,8 @@ optimizers, exact epoch-level AUC/GAUC/logloss on val and test, and predictions.
 from __future__ import annotations
 
 import importlib
+import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,6 +22,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from recsys.data.batch import Batch
 from recsys.data.vocab import DatasetInfo
 from recsys.eval.metrics import ctr_metrics
+
+# every rank scores the whole val/test split, so epoch metrics are equal on all ranks without syncing
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -49,7 +54,8 @@ class CTRModule(L.LightningModule):
 
     # -- training --------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.parameters())
+        # tables sharded by the torchrec strategy carry their own fused optimizer
+        return self.optimizer_factory([p for p in self.parameters() if not hasattr(p, "_in_backward_optimizers")])
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits = self(batch)
@@ -72,7 +78,7 @@ class CTRModule(L.LightningModule):
         out = {"prob": torch.sigmoid(logits).detach().float().cpu(), "label": batch.labels.cpu(), "group": batch.groups.cpu()}
         if stage != "predict":
             loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-            self.log(f"{stage}/loss", loss, batch_size=len(batch), sync_dist=True)
+            self.log(f"{stage}/loss", loss, batch_size=len(batch))
             self._outputs.setdefault(stage, []).append(out)
         return out
 
@@ -89,12 +95,11 @@ class CTRModule(L.LightningModule):
         outputs = self._outputs.pop(stage, [])
         if not outputs:
             return
+        # every rank scores the whole split (CTRDataModule), so local outputs give exact metrics
         cat = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
-        if self.trainer.world_size > 1:  # exact metrics need every rank's rows
-            cat = {k: self.all_gather(v).reshape(-1).cpu() for k, v in cat.items()}
         metrics = ctr_metrics(cat["label"].numpy(), cat["prob"].numpy(), cat["group"].numpy())
         for name, value in metrics.items():
-            self.log(f"{stage}/{name}", float(np.nan_to_num(value)), prog_bar=name != "logloss", rank_zero_only=True)
+            self.log(f"{stage}/{name}", float(np.nan_to_num(value)), prog_bar=name != "logloss")
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_metrics("val")
@@ -108,13 +113,27 @@ class CTRModule(L.LightningModule):
         checkpoint["recsys"] = {"model_class": f"{cls.__module__}.{cls.__qualname__}", "features": self.info.to_dict()}
 
 
-def load_model(ckpt_path: str, map_location: str | torch.device = "cpu") -> CTRModule:
-    """Loads any recsys model from a Lightning checkpoint (the class is recorded inside)."""
-    checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=False)
+def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> CTRModule:
+    """Loads any recsys model, unsharded, from a checkpoint: a Lightning ``.ckpt`` file, or the
+    directory the torchrec strategy writes with ``torch.distributed.checkpoint`` at any world size."""
+    path = Path(ckpt_path)
+    sharded = path.is_dir()
+    meta_file = path / "lightning.pt" if sharded else path
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{meta_file}: checkpoint not found")
+    checkpoint = torch.load(meta_file, map_location=map_location, weights_only=False)
     if "recsys" not in checkpoint:
-        raise ValueError(f"{ckpt_path}: not a recsys checkpoint (no 'recsys' entry)")
+        raise ValueError(f"{path}: not a recsys checkpoint (no 'recsys' entry)")
     module_name, _, class_name = checkpoint["recsys"]["model_class"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    model = cls.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=False)
+    if not sharded:
+        model = cls.load_from_checkpoint(path, map_location=map_location, weights_only=False)
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        model = cls(**{k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")})
+        state = {"state_dict": model.state_dict()}
+        dcp.load(state, checkpoint_id=str(path))  # reassembles every table from its shards
+        model.load_state_dict(state["state_dict"])
     model.eval()
     return model

@@ -1,0 +1,192 @@
+"""``TorchrecStrategy``: Lightning training with torchrec ``DistributedModelParallel``.
+
+    recsys fit --config configs/movielens/din.yaml --trainer.strategy torchrec --trainer.devices 2
+
+What it does, in Lightning's ``setup``:
+
+1. registers the sparse optimizer on every embedding table (``apply_optimizer_in_backward``):
+   DMP turns it into FBGEMM's fused update inside the table-batched backward kernel;
+2. plans the tables (``recsys.embedding.sharding``) collectively over the process group;
+3. wraps the whole LightningModule in ``DistributedModelParallel`` — tables sharded, the dense
+   rest data-parallel (DDP inside DMP) — and copies the initial weights into the shards, so
+   any world size starts from the same model;
+4. leaves the Lightning optimizer (``configure_optimizers``) with the dense parameters only.
+
+Checkpoints are written with ``torch.distributed.checkpoint`` into a directory (one file per rank
+plus ``lightning.pt`` with the rest of Lightning's checkpoint). They load back at any world size,
+and ``recsys.train.module.load_model`` reads them into an unsharded model.
+
+Every rank reads the whole val/test split (the DMP forward is collective, so all ranks must run
+the same batches); training data is split between ranks with equal batch counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from recsys.embedding.sharding import copy_full_weights, embedding_tables, plan_model, sharders
+
+log = logging.getLogger(__name__)
+
+META_FILE = "lightning.pt"
+
+
+def sparse_optimizer_class(name: str, device_type: str) -> type[torch.optim.Optimizer]:
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    classes = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad, "adam": torch.optim.Adam}
+    if name not in classes:
+        raise ValueError(f"sparse_optimizer must be one of {sorted(classes)}, got {name!r}")
+    if name == "adam" and device_type == "cpu":
+        raise ValueError("sparse_optimizer 'adam' needs CUDA: FBGEMM's CPU kernels fuse sgd, adagrad and rowwise_adagrad")
+    return classes[name]
+
+
+def table_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The weights of every torchrec embedding table in ``module``."""
+    from torchrec import EmbeddingBagCollection, EmbeddingCollection
+
+    params = []
+    for sub in module.modules():
+        if isinstance(sub, EmbeddingBagCollection | EmbeddingCollection):
+            params += list(sub.parameters())
+    return params
+
+
+def is_sparse(parameter: nn.Parameter) -> bool:
+    """True for table weights updated by a fused optimizer inside the backward pass."""
+    return hasattr(parameter, "_in_backward_optimizers")
+
+
+class TorchrecStrategy(DDPStrategy):
+    """Data-parallel dense layers + model-parallel embedding tables (torchrec DMP).
+
+    Args:
+        sharding_types: ``{table: type}`` or ``{"pooled"|"sequence": type}``; default: the planner
+            chooses among the types the device supports (docs/architecture.md).
+        compute_kernel: ``fused`` (FBGEMM TBE with the optimizer fused in), ``dense``; on CUDA also
+            ``fused_uvm_caching`` / ``fused_uvm``.
+        cache_load_factor: CUDA only: keep this fraction of each table in HBM, the rest in UVM.
+        sparse_optimizer: ``rowwise_adagrad``, ``adagrad``, ``sgd``; ``adam`` on CUDA.
+        sparse_lr: learning rate of the sparse optimizer.
+        sparse_optimizer_kwargs: more arguments for it (``eps``, ``weight_decay``, ...).
+        copy_initial_weights: start the shards from the unsharded model's weights (same start at
+            any world size). Off for tables too big to build unsharded.
+    """
+
+    strategy_name = "torchrec"
+
+    def __init__(
+        self,
+        sharding_types: dict[str, str] | None = None,
+        compute_kernel: str = "fused",
+        cache_load_factor: float | None = None,
+        sparse_optimizer: str = "rowwise_adagrad",
+        sparse_lr: float = 0.05,
+        sparse_optimizer_kwargs: dict[str, Any] | None = None,
+        copy_initial_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.sharding_types = sharding_types
+        self.compute_kernel = compute_kernel
+        self.cache_load_factor = cache_load_factor
+        self.sparse_optimizer = sparse_optimizer
+        self.sparse_lr = sparse_lr
+        self.sparse_optimizer_kwargs = dict(sparse_optimizer_kwargs or {})
+        self.copy_initial_weights = copy_initial_weights
+        self.plan = None
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.root_device.type == "cuda" else "cpu"
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # the sharded model must exist before a sharded checkpoint can load into it
+
+    def model_to_device(self) -> None:
+        pass  # DMP places the shards; it moves the dense part itself
+
+    def setup(self, trainer: Any) -> None:
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model = self._setup_model(self.model)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    def _setup_model(self, model: nn.Module) -> DistributedModelParallel:
+        if not embedding_tables(model):
+            raise ValueError("the torchrec strategy needs a model with torchrec embedding tables")
+        full_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if self.copy_initial_weights else {}
+        optimizer = sparse_optimizer_class(self.sparse_optimizer, self.device_type)
+        apply_optimizer_in_backward(optimizer, table_parameters(model), {"lr": self.sparse_lr, **self.sparse_optimizer_kwargs})
+        group = dist.GroupMember.WORLD
+        self.plan = plan_model(model, self.world_size, self.device_type, self.sharding_types, self.compute_kernel,
+                               self.cache_load_factor, process_group=group)
+        dmp = DistributedModelParallel(model, device=self.root_device, plan=self.plan, sharders=sharders())
+        if full_state:
+            copy_full_weights(dmp.state_dict(), full_state)
+        return dmp
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        path = Path(filepath)
+        if self.is_global_zero and path.is_file():
+            path.unlink()
+        self.barrier("recsys-ckpt-prepare")
+        state = {"state_dict": checkpoint.pop("state_dict"), "sparse_optimizer": self.model.fused_optimizer.state_dict()}
+        dcp.save(state, checkpoint_id=str(path))
+        if self.is_global_zero:
+            checkpoint["recsys_checkpoint_format"] = "torch.distributed.checkpoint"
+            torch.save(checkpoint, path / META_FILE)
+        self.barrier("recsys-ckpt-done")
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero:
+            shutil.rmtree(filepath, ignore_errors=True)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(checkpoint_path)
+        if path.is_file():  # an unsharded checkpoint (single-process run): copy into the shards
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            copy_full_weights(self.lightning_module.state_dict(), checkpoint["state_dict"])
+            checkpoint["state_dict"] = None
+            return checkpoint
+        checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+        state = {"state_dict": self.lightning_module.state_dict(), "sparse_optimizer": self.model.fused_optimizer.state_dict()}
+        dcp.load(state, checkpoint_id=str(path))
+        self.model.fused_optimizer.load_state_dict(state["sparse_optimizer"])
+        checkpoint["state_dict"] = None  # loaded in place above
+        return checkpoint
+
+    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
+        if checkpoint.get("state_dict") is not None:
+            super().load_model_state_dict(checkpoint, strict=strict)
+
+    def teardown(self) -> None:
+        # Strategy.teardown would move the LightningModule to CPU; its shards live where DMP put them
+        self.model = self.lightning_module
+        self.accelerator.teardown() if self.accelerator is not None else None
+        self.checkpoint_io.teardown()
+
+
+StrategyRegistry.register(
+    "torchrec",
+    TorchrecStrategy,
+    description="torchrec DistributedModelParallel: sharded embedding tables with FBGEMM fused optimizers",
+)
