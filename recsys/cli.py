@@ -14,6 +14,10 @@ Training (LightningCLI; `recsys fit --help` lists every option):
   test       score the test split
   predict    write predictions.parquet for data.predict_split
 
+Scaling out:
+  plan       dry-run the sharding planner: recsys plan --config ... --world-size 8 [--device cuda]
+  (train sharded with --trainer.strategy torchrec --trainer.devices N; see docs/architecture.md)
+
 Evaluation:
   eval       offline CTR report (AUC, GAUC, logloss, RelaImpr, bootstrap CIs, calibration plot):
              recsys eval --ckpt CKPT [--data DIR] [--split test] [--out DIR] [--baseline REPORT.json]
@@ -47,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
         run([command, *rest])
         return 0
+    if command == "plan":
+        from recsys.train.plan import main as plan_main
+
+        return plan_main(rest)
     if command == "eval":
         from recsys.eval.report import main as eval_main
 

@@ -70,6 +70,34 @@ def is_sparse(parameter: nn.Parameter) -> bool:
     return hasattr(parameter, "_in_backward_optimizers")
 
 
+def shard_model(
+    model: nn.Module,
+    world_size: int,
+    device: torch.device,
+    sharding_types: dict[str, str] | None = None,
+    compute_kernel: str = "fused",
+    cache_load_factor: float | None = None,
+    sparse_optimizer: str = "rowwise_adagrad",
+    sparse_lr: float = 0.05,
+    sparse_optimizer_kwargs: dict[str, Any] | None = None,
+    copy_initial_weights: bool = True,
+) -> DistributedModelParallel:
+    """Fuses the sparse optimizer into the tables, plans them over the default process group,
+    and wraps ``model`` in ``DistributedModelParallel`` (see the module docstring)."""
+    if not embedding_tables(model):
+        raise ValueError("the torchrec strategy needs a model with torchrec embedding tables")
+    device_type = "cuda" if device.type == "cuda" else "cpu"
+    full_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if copy_initial_weights else {}
+    optimizer = sparse_optimizer_class(sparse_optimizer, device_type)
+    apply_optimizer_in_backward(optimizer, table_parameters(model), {"lr": sparse_lr, **(sparse_optimizer_kwargs or {})})
+    plan = plan_model(model, world_size, device_type, sharding_types, compute_kernel, cache_load_factor,
+                      process_group=dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders())
+    if full_state:
+        copy_full_weights(dmp.state_dict(), full_state)
+    return dmp
+
+
 class TorchrecStrategy(DDPStrategy):
     """Data-parallel dense layers + model-parallel embedding tables (torchrec DMP).
 
@@ -130,17 +158,10 @@ class TorchrecStrategy(DDPStrategy):
         self.setup_precision_plugin()
 
     def _setup_model(self, model: nn.Module) -> DistributedModelParallel:
-        if not embedding_tables(model):
-            raise ValueError("the torchrec strategy needs a model with torchrec embedding tables")
-        full_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if self.copy_initial_weights else {}
-        optimizer = sparse_optimizer_class(self.sparse_optimizer, self.device_type)
-        apply_optimizer_in_backward(optimizer, table_parameters(model), {"lr": self.sparse_lr, **self.sparse_optimizer_kwargs})
-        group = dist.GroupMember.WORLD
-        self.plan = plan_model(model, self.world_size, self.device_type, self.sharding_types, self.compute_kernel,
-                               self.cache_load_factor, process_group=group)
-        dmp = DistributedModelParallel(model, device=self.root_device, plan=self.plan, sharders=sharders())
-        if full_state:
-            copy_full_weights(dmp.state_dict(), full_state)
+        dmp = shard_model(model, self.world_size, self.root_device, self.sharding_types, self.compute_kernel,
+                          self.cache_load_factor, self.sparse_optimizer, self.sparse_lr, self.sparse_optimizer_kwargs,
+                          self.copy_initial_weights)
+        self.plan = dmp.plan
         return dmp
 
     # -- checkpoints ------------------------------------------------------------------------

@@ -1,0 +1,192 @@
+"""Sharded tables on real processes: 2 ranks on gloo (127.0.0.1) against 1 unsharded process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from recsys.data.batch import Batch
+from recsys.data.datamodule import CTRDataModule
+from recsys.data.parquet import ParquetStream
+from recsys.models.din import DIN
+from recsys.train.strategy import shard_model, table_parameters
+from tests.conftest import ROOT, write_dataset
+
+STEPS = 4
+GLOBAL_BATCH = 256
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build(data: str) -> tuple[DIN, list[Batch], Batch]:
+    torch.manual_seed(0)
+    dm = CTRDataModule(data)
+    model = DIN(dm.dataset_info, embedding_dim=8, attention_activation="prelu", dnn_activation="relu")
+    stream = ParquetStream(data, "train", dm.vocab, batch_size=GLOBAL_BATCH, shuffle=True, rank=0, world_size=1)
+    batches = [b for _, b in zip(range(STEPS), stream, strict=False)]
+    val = next(iter(ParquetStream(data, "val", dm.vocab, batch_size=200, rank=0, world_size=1)))
+    return model, batches, val
+
+
+def _rows(batch: Batch, lo: int, hi: int) -> Batch:
+    """Rows [lo, hi) of a batch: one rank's share of the global batch."""
+    from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+    def part(kjt):
+        out = {}
+        for key, jt in kjt.to_dict().items():
+            offsets = jt.offsets()
+            out[key] = JaggedTensor(values=jt.values()[int(offsets[lo]):int(offsets[hi])], lengths=jt.lengths()[lo:hi])
+        return KeyedJaggedTensor.from_jt_dict(out)
+
+    return Batch(batch.dense[lo:hi], part(batch.sparse), part(batch.sequences), batch.labels[lo:hi], batch.groups[lo:hi])
+
+
+def _reference(data: str) -> tuple[list[float], np.ndarray]:
+    """One unsharded process, plain SGD on every parameter."""
+    model, batches, val = _build(data)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for batch in batches:
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(model(batch), batch.labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        return losses, torch.sigmoid(model.eval()(val)).numpy()
+
+
+def _sharded_worker(rank: int, world: int, port: int, data: str, sharding: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, batches, val = _build(data)
+    dmp = shard_model(model, world, torch.device("cpu"), sharding_types={"pooled": sharding}, sparse_optimizer="sgd", sparse_lr=0.1)
+    dense = [p for p in dmp.parameters() if not hasattr(p, "_in_backward_optimizers")]
+    optimizer = torch.optim.SGD(dense, lr=0.1)
+    losses = []
+    share = GLOBAL_BATCH // world
+    for batch in batches:
+        local = _rows(batch, rank * share, (rank + 1) * share)
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(dmp(local), local.labels)
+        loss.backward()
+        optimizer.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+    dmp.eval()
+    with torch.no_grad():
+        probs = torch.sigmoid(dmp(val)).numpy()  # every rank scores the same rows
+    if rank == 0:
+        np.savez(out, losses=np.array(losses), probs=probs, plan=str(dmp.plan))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(write_dataset(tmp_path_factory.mktemp("shard") / "tiny"))
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "column_wise", "data_parallel"])
+def test_two_ranks_match_one_process(tiny: str, tmp_path: Path, sharding: str) -> None:
+    ref_losses, ref_probs = _reference(tiny)
+    out = str(tmp_path / "sharded.npz")
+    mp.spawn(_sharded_worker, args=(2, _free_port(), tiny, sharding, out), nprocs=2, join=True)
+    result = np.load(out)
+    assert sharding in str(result["plan"]) and "row_wise" in str(result["plan"])  # sequences: row-wise
+    np.testing.assert_allclose(result["losses"], ref_losses, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(result["probs"], ref_probs, rtol=0, atol=2e-5)
+    assert ref_losses[-1] != ref_losses[0]  # it did train
+
+
+def test_tables_are_the_sparse_parameters(tiny: str) -> None:
+    model, _, _ = _build(tiny)
+    names = {n for n, p in model.named_parameters() if any(p is q for q in table_parameters(model))}
+    assert names == {"sequence_tables.embeddings.t_item.weight", "pooled_tables.embedding_bags.t_user.weight",
+                     "pooled_tables.embedding_bags.t_tags.weight", "pooled_tables.embedding_bags.t_city.weight"}
+
+
+def test_unsupported_choices_are_refused_clearly(tiny: str) -> None:
+    from recsys.embedding.sharding import constraints_for
+    from recsys.train.strategy import sparse_optimizer_class
+
+    model, _, _ = _build(tiny)
+    with pytest.raises(ValueError, match="table 't_item' \\(sequence\\) cannot be sharded 'table_wise' on cpu"):
+        constraints_for(model, "cpu", {"t_item": "table_wise"})
+    with pytest.raises(ValueError, match="unknown tables \\['t_nope'\\]"):
+        constraints_for(model, "cpu", {"t_nope": "row_wise"})
+    with pytest.raises(ValueError, match="'adam' needs CUDA"):
+        sparse_optimizer_class("adam", "cpu")
+    with pytest.raises(ValueError, match="UVM caching"):
+        constraints_for(model, "cpu", cache_load_factor=0.2)
+
+
+# -- Lightning end to end: `recsys fit/predict --trainer.strategy torchrec --trainer.devices 2` ---------
+def _recsys(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    recsys = Path(sys.executable).parent / "recsys"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(recsys), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _common(data: str, logs: Path, devices: int, version: str) -> list[str]:
+    return ["--config", str(ROOT / "configs/movielens/din.yaml"), "--data.path", data, "--data.batch_size", "256",
+            "--model.init_args.mba_lambda", "0", "--trainer.strategy", "torchrec", "--trainer.devices", str(devices),
+            "--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.version", version,
+            "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"]
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def test_lightning_two_ranks_checkpoint_resume_and_load_at_one_rank(tiny: str, tmp_path: Path) -> None:
+    logs = tmp_path / "runs"
+    # uninterrupted: 2 epochs on 2 ranks
+    _recsys("fit", *_common(tiny, logs, 2, "full"), "--trainer.max_epochs", "2", cwd=tmp_path)
+    # interrupted: 1 epoch, then resumed from its last checkpoint for the second
+    _recsys("fit", *_common(tiny, logs, 2, "part"), "--trainer.max_epochs", "1", cwd=tmp_path)
+    last = logs / "movielens/din/part/checkpoints/last.ckpt"
+    assert (last / "lightning.pt").exists() and len(list(last.glob("*.distcp"))) == 2  # one file per rank
+    _recsys("fit", *_common(tiny, logs, 2, "resumed"), "--trainer.max_epochs", "2", "--ckpt_path", str(last), cwd=tmp_path)
+    full = _train_losses(logs / "movielens/din/full")
+    resumed = _train_losses(logs / "movielens/din/resumed")
+    assert resumed and set(resumed) <= set(full)
+    first = min(resumed)
+    assert resumed[first] == pytest.approx(full[first], abs=1e-6)  # the next step after resuming
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full[step], abs=1e-4)
+
+    # the 2-rank checkpoint, loaded unsharded at 1 rank, predicts what the 2 ranks predict
+    best = logs / "movielens/din/full/checkpoints/best.ckpt"
+    _recsys("predict", *_common(tiny, logs, 2, "predict"), "--ckpt_path", str(best), cwd=tmp_path)
+    sharded = pq.read_table(logs / "movielens/din/predict/predictions.parquet").to_pandas()
+    from recsys.eval.report import predict_split
+    from recsys.train.module import load_model
+
+    model = load_model(best)
+    dm = CTRDataModule(tiny)
+    unsharded = predict_split(model, dm.stream("test"))
+    np.testing.assert_allclose(unsharded["prob"], sharded["prob"].to_numpy(), atol=1e-6)
