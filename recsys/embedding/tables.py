@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, PoolingType
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys.data.schema import FeatureType
 from recsys.data.vocab import DatasetInfo
@@ -69,6 +69,20 @@ def pooled_tables_for(
     if not features:
         return None
     return EmbeddingBagCollection(tables=table_configs(info, embedding_dim, pooling, include_sequences=False, features=features))
+
+
+def feature_order(tables: EmbeddingBagCollection) -> list[str]:
+    """Pooled output features in the unsharded collection's order (table by table)."""
+    return [f for config in tables.embedding_bag_configs() for f in config.feature_names]
+
+
+def concat_pooled(pooled: KeyedTensor, order: list[str]) -> torch.Tensor:
+    """``[B, Σ D_f]`` with features in ``order``. A sharded collection may emit its features in
+    another order (grouped by sharding type), so positions are never taken for granted."""
+    if pooled.keys() == order:
+        return pooled.values()
+    blocks = pooled.to_dict()
+    return torch.cat([blocks[f] for f in order], dim=1)
 
 
 class IdGuard(nn.Module):

@@ -17,7 +17,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import Batch
 from recsys.data.vocab import DatasetInfo
-from recsys.embedding.tables import IdGuard, pooled_tables
+from recsys.embedding.tables import IdGuard, concat_pooled, feature_order, pooled_tables
 from recsys.layers.mlp import MLP
 from recsys.train.module import CTRModule, default_optimizer
 
@@ -55,6 +55,7 @@ class EmbeddingMLP(CTRModule):
         super().__init__(features, optimizer)
         self.tables = pooled_tables(self.info, embedding_dim, pooling)
         self.guard = IdGuard.for_tables(self.tables)
+        self.pooled_order = feature_order(self.tables)
         width = sum(c.embedding_dim * len(c.feature_names) for c in self.tables.embedding_bag_configs())
         width += len(self.schema.numeric)
         self.dnn = MLP(width, dnn_hidden_units, 1, dnn_activation, dnn_dropout, batch_norm)
@@ -63,5 +64,5 @@ class EmbeddingMLP(CTRModule):
         ids = batch.sparse
         if batch.sequences.keys():
             ids = KeyedJaggedTensor.concat([batch.sparse, batch.sequences])
-        pooled = self.tables(self.guard(ids)).values()  # [B, Σ D_f]
+        pooled = concat_pooled(self.tables(self.guard(ids)), self.pooled_order)  # [B, Σ D_f]
         return self.dnn(torch.cat([pooled, batch.dense], dim=1)).squeeze(-1)

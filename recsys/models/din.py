@@ -31,7 +31,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys.data.batch import Batch
 from recsys.data.vocab import DatasetInfo, Vocabulary
 from recsys.embedding.regularization import inverse_counts, mba_penalty
-from recsys.embedding.tables import IdGuard, pooled_tables_for
+from recsys.embedding.tables import IdGuard, concat_pooled, feature_order, pooled_tables_for
 from recsys.layers.attention import TargetAttention
 from recsys.layers.mlp import MLP
 from recsys.train.module import CTRModule, default_optimizer
@@ -95,6 +95,7 @@ class DIN(CTRModule):
         ])
         self.pooled_features = [f.name for f in self.schema.sparse if f.name not in self.targets]
         self.pooled_tables = pooled_tables_for(self.info, self.pooled_features, embedding_dim, pooling)
+        self.pooled_order = feature_order(self.pooled_tables) if self.pooled_tables else []
         self.guard = IdGuard.for_tables(self.sequence_tables, *([self.pooled_tables] if self.pooled_tables else []))
         self.attention = torch.nn.ModuleList(
             TargetAttention(dim * len(group), attention_hidden_units, attention_activation, attention_softmax)
@@ -139,7 +140,7 @@ class DIN(CTRModule):
         sequence_ids, pooled_ids = self._ids(batch)
         jagged = self.sequence_tables(self.guard(sequence_ids))  # feature -> JaggedTensor
         targets = {t: jagged[t].values() for t in self.targets}  # [B, D] each: one id per row
-        parts = [] if pooled_ids is None else [self.pooled_tables(self.guard(pooled_ids)).values()]
+        parts = [] if pooled_ids is None else [concat_pooled(self.pooled_tables(self.guard(pooled_ids)), self.pooled_order)]
         parts += list(targets.values())
         for attention, group in zip(self.attention, self.groups, strict=True):
             lengths = jagged[group[0]].lengths()

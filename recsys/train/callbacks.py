@@ -20,10 +20,11 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="epoch")
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any) -> None:
+        log_dir = trainer.log_dir  # a collective (broadcast): every rank must ask
         if not predictions or trainer.global_rank != 0:  # every rank scored the whole split
             return
         cat = {k: torch.cat([p[k] for p in predictions]).numpy() for k in predictions[0]}
-        out = Path(trainer.log_dir or ".") / "predictions.parquet"
+        out = Path(log_dir or ".") / "predictions.parquet"
         out.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table(cat), out)
         rank_zero_info(f"[recsys] wrote {len(cat['prob']):,} predictions to {out}")

@@ -94,8 +94,21 @@ def _sharded_worker(rank: int, world: int, port: int, data: str, sharding: str, 
     dmp.eval()
     with torch.no_grad():
         probs = torch.sigmoid(dmp(val)).numpy()  # every rank scores the same rows
+        # an id past the end of its table stops the batch before the sharded lookup runs
+        values = val.sparse["item"].values().clone()
+        values[0] = model.info.num_embeddings["item"]
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        sparse = {k: v for k, v in val.sparse.to_dict().items()}
+        sparse["item"] = type(sparse["item"])(values=values, lengths=sparse["item"].lengths())
+        bad = Batch(val.dense, KeyedJaggedTensor.from_jt_dict(sparse), val.sequences, val.labels, val.groups)
+        try:
+            dmp(bad)
+            refused = ""
+        except IndexError as err:
+            refused = str(err)
     if rank == 0:
-        np.savez(out, losses=np.array(losses), probs=probs, plan=str(dmp.plan))
+        np.savez(out, losses=np.array(losses), probs=probs, plan=str(dmp.plan), refused=refused)
     dist.destroy_process_group()
 
 
@@ -114,6 +127,7 @@ def test_two_ranks_match_one_process(tiny: str, tmp_path: Path, sharding: str) -
     np.testing.assert_allclose(result["losses"], ref_losses, rtol=0, atol=2e-5)
     np.testing.assert_allclose(result["probs"], ref_probs, rtol=0, atol=2e-5)
     assert ref_losses[-1] != ref_losses[0]  # it did train
+    assert "feature 'item': id 61 outside its table of 61 rows" in str(result["refused"])
 
 
 def test_tables_are_the_sparse_parameters(tiny: str) -> None:
@@ -190,3 +204,26 @@ def test_lightning_two_ranks_checkpoint_resume_and_load_at_one_rank(tiny: str, t
     dm = CTRDataModule(tiny)
     unsharded = predict_split(model, dm.stream("test"))
     np.testing.assert_allclose(unsharded["prob"], sharded["prob"].to_numpy(), atol=1e-6)
+
+
+def test_checkpoints_move_from_one_rank_to_two(tiny: str, tmp_path: Path) -> None:
+    """A sharded checkpoint written by 1 rank, and a plain Lightning .ckpt, both load into 2 ranks."""
+    from recsys.eval.report import predict_split
+    from recsys.train.module import load_model
+
+    logs = tmp_path / "runs"
+    _recsys("fit", *_common(tiny, logs, 1, "one"), "--trainer.max_epochs", "1", cwd=tmp_path)
+    base = ["--config", str(ROOT / "configs/movielens/base.yaml"), "--data.path", tiny, "--trainer.max_epochs", "1",
+            "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false"]
+    _recsys("fit", *base, "--trainer.logger.init_args.version", "plain", cwd=tmp_path)
+    cases = [(logs / "movielens/din/one/checkpoints/best.ckpt", _common(tiny, logs, 2, "p1")),
+             (logs / "movielens/base/plain/checkpoints/best.ckpt",
+              [*base, "--trainer.strategy", "torchrec", "--trainer.devices", "2", "--trainer.logger.init_args.version", "p2"])]
+    assert cases[0][0].is_dir() and cases[1][0].is_file()
+    for ckpt, args in cases:
+        _recsys("predict", *args, "--ckpt_path", str(ckpt), cwd=tmp_path)
+        version = args[args.index("--trainer.logger.init_args.version") + 1]
+        name = "din" if "din" in str(ckpt) else "base"
+        sharded = pq.read_table(logs / f"movielens/{name}/{version}/predictions.parquet").column("prob").to_numpy()
+        expected = predict_split(load_model(ckpt), CTRDataModule(tiny).stream("test"))["prob"]
+        np.testing.assert_allclose(sharded, expected, atol=1e-6, err_msg=str(ckpt))
