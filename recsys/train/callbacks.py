@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +44,26 @@ class RunSummary(L.Callback):
             lines.append(f"config + TensorBoard logs: {trainer.log_dir}  (tensorboard --logdir {trainer.log_dir})")
         for line in lines:
             rank_zero_info(f"[recsys] {line}")
+
+
+class Throughput(L.Callback):
+    """Logs and prints training samples/s over all ranks each epoch (first 5 steps excluded as warm-up)."""
+
+    warmup = 5
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._rows, self._steps, self._start = 0, 0, None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._steps += 1
+        if self._steps == self.warmup:
+            self._start = time.perf_counter()
+        elif self._steps > self.warmup:
+            self._rows += len(batch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._start is None or self._rows == 0:
+            return
+        rate = self._rows * trainer.world_size / (time.perf_counter() - self._start)
+        pl_module.log("train/samples_per_s", rate, rank_zero_only=True)
+        rank_zero_info(f"[recsys] epoch {trainer.current_epoch}: {rate:,.0f} training samples/s over {trainer.world_size} rank(s)")

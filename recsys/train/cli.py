@@ -10,7 +10,7 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from recsys.data.datamodule import CTRDataModule
-from recsys.train.callbacks import PredictionWriter, RunSummary
+from recsys.train.callbacks import PredictionWriter, RunSummary, Throughput
 from recsys.train.module import CTRModule
 from recsys.train.strategy import TorchrecStrategy  # noqa: F401  (registers --trainer.strategy torchrec)
 
@@ -28,7 +28,7 @@ def run(args: list[str] | None = None, subcommand: bool = True) -> RecsysCLI:
         CTRModule,
         CTRDataModule,
         subclass_mode_model=True,
-        trainer_defaults={"callbacks": [PredictionWriter(), RunSummary()]},
+        trainer_defaults={"callbacks": [PredictionWriter(), RunSummary(), Throughput()]},
         save_config_kwargs={"overwrite": True},
         args=args,
         auto_configure_optimizers=False,

@@ -1,0 +1,156 @@
+"""Embedding tables: FBGEMM fused table-batched kernels (through torchrec DMP) vs per-table
+``nn.EmbeddingBag``, and training samples/s at world size 1 vs 2 on synthetic Criteo data.
+
+    python scripts/bench_embeddings.py                       # both parts, 2 threads
+    python scripts/bench_embeddings.py --part kernels --dim 64 --max-rows 1000000
+
+Part 1 (kernels): 26 tables, rows log-spaced from --min-rows to --max-rows, one id per table per
+sample (Zipf-distributed), batch 4096, forward + backward + Adagrad update. Baseline: one
+``nn.EmbeddingBag(sparse=True)`` per table and ``torch.optim.Adagrad`` over sparse gradients.
+Part 2 (training): ``recsys fit`` of the base model with ``--trainer.strategy torchrec`` at
+``--trainer.devices`` 1 and 2 on synthetic Criteo-shaped data (generated once into data/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from recsys.eval.report import machine, write_doc_section
+
+NUM_TABLES = 26
+
+
+def _ids(rows: list[int], batch: int, rng: np.random.Generator) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.minimum(rng.zipf(1.2, batch) - 1, n - 1).astype(np.int64)) for n in rows]
+
+
+def bench_baseline(rows: list[int], dim: int, batch: int, steps: int) -> float:
+    bags = torch.nn.ModuleList(torch.nn.EmbeddingBag(n, dim, mode="sum", sparse=True) for n in rows)
+    optimizer = torch.optim.Adagrad(bags.parameters(), lr=0.05)
+    rng = np.random.default_rng(0)
+    data = [_ids(rows, batch, rng) for _ in range(steps + 2)]
+    offsets = torch.arange(batch)
+
+    def step(ids: list[torch.Tensor]) -> None:
+        optimizer.zero_grad()
+        out = torch.cat([bag(i, offsets) for bag, i in zip(bags, ids, strict=True)], dim=1)
+        out.pow(2).mean().backward()
+        optimizer.step()
+
+    for ids in data[:2]:
+        step(ids)
+    start = time.perf_counter()
+    for ids in data[2:]:
+        step(ids)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def bench_fused(rows: list[int], dim: int, batch: int, steps: int, optimizer: str) -> float:
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recsys.train.strategy import shard_model
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29561")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"f{i}"]) for i, n in enumerate(rows)]
+    module = torch.nn.Module()
+    module.ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    dmp = shard_model(module, 1, torch.device("cpu"), sharding_types={"pooled": "table_wise"}, sparse_optimizer=optimizer,
+                      sparse_lr=0.05, copy_initial_weights=False)
+    rng = np.random.default_rng(0)
+    keys = [f"f{i}" for i in range(len(rows))]
+    lengths = torch.ones(batch * len(rows), dtype=torch.int32)
+    data = [KeyedJaggedTensor(keys=keys, values=torch.cat(_ids(rows, batch, rng)), lengths=lengths) for _ in range(steps + 2)]
+
+    def step(kjt: KeyedJaggedTensor) -> None:
+        dmp.module.ebc(kjt).values().pow(2).mean().backward()  # the update runs inside backward
+
+    for kjt in data[:2]:
+        step(kjt)
+    start = time.perf_counter()
+    for kjt in data[2:]:
+        step(kjt)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def bench_world_sizes(rows: int, threads: int) -> dict[int, float]:
+    data = Path(f"data/synthetic-{rows // 1000}k")
+    if not (data / "GENERATED.json").exists():
+        subprocess.run([sys.executable, "datasets/synthetic/generate.py", "--rows", str(rows), "--out", str(data),
+                        "--max-cardinality", "100000"], check=True)
+    recsys = Path(sys.executable).parent / "recsys"
+    rates = {}
+    for devices in (1, 2):
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // devices))}
+        out = subprocess.run([str(recsys), "fit", "--config", "configs/movielens/base.yaml", "--data.path", str(data),
+                              "--data.batch_size", "4096", "--trainer.strategy", "torchrec", "--trainer.devices", str(devices),
+                              "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+                              "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
+                              "--trainer.enable_progress_bar", "false"], capture_output=True, text=True, env=env)
+        found = re.findall(r"epoch 0: ([\d,]+) training samples/s", out.stdout + out.stderr)
+        if out.returncode != 0 or not found:
+            raise RuntimeError(f"recsys fit at {devices} device(s) failed:\n{(out.stdout + out.stderr)[-3000:]}")
+        rates[devices] = float(found[-1].replace(",", ""))
+        print(f"[bench_embeddings] world size {devices}: {rates[devices]:,.0f} samples/s", flush=True)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["kernels", "training", "all"], default="all")
+    parser.add_argument("--min-rows", type=int, default=100_000)
+    parser.add_argument("--max-rows", type=int, default=1_000_000)
+    parser.add_argument("--dims", type=int, nargs="+", default=[16, 64, 128])
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train-rows", type=int, default=1_000_000, help="synthetic rows for the world-size part")
+    parser.add_argument("--doc", default="docs/benchmarks.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = np.geomspace(args.min_rows, args.max_rows, NUM_TABLES).astype(int).tolist()
+    lines = [
+        "## Embedding kernels and world sizes (`scripts/bench_embeddings.py`)",
+        "",
+        f"Command: `python scripts/bench_embeddings.py --part {args.part} --dims {' '.join(map(str, args.dims))} "
+        f"--batch {args.batch} --steps {args.steps} --threads {args.threads}`  ",
+        f"Machine: {machine()}, {args.threads} torch threads; {time.strftime('%Y-%m-%d')}.",
+    ]
+    if args.part in ("kernels", "all"):
+        lines += ["", f"{NUM_TABLES} tables of {args.min_rows:,}–{args.max_rows:,} rows, one Zipf id per table per sample, "
+                  f"batch {args.batch}; forward + backward + update.", "",
+                  "| dim | nn.EmbeddingBag ×26 + Adagrad (samples/s) | FBGEMM fused TBE, Adagrad | fused, row-wise Adagrad | speed-up (Adagrad) |",
+                  "|---|---|---|---|---|"]
+        for dim in args.dims:
+            base = bench_baseline(rows, dim, args.batch, args.steps)
+            fused = bench_fused(rows, dim, args.batch, args.steps, "adagrad")
+            rowwise = bench_fused(rows, dim, args.batch, args.steps, "rowwise_adagrad")
+            print(f"[bench_embeddings] dim {dim}: baseline {base:,.0f}, fused adagrad {fused:,.0f}, rowwise {rowwise:,.0f}", flush=True)
+            lines.append(f"| {dim} | {base:,.0f} | {fused:,.0f} | {rowwise:,.0f} | {fused / base:.2f}× |")
+    if args.part in ("training", "all"):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        rates = bench_world_sizes(args.train_rows, args.threads)
+        lines += ["", f"Base model, synthetic Criteo-shaped data ({args.train_rows:,} rows, 39 features), batch 4096 per rank, "
+                  "torchrec strategy, one epoch, rank threads = threads / world size.", "",
+                  "| world size | training samples/s (all ranks) |", "|---|---|"]
+        lines += [f"| {w} | {r:,.0f} |" for w, r in rates.items()]
+    write_doc_section(Path(args.doc), "bench_embeddings", "\n".join(lines))
+    print(f"[bench_embeddings] wrote {args.doc}")
+
+
+if __name__ == "__main__":
+    main()
