@@ -19,7 +19,7 @@ OPTIMIZER_SLOTS = {"sgd": 0.0, "adagrad": 1.0, "rowwise_adagrad": 0.0, "adam": 2
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recsys plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a LightningCLI config (configs/<dataset>/<model>.yaml)")
+    parser.add_argument("--config", required=True, action="append", help="LightningCLI config(s), as for recsys fit")
     parser.add_argument("--world-size", type=int, required=True, help="number of ranks (processes / GPUs)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="what the ranks compute on")
     parser.add_argument("--sharding-types", nargs="*", default=[], metavar="TABLE=TYPE",
@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("lightning.pytorch", "torchrec.distributed.planner"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
-    cli = run(["--config", args.config, "--trainer.logger", "false", *[a for a in args.overrides if a != "--"]], subcommand=False)
+    configs = [item for config in args.config for item in ("--config", config)]
+    # only the model is needed: a trainer that fits this machine, whatever the config asks for
+    local = ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+             "--trainer.num_nodes", "1", "--trainer.strategy", "auto"]
+    cli = run([*configs, *local, *[a for a in args.overrides if a != "--"]], subcommand=False)
     model = cli.model
     try:
         plan = plan_model(model, args.world_size, args.device, sharding, args.compute_kernel, args.cache_load_factor)

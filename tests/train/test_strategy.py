@@ -227,3 +227,16 @@ def test_checkpoints_move_from_one_rank_to_two(tiny: str, tmp_path: Path) -> Non
         sharded = pq.read_table(logs / f"movielens/{name}/{version}/predictions.parquet").column("prob").to_numpy()
         expected = predict_split(load_model(ckpt), CTRDataModule(tiny).stream("test"))["prob"]
         np.testing.assert_allclose(sharded, expected, atol=1e-6, err_msg=str(ckpt))
+
+
+def test_plan_dry_run(tiny: str, capsys: pytest.CaptureFixture) -> None:
+    from recsys.train.plan import main as plan_main
+
+    config = str(ROOT / "configs/movielens/din.yaml")
+    assert plan_main(["--config", config, "--world-size", "4", "--", "--data.path", tiny]) == 0
+    out = capsys.readouterr().out
+    assert "| sequence_tables.t_item | 61 × 16 | row_wise | fused | [0, 1, 2, 3] |" in out
+    assert sum(line.startswith("| 3 |") for line in out.splitlines()) == 1  # a memory line per rank
+    assert plan_main(["--config", config, "--world-size", "2", "--sharding-types", "t_item=table_wise",
+                      "--", "--data.path", tiny]) == 2
+    assert "cannot be sharded 'table_wise' on cpu" in capsys.readouterr().err
