@@ -94,7 +94,8 @@ def bench_world_sizes(rows: int, threads: int) -> dict[int, float]:
     recsys = Path(sys.executable).parent / "recsys"
     rates = {}
     for devices in (1, 2):
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // devices))}
+        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+        env["OMP_NUM_THREADS"] = str(max(1, threads // devices))
         out = subprocess.run([str(recsys), "fit", "--config", "configs/movielens/base.yaml", "--data.path", str(data),
                               "--data.batch_size", "4096", "--trainer.strategy", "torchrec", "--trainer.devices", str(devices),
                               "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
