@@ -26,7 +26,7 @@ ALLOWED = {
     ("cpu", "pooled"): ["table_wise", "column_wise", "data_parallel"],
     ("cpu", "sequence"): ["row_wise"],
     ("cuda", "pooled"): ["table_wise", "column_wise", "row_wise", "table_row_wise", "data_parallel"],
-    ("cuda", "sequence"): ["row_wise", "table_wise", "column_wise", "table_row_wise", "data_parallel"],
+    ("cuda", "sequence"): ["row_wise", "table_wise", "column_wise", "data_parallel"],
 }
 KERNELS = {"cpu": ["fused", "dense"], "cuda": ["fused", "fused_uvm_caching", "fused_uvm", "dense"]}
 

@@ -240,3 +240,29 @@ def test_plan_dry_run(tiny: str, capsys: pytest.CaptureFixture) -> None:
     assert plan_main(["--config", config, "--world-size", "2", "--sharding-types", "t_item=table_wise",
                       "--", "--data.path", tiny]) == 2
     assert "cannot be sharded 'table_wise' on cpu" in capsys.readouterr().err
+
+
+def test_cuda_plan_with_row_wise_and_uvm_caching_dry_run(tiny: str) -> None:
+    """The CUDA/NCCL configuration is planned (no GPU needed to plan): row-wise + UVM caching."""
+    from recsys.embedding.sharding import plan_model
+
+    model, _, _ = _build(tiny)
+    plan = plan_model(model, 4, "cuda", {"pooled": "table_row_wise", "sequence": "row_wise"}, cache_load_factor=0.2)
+    text = str(plan)
+    assert "row_wise" in text and "table_row_wise" in text and "fused_uvm_caching" in text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + fbgemm-gpu (CUDA build) + NCCL")
+def test_cuda_training_step_with_uvm_caching(tiny: str) -> None:  # pragma: no cover - no GPU in CI
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        model, batches, _ = _build(tiny)
+        dmp = shard_model(model, 1, torch.device("cuda"), {"pooled": "row_wise"}, cache_load_factor=0.5, sparse_optimizer="adam",
+                          sparse_lr=0.01)
+        batch = batches[0].to("cuda")
+        loss = F.binary_cross_entropy_with_logits(dmp(batch), batch.labels)
+        loss.backward()
+        assert torch.isfinite(loss)
+    finally:
+        dist.destroy_process_group()
