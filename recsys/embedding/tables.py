@@ -10,6 +10,10 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, PoolingType
@@ -55,11 +59,31 @@ def table_configs(
     return configs
 
 
-def pooled_tables(
-    info: DatasetInfo, embedding_dim: int, pooling: str = "sum", device: torch.device | str | None = None
-) -> EmbeddingBagCollection:
+_TABLE_DEVICE: ContextVar[torch.device | None] = ContextVar("recsys_table_device", default=None)
+
+
+@contextmanager
+def tables_on(device: torch.device | str) -> Iterator[None]:
+    """Models built inside this context create their embedding tables on ``device``.
+
+    ``tables_on("meta")`` allocates nothing: the torchrec strategy then materialises only each
+    rank's shards (tables larger than one host). Dense layers are built as usual.
+    """
+    token = _TABLE_DEVICE.set(torch.device(device))
+    try:
+        yield
+    finally:
+        _TABLE_DEVICE.reset(token)
+
+
+def table_device() -> torch.device | None:
+    """The device tables are built on (None: the default device)."""
+    return _TABLE_DEVICE.get()
+
+
+def pooled_tables(info: DatasetInfo, embedding_dim: int, pooling: str = "sum") -> EmbeddingBagCollection:
     """An ``EmbeddingBagCollection`` over every id feature (sequences pooled in their target's table)."""
-    return EmbeddingBagCollection(tables=table_configs(info, embedding_dim, pooling), device=device)
+    return EmbeddingBagCollection(tables=table_configs(info, embedding_dim, pooling), device=table_device())
 
 
 def pooled_tables_for(
@@ -68,7 +92,8 @@ def pooled_tables_for(
     """An ``EmbeddingBagCollection`` over just ``features`` (no sequences), or None if empty."""
     if not features:
         return None
-    return EmbeddingBagCollection(tables=table_configs(info, embedding_dim, pooling, include_sequences=False, features=features))
+    configs = table_configs(info, embedding_dim, pooling, include_sequences=False, features=features)
+    return EmbeddingBagCollection(tables=configs, device=table_device())
 
 
 def feature_order(tables: EmbeddingBagCollection) -> list[str]:

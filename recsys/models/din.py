@@ -31,7 +31,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys.data.batch import Batch
 from recsys.data.vocab import DatasetInfo, Vocabulary
 from recsys.embedding.regularization import inverse_counts, mba_penalty
-from recsys.embedding.tables import IdGuard, concat_pooled, feature_order, pooled_tables_for
+from recsys.embedding.tables import (
+    IdGuard,
+    concat_pooled,
+    feature_order,
+    pooled_tables_for,
+    table_device,
+)
 from recsys.layers.attention import TargetAttention
 from recsys.layers.mlp import MLP
 from recsys.train.module import CTRModule, default_optimizer
@@ -92,7 +98,7 @@ class DIN(CTRModule):
             EmbeddingConfig(name=f"t_{t}", embedding_dim=dim, num_embeddings=self.info.num_embeddings[t],
                             feature_names=[t] + [s for s, target in self.target_of.items() if target == t])
             for t in self.targets
-        ])
+        ], device=table_device())
         self.pooled_features = [f.name for f in self.schema.sparse if f.name not in self.targets]
         self.pooled_tables = pooled_tables_for(self.info, self.pooled_features, embedding_dim, pooling)
         self.pooled_order = feature_order(self.pooled_tables) if self.pooled_tables else []

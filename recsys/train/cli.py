@@ -7,9 +7,12 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from recsys.data.datamodule import CTRDataModule
+from recsys.embedding.tables import tables_on
 from recsys.train.callbacks import PredictionWriter, RunSummary, Throughput
 from recsys.train.module import CTRModule
 from recsys.train.strategy import TorchrecStrategy  # noqa: F401  (registers --trainer.strategy torchrec)
@@ -19,6 +22,14 @@ class RecsysCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # the model's tables and inputs come from the dataset (schema + vocabulary sizes)
         parser.link_arguments("data.dataset_info", "model.init_args.features", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        # TorchrecStrategy(init_tables_on_meta=true): the model's tables are built on the meta device
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        strategy = config.get("trainer", {}).get("strategy")
+        init_args = strategy.get("init_args", {}) if hasattr(strategy, "get") else {}
+        with tables_on("meta") if init_args.get("init_tables_on_meta") else nullcontext():
+            super().instantiate_classes()
 
 
 def run(args: list[str] | None = None, subcommand: bool = True) -> RecsysCLI:

@@ -87,7 +87,11 @@ def shard_model(
     if not embedding_tables(model):
         raise ValueError("the torchrec strategy needs a model with torchrec embedding tables")
     device_type = "cuda" if device.type == "cuda" else "cpu"
-    full_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if copy_initial_weights else {}
+    on_meta = any(p.is_meta for p in table_parameters(model))
+    if on_meta and copy_initial_weights:
+        log.info("tables were built on the meta device: each rank initialises its own shards")
+    copy = copy_initial_weights and not on_meta
+    full_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if copy else {}
     optimizer = sparse_optimizer_class(sparse_optimizer, device_type)
     apply_optimizer_in_backward(optimizer, table_parameters(model), {"lr": sparse_lr, **(sparse_optimizer_kwargs or {})})
     plan = plan_model(model, world_size, device_type, sharding_types, compute_kernel, cache_load_factor,
@@ -111,7 +115,10 @@ class TorchrecStrategy(DDPStrategy):
         sparse_lr: learning rate of the sparse optimizer.
         sparse_optimizer_kwargs: more arguments for it (``eps``, ``weight_decay``, ...).
         copy_initial_weights: start the shards from the unsharded model's weights (same start at
-            any world size). Off for tables too big to build unsharded.
+            any world size).
+        init_tables_on_meta: build the model's tables on the ``meta`` device (no memory), so only
+            each rank's shards are ever allocated; needed for tables bigger than one host. The
+            shards are then initialised by torchrec, independently per plan.
     """
 
     strategy_name = "torchrec"
@@ -125,6 +132,7 @@ class TorchrecStrategy(DDPStrategy):
         sparse_lr: float = 0.05,
         sparse_optimizer_kwargs: dict[str, Any] | None = None,
         copy_initial_weights: bool = True,
+        init_tables_on_meta: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -135,6 +143,7 @@ class TorchrecStrategy(DDPStrategy):
         self.sparse_lr = sparse_lr
         self.sparse_optimizer_kwargs = dict(sparse_optimizer_kwargs or {})
         self.copy_initial_weights = copy_initial_weights
+        self.init_tables_on_meta = init_tables_on_meta
         self.plan = None
 
     @property

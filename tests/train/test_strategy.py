@@ -266,3 +266,41 @@ def test_cuda_training_step_with_uvm_caching(tiny: str) -> None:  # pragma: no c
         assert torch.isfinite(loss)
     finally:
         dist.destroy_process_group()
+
+
+def _meta_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    from recsys.embedding.tables import tables_on
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    with tables_on("meta"):
+        model, batches, _ = _build(data)
+    assert all(p.is_meta for p in table_parameters(model))  # nothing allocated for the tables
+    dmp = shard_model(model, world, torch.device("cpu"), sparse_optimizer="sgd", sparse_lr=0.1)
+    local = _rows(batches[0], rank * 128, (rank + 1) * 128)
+    loss = F.binary_cross_entropy_with_logits(dmp(local), local.labels)
+    loss.backward()
+    materialised = not any(p.is_meta for p in dmp.parameters())
+    if rank == 0:
+        np.savez(out, loss=loss.item(), materialised=materialised)
+    dist.destroy_process_group()
+
+
+def test_tables_built_on_meta_are_materialised_as_shards(tiny: str, tmp_path: Path) -> None:
+    out = str(tmp_path / "meta.npz")
+    mp.spawn(_meta_worker, args=(2, _free_port(), tiny, out), nprocs=2, join=True)
+    result = np.load(out)
+    assert bool(result["materialised"]) and np.isfinite(result["loss"]) and 0.3 < float(result["loss"]) < 1.5
+
+
+def test_cli_builds_tables_on_meta_when_the_strategy_asks(tiny: str, tmp_path: Path) -> None:
+    from recsys.train.cli import run
+
+    args = ["--config", str(ROOT / "configs/movielens/din.yaml"), "--data.path", tiny, "--trainer.logger", "false",
+            "--trainer.strategy.class_path", "recsys.train.strategy.TorchrecStrategy"]
+    meta = run([*args, "--trainer.strategy.init_args.init_tables_on_meta", "true"], subcommand=False)
+    assert all(p.is_meta for p in table_parameters(meta.model))
+    assert not any(p.is_meta for p in meta.model.dnn.parameters())  # dense layers are real
+    plain = run(args, subcommand=False)
+    assert not any(p.is_meta for p in table_parameters(plain.model))
