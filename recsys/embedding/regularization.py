@@ -24,6 +24,21 @@ def mba_penalty(weight: Tensor, ids: Tensor, inverse_counts: Tensor, strength: f
     return strength * (rows.pow(2).sum(1) * inverse_counts.index_select(0, unique)).sum()
 
 
+def mba_penalty_from_lookups(embeddings: Tensor, ids: Tensor, inverse_counts: Tensor, strength: float) -> Tensor:
+    """The same penalty computed from looked-up rows ``embeddings [N, D]`` of ``ids [N]``.
+
+    Each occurrence of id j carries ``1 / (n_j · c_j)`` with c_j its occurrences in the batch, so
+    the sum over occurrences is ``Σ_j ||w_j||² / n_j`` and the gradient reaching row j is exactly
+    ``2λ w_j / n_j``. It needs no access to the table, so it works on sharded tables (FBGEMM's
+    fused backward receives it like any other gradient of the lookups).
+    """
+    if ids.numel() == 0:
+        return embeddings.new_zeros(())
+    _, position, occurrences = torch.unique(ids, return_inverse=True, return_counts=True)
+    weight = inverse_counts.index_select(0, ids) / occurrences.index_select(0, position).to(embeddings.dtype)
+    return strength * (embeddings.pow(2).sum(1) * weight).sum()
+
+
 def inverse_counts(counts: Tensor) -> Tensor:
     """1 / max(n_j, 1): the OOV row and ids missing from train count as seen once."""
     return 1.0 / counts.clamp(min=1).to(torch.float32)

@@ -21,16 +21,15 @@ category. Mini-batch aware regularization (``mba_lambda``) penalises the rows a 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchrec import EmbeddingCollection, EmbeddingConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys.data.batch import Batch
+from recsys.data.schema import FeatureType
 from recsys.data.vocab import DatasetInfo, Vocabulary
-from recsys.embedding.regularization import inverse_counts, mba_penalty
+from recsys.embedding.regularization import inverse_counts, mba_penalty_from_lookups
 from recsys.embedding.tables import (
     IdGuard,
     concat_pooled,
@@ -41,8 +40,6 @@ from recsys.embedding.tables import (
 from recsys.layers.attention import TargetAttention
 from recsys.layers.mlp import MLP
 from recsys.train.module import CTRModule, default_optimizer
-
-log = logging.getLogger(__name__)
 
 
 class DIN(CTRModule):
@@ -57,7 +54,9 @@ class DIN(CTRModule):
         attention_groups: lists of sequence features that attend together; default all in one.
         dnn_hidden_units, dnn_activation, dnn_dropout: the prediction MLP.
         pooling: pooling of the non-sequence multi-hot features (``sum`` or ``mean``).
-        mba_lambda: strength λ of mini-batch aware L2 on the embedding rows a batch uses (0: off).
+        mba_lambda: strength λ of mini-batch aware L2 on the embedding rows a batch uses (0: off);
+            computed from the looked-up rows, so it also works on sharded tables. Multi-hot
+            pooled features are not penalised (their lookup output is a mean of rows).
         optimizer: optimizer factory over all parameters.
 
     Example::
@@ -112,9 +111,10 @@ class DIN(CTRModule):
         self.dnn = MLP(width, dnn_hidden_units, 1, dnn_activation, dnn_dropout)
 
         self.mba_lambda = mba_lambda
+        self.single_valued_pooled = [f for f in self.pooled_features if self.schema[f].type is FeatureType.CATEGORICAL]
         if mba_lambda > 0:
             counts = self._train_counts()
-            for table in [*self.targets, *self.pooled_features]:
+            for table in [*self.targets, *self.single_valued_pooled]:
                 self.register_buffer(f"inverse_counts_{table}", inverse_counts(counts[table]))
 
     def _check_groups(self) -> None:
@@ -146,7 +146,12 @@ class DIN(CTRModule):
         sequence_ids, pooled_ids = self._ids(batch)
         jagged = self.sequence_tables(self.guard(sequence_ids))  # feature -> JaggedTensor
         targets = {t: jagged[t].values() for t in self.targets}  # [B, D] each: one id per row
-        parts = [] if pooled_ids is None else [concat_pooled(self.pooled_tables(self.guard(pooled_ids)), self.pooled_order)]
+        parts = []
+        if pooled_ids is not None:
+            pooled = self.pooled_tables(self.guard(pooled_ids))
+            parts.append(concat_pooled(pooled, self.pooled_order))
+        if self.training and self.mba_lambda > 0:
+            self._remember_lookups(jagged, pooled if pooled_ids is not None else None, sequence_ids, pooled_ids)
         parts += list(targets.values())
         for attention, group in zip(self.attention, self.groups, strict=True):
             lengths = jagged[group[0]].lengths()
@@ -159,22 +164,26 @@ class DIN(CTRModule):
         parts.append(batch.dense)
         return self.dnn(torch.cat(parts, dim=1)).squeeze(-1)
 
-    def regularization(self, batch: Batch) -> torch.Tensor | float:
-        if self.mba_lambda <= 0:
-            return 0.0
-        if not isinstance(self.sequence_tables, EmbeddingCollection):
-            if not getattr(self, "_warned_sharded_mba", False):
-                log.warning("mba_lambda is ignored while the tables are sharded (torchrec strategy); see docs/architecture.md")
-                self._warned_sharded_mba = True
-            return 0.0
-        sequence_ids, pooled_ids = self._ids(batch)
-        penalty = torch.zeros((), device=batch.labels.device)
+    def _remember_lookups(self, jagged: dict, pooled: KeyedTensor | None, sequence_ids: KeyedJaggedTensor,
+                          pooled_ids: KeyedJaggedTensor | None) -> None:
+        """Keeps this step's looked-up rows for the MBA penalty: every target and behavior, and the
+        single-valued pooled features (a pooled multi-hot row is a mean, not a table row)."""
+        terms = []
         for t in self.targets:
             readers = [t] + [s for s, target in self.target_of.items() if target == t]
-            ids = torch.cat([sequence_ids[f].values() for f in readers])
-            weight = self.sequence_tables.embeddings[f"t_{t}"].weight
-            penalty = penalty + mba_penalty(weight, ids, getattr(self, f"inverse_counts_{t}"), self.mba_lambda)
-        for f in self.pooled_features:
-            weight = self.pooled_tables.embedding_bags[f"t_{f}"].weight
-            penalty = penalty + mba_penalty(weight, pooled_ids[f].values(), getattr(self, f"inverse_counts_{f}"), self.mba_lambda)
-        return penalty
+            terms.append((t, torch.cat([jagged[f].values() for f in readers]), torch.cat([sequence_ids[f].values() for f in readers])))
+        if pooled is not None:
+            blocks = pooled.to_dict()
+            for f in self.single_valued_pooled:
+                terms.append((f, blocks[f], pooled_ids[f].values()))
+        self._mba_terms = terms
+
+    def regularization(self, batch: Batch) -> torch.Tensor | float:
+        """Mini-batch aware L2 over the rows the last training forward looked up."""
+        terms, self._mba_terms = getattr(self, "_mba_terms", []), []
+        if self.mba_lambda <= 0 or not terms:
+            return 0.0
+        return sum(
+            mba_penalty_from_lookups(rows, ids, getattr(self, f"inverse_counts_{table}"), self.mba_lambda)
+            for table, rows, ids in terms
+        )

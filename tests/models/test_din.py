@@ -8,6 +8,7 @@ import torch
 
 from recsys.data.datamodule import CTRDataModule
 from recsys.data.vocab import Vocabulary
+from recsys.embedding.regularization import inverse_counts, mba_penalty
 from recsys.eval.metrics import auc
 from recsys.eval.report import predict_split
 from recsys.models.din import DIN
@@ -49,18 +50,25 @@ def test_history_changes_the_prediction_only_through_attention(tiny_dataset: Pat
 
 def test_mba_penalty_matches_train_counts(tiny_dataset: Path) -> None:
     dm = CTRDataModule(str(tiny_dataset), batch_size=64)
-    model = DIN(dm.dataset_info, embedding_dim=4, mba_lambda=0.5)
+    model = DIN(dm.dataset_info, embedding_dim=4, mba_lambda=0.5).train()
     batch = next(iter(dm.stream("train")))
+    model(batch)  # the penalty covers the rows this forward looked up
     counts = Vocabulary.load_or_build(tiny_dataset).counts
-    expected = 0.0
     ids = {"item": torch.cat([batch.sparse["item"].values(), batch.sequences["hist_item"].values()])}
-    ids |= {f: batch.sparse[f].values() for f in ("user", "tags", "city")}
+    ids |= {f: batch.sparse[f].values() for f in ("user", "city")}  # single-valued pooled features
     weights = {"item": model.sequence_tables.embeddings["t_item"].weight} | {
-        f: model.pooled_tables.embedding_bags[f"t_{f}"].weight for f in ("user", "tags", "city")}
-    for table, table_ids in ids.items():
-        for j in torch.unique(table_ids).tolist():
-            expected += 0.5 * weights[table][j].pow(2).sum().item() / max(int(counts[table][j]), 1)
-    assert model.regularization(batch).item() == pytest.approx(expected, rel=1e-5)
+        f: model.pooled_tables.embedding_bags[f"t_{f}"].weight for f in ("user", "city")}
+    expected = sum(
+        mba_penalty(weights[t], table_ids, inverse_counts(torch.from_numpy(counts[t])), 0.5) for t, table_ids in ids.items()
+    )
+    penalty = model.regularization(batch)
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
+    # and the gradient reaching the tables is the weight-based one: 2λ w_j / n_j for rows in the batch
+    penalty.backward()
+    reference = model.sequence_tables.embeddings["t_item"].weight.detach().clone().requires_grad_(True)
+    mba_penalty(reference, ids["item"], inverse_counts(torch.from_numpy(counts["item"])), 0.5).backward()
+    assert torch.allclose(model.sequence_tables.embeddings["t_item"].weight.grad, reference.grad, atol=1e-6)
+    assert model.regularization(batch) == 0.0  # used once per forward
 
 
 def _two_sequences(tmp_path: Path, same_lengths: bool) -> Path:
