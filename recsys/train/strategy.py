@@ -192,7 +192,10 @@ class TorchrecStrategy(DDPStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(checkpoint_path)
-        if path.is_file():  # an unsharded checkpoint (single-process run): copy into the shards
+        if path.is_file():
+            # an unsharded checkpoint (single-process run): its weights are copied into the shards;
+            # its optimizer state belongs to another parameter layout, so it serves validate/test/predict;
+            # resume a sharded fit from a checkpoint the strategy wrote
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)
             copy_full_weights(self.lightning_module.state_dict(), checkpoint["state_dict"])
             checkpoint["state_dict"] = None
@@ -211,7 +214,8 @@ class TorchrecStrategy(DDPStrategy):
     def teardown(self) -> None:
         # Strategy.teardown would move the LightningModule to CPU; its shards live where DMP put them
         self.model = self.lightning_module
-        self.accelerator.teardown() if self.accelerator is not None else None
+        if self.accelerator is not None:
+            self.accelerator.teardown()
         self.checkpoint_io.teardown()
 
 
