@@ -76,21 +76,34 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--epochs", type=int, default=3, help="epochs to run (the first is warm-up)")
     parser.add_argument("--batch-size", type=int, help="override data.batch_size")
+    parser.add_argument("--repeats", type=int, default=3, help="measure this many times; the table shows the median and range")
     parser.add_argument("--doc", default="docs/benchmarks.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for config in args.config:
-        r = measure(config, args.epochs, args.batch_size)
-        print(f"[bench_train] {config}: end-to-end {r['end_to_end']:,.0f} samples/s, loader {r['loader']:,.0f}, model {r['model']:,.0f}")
+        runs = []
+        for _ in range(args.repeats):
+            runs.append(measure(config, args.epochs, args.batch_size))
+            r = runs[-1]
+            print(f"[bench_train] {config}: end-to-end {r['end_to_end']:,.0f} samples/s, loader {r['loader']:,.0f}, model {r['model']:,.0f}")
+
+        def cell(key: str, runs: list[dict] = runs) -> str:
+            values = sorted(run[key] for run in runs)
+            middle = values[len(values) // 2]
+            return f"{middle:,.0f}" + (f" ({values[0]:,.0f}–{values[-1]:,.0f})" if len(values) > 1 else "")
+
+        r = runs[0]
         rows.append(f"| `{config}` | {r['model_class']} | {r['batch_size']} | {r['workers']} | "
-                    f"{r['end_to_end']:,.0f} | {r['loader']:,.0f} | {r['model']:,.0f} |")
+                    f"{cell('end_to_end')} | {cell('loader')} | {cell('model')} |")
     md = "\n".join([
         "## Training throughput (`scripts/bench_train.py`)",
         "",
-        f"Command: `python scripts/bench_train.py --config {' '.join(args.config)} --threads {args.threads} --epochs {args.epochs}`  ",
+        f"Command: `python scripts/bench_train.py --config {' '.join(args.config)} --threads {args.threads} --epochs {args.epochs} "
+        f"--repeats {args.repeats}`  ",
         f"Machine: {machine()}, {torch.get_num_threads()} torch threads; "
-        f"{time.strftime('%Y-%m-%d')}. End-to-end excludes the first (warm-up) epoch and validation.",
+        f"{time.strftime('%Y-%m-%d')}. End-to-end excludes the first (warm-up) epoch and validation. "
+        f"Median of {args.repeats} runs (range in brackets): the machine is shared and noisy.",
         "",
         "| config | model | batch | workers | end-to-end samples/s | loader only | model only (fwd+bwd+step) |",
         "|---|---|---|---|---|---|---|",
