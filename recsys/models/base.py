@@ -18,6 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys.data.batch import Batch
 from recsys.data.vocab import DatasetInfo
 from recsys.embedding.tables import IdGuard, concat_pooled, feature_order, pooled_tables
+from recsys.embedding.unified import UnifiedEmbeddingBag, UnifiedSpec
 from recsys.layers.mlp import MLP
 from recsys.train.module import CTRModule, default_optimizer
 
@@ -33,6 +34,8 @@ class EmbeddingMLP(CTRModule):
         dnn_activation: ``relu``, ``prelu``, ``gelu``, ...
         dnn_dropout: dropout after each hidden layer.
         batch_norm: batch normalization in the MLP.
+        unified: shared tables with per-feature probes (Unified Embedding) instead of one table
+            per feature; see ``recsys.embedding.unified.UnifiedSpec``.
         optimizer: optimizer factory over all parameters.
 
     Example::
@@ -50,13 +53,21 @@ class EmbeddingMLP(CTRModule):
         dnn_activation: str = "relu",
         dnn_dropout: float = 0.0,
         batch_norm: bool = False,
+        unified: UnifiedSpec | None = None,
         optimizer: OptimizerCallable = default_optimizer,
     ) -> None:
         super().__init__(features, optimizer)
-        self.tables = pooled_tables(self.info, embedding_dim, pooling)
-        self.guard = IdGuard.for_tables(self.tables)
-        self.pooled_order = feature_order(self.tables)
-        width = sum(c.embedding_dim * len(c.feature_names) for c in self.tables.embedding_bag_configs())
+        if unified is None:  # one table per feature (sequences share their target's)
+            self.tables = pooled_tables(self.info, embedding_dim, pooling)
+            self.guard = IdGuard.for_tables(self.tables)
+            self.pooled_order = feature_order(self.tables)
+            width = sum(c.embedding_dim * len(c.feature_names) for c in self.tables.embedding_bag_configs())
+        else:  # feature multiplexing: every feature probes the shared table(s)
+            owners = {f.name: f.name for f in self.schema.sparse} | {s.name: s.target for s in self.schema.sequences}
+            self.tables = UnifiedEmbeddingBag(owners, unified, pooling)
+            self.guard = IdGuard({f: self.info.num_embeddings[o] for f, o in owners.items()})
+            self.pooled_order = list(owners)
+            width = sum(self.tables.output_dims().values())
         width += len(self.schema.numeric)
         self.dnn = MLP(width, dnn_hidden_units, 1, dnn_activation, dnn_dropout, batch_norm)
 
