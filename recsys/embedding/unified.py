@@ -29,14 +29,16 @@ from recsys.embedding.tables import POOLINGS, table_device
 
 @dataclass
 class UnifiedSpec:
-    """Shared-table configuration.
+    """Shared-table configuration (or, with ``shared: false``, the per-feature hashing trick).
 
     Attributes:
-        rows: rows of each shared table.
+        rows: rows of each shared table; with ``shared: false``, rows of each feature's own table.
         dim: width of one probe's lookup.
         num_tables: shared tables; probe i of every feature goes to table ``i mod num_tables``.
         probes: probes per feature (by the feature owning the table; sequences follow their target).
         default_probes: probes of features not in ``probes``.
+        shared: false = the hashing trick: each feature hashes into a table of its own.
+        feature_rows: with ``shared: false``, rows of each feature's table (default ``rows``).
     """
 
     rows: int
@@ -44,6 +46,8 @@ class UnifiedSpec:
     num_tables: int = 1
     probes: dict[str, int] = field(default_factory=dict)
     default_probes: int = 1
+    shared: bool = True
+    feature_rows: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, value in {"rows": self.rows, "dim": self.dim, "num_tables": self.num_tables, "default_probes": self.default_probes}.items():
@@ -56,9 +60,11 @@ class UnifiedSpec:
     def probes_of(self, owner: str) -> int:
         return self.probes.get(owner, self.default_probes)
 
-    @property
-    def num_parameters(self) -> int:
-        return self.rows * self.dim * self.num_tables
+    def table_of(self, owner: str, probe: int) -> str:
+        return f"unified_{probe % self.num_tables}" if self.shared else f"hashed_{owner}"
+
+    def rows_of(self, owner: str) -> int:
+        return self.rows if self.shared else self.feature_rows.get(owner, self.rows)
 
 
 def probe_name(feature: str, probe: int) -> str:
@@ -75,7 +81,7 @@ def multiplex(kjt: KeyedJaggedTensor, owners: dict[str, str], spec: UnifiedSpec)
     for feature, jagged in kjt.to_dict().items():
         owner = owners[feature]
         for i in range(spec.probes_of(owner)):
-            rows = hash_to_rows(jagged.values(), feature_salt(owner, i), spec.rows)
+            rows = hash_to_rows(jagged.values(), feature_salt(owner, i), spec.rows_of(owner))
             probes[probe_name(feature, i)] = (rows, jagged.lengths())
     keys = list(probes)
     return KeyedJaggedTensor(
@@ -100,18 +106,24 @@ class UnifiedEmbeddingBag(nn.Module):
         super().__init__()
         self.owners = dict(owners)
         self.spec = spec
-        assigned: list[list[str]] = [[] for _ in range(spec.num_tables)]
+        assigned: dict[str, list[str]] = {}
+        table_rows: dict[str, int] = {}
         for feature, owner in self.owners.items():
             for i in range(spec.probes_of(owner)):
-                assigned[i % spec.num_tables].append(probe_name(feature, i))
+                assigned.setdefault(spec.table_of(owner, i), []).append(probe_name(feature, i))
+                table_rows[spec.table_of(owner, i)] = spec.rows_of(owner)
         self.tables = EmbeddingBagCollection(
             tables=[
-                EmbeddingBagConfig(name=f"unified_{t}", embedding_dim=spec.dim, num_embeddings=spec.rows,
+                EmbeddingBagConfig(name=name, embedding_dim=spec.dim, num_embeddings=table_rows[name],
                                    feature_names=names, pooling=POOLINGS[pooling])
-                for t, names in enumerate(assigned) if names
+                for name, names in sorted(assigned.items())
             ],
             device=table_device(),
         )
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(c.num_embeddings * c.embedding_dim for c in self.tables.embedding_bag_configs())
 
     def output_dims(self) -> dict[str, int]:
         return {f: self.spec.probes_of(o) * self.spec.dim for f, o in self.owners.items()}

@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import numpy as np
@@ -84,11 +83,10 @@ def test_base_model_with_unified_tables_learns(tiny_dataset: Path) -> None:
     assert auc(scored["label"], scored["prob"]) > 0.7
 
 
-def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+def _worker(rank: int, world: int, rendezvous: str, data: str, out: str) -> None:
     from recsys.train.strategy import shard_model
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     dm = CTRDataModule(data)
@@ -121,12 +119,12 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
 
 
 def test_unified_tables_shard_and_train_on_two_ranks(tiny_dataset: Path, tmp_path: Path) -> None:
-    from tests.train.test_strategy import _free_port
+    from tests.train.test_strategy import _rendezvous
 
     runs = {}
     for world in (1, 2):
         out = str(tmp_path / f"w{world}.npy")
-        mp.spawn(_worker, args=(world, _free_port(), str(tiny_dataset), out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, _rendezvous(), str(tiny_dataset), out), nprocs=world, join=True)
         runs[world] = np.load(out)
     np.testing.assert_allclose(runs[2], runs[1], atol=2e-5)
     assert runs[1][-1] != runs[1][0]
@@ -137,3 +135,11 @@ def test_spec_is_validated() -> None:
         UnifiedSpec(rows=0)
     with pytest.raises(ValueError, match="unified.probes must be positive"):
         UnifiedSpec(rows=5, probes={"a": 0})
+
+
+def test_hashing_trick_gives_each_feature_its_own_table() -> None:
+    module = UnifiedEmbeddingBag(OWNERS, UnifiedSpec(rows=20, dim=4, shared=False), "sum")
+    names = {c.name: c.feature_names for c in module.tables.embedding_bag_configs()}
+    assert names == {"hashed_item": ["item@0", "hist_item@0"], "hashed_user": ["user@0"]}
+    assert module.num_parameters == 2 * 20 * 4
+    assert module(_kjt()).to_dict()["user"].shape == (3, 4)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +26,12 @@ STEPS = 4
 GLOBAL_BATCH = 256
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous() -> str:
+    """A file rendezvous for one process group: no TCP port to collide with another test's."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="recsys-pg-")
+    return f"file://{folder}/store"
 
 
 def _build(data: str) -> tuple[DIN, list[Batch], Batch]:
@@ -72,9 +73,8 @@ def _reference(data: str) -> tuple[list[float], np.ndarray]:
         return losses, torch.sigmoid(model.eval()(val)).numpy()
 
 
-def _sharded_worker(rank: int, world: int, port: int, data: str, sharding: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _sharded_worker(rank: int, world: int, rendezvous: str, data: str, sharding: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     torch.set_num_threads(1)
     model, batches, val = _build(data)
     dmp = shard_model(model, world, torch.device("cpu"), sharding_types={"pooled": sharding}, sparse_optimizer="sgd", sparse_lr=0.1)
@@ -121,7 +121,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_two_ranks_match_one_process(tiny: str, tmp_path: Path, sharding: str) -> None:
     ref_losses, ref_probs = _reference(tiny)
     out = str(tmp_path / "sharded.npz")
-    mp.spawn(_sharded_worker, args=(2, _free_port(), tiny, sharding, out), nprocs=2, join=True)
+    mp.spawn(_sharded_worker, args=(2, _rendezvous(), tiny, sharding, out), nprocs=2, join=True)
     result = np.load(out)
     assert sharding in str(result["plan"]) and "row_wise" in str(result["plan"])  # sequences: row-wise
     np.testing.assert_allclose(result["losses"], ref_losses, rtol=0, atol=2e-5)
@@ -254,8 +254,7 @@ def test_cuda_plan_with_row_wise_and_uvm_caching_dry_run(tiny: str) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + fbgemm-gpu (CUDA build) + NCCL")
 def test_cuda_training_step_with_uvm_caching(tiny: str) -> None:  # pragma: no cover - no GPU in CI
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("nccl", rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=_rendezvous(), rank=0, world_size=1)
     try:
         model, batches, _ = _build(tiny)
         dmp = shard_model(model, 1, torch.device("cuda"), {"pooled": "row_wise"}, cache_load_factor=0.5, sparse_optimizer="adam",
@@ -268,11 +267,10 @@ def test_cuda_training_step_with_uvm_caching(tiny: str) -> None:  # pragma: no c
         dist.destroy_process_group()
 
 
-def _meta_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+def _meta_worker(rank: int, world: int, rendezvous: str, data: str, out: str) -> None:
     from recsys.embedding.tables import tables_on
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     torch.set_num_threads(1)
     with tables_on("meta"):
         model, batches, _ = _build(data)
@@ -289,7 +287,7 @@ def _meta_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
 
 def test_tables_built_on_meta_are_materialised_as_shards(tiny: str, tmp_path: Path) -> None:
     out = str(tmp_path / "meta.npz")
-    mp.spawn(_meta_worker, args=(2, _free_port(), tiny, out), nprocs=2, join=True)
+    mp.spawn(_meta_worker, args=(2, _rendezvous(), tiny, out), nprocs=2, join=True)
     result = np.load(out)
     assert bool(result["materialised"]) and np.isfinite(result["loss"]) and 0.3 < float(result["loss"]) < 1.5
 

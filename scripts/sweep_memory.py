@@ -1,0 +1,156 @@
+"""Parameter budget vs test AUC: full per-feature tables, the per-feature hashing trick, and Unified
+Embedding (one shared table, 2 probes per feature), over seeds, on ml100k-ctr and synthetic Criteo.
+
+    python scripts/sweep_memory.py                                   # both datasets, 4 budgets, 3 seeds
+    python scripts/sweep_memory.py --datasets ml100k --budgets 0.05 0.1 0.25 0.5 --seeds 1 2 3
+
+At budget b the embedding parameters are b × the full tables' (Σ_f rows_f × 16):
+hashing trick: each feature hashes into its own table of max(1, b·rows_f) rows × 16;
+unified: one table of b·Σ rows_f × 2 rows × 8 dims, each feature concatenating 2 probes (width 16).
+Writes runs/sweep_memory/results.csv, docs/sweep_memory.png and a block of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recsys.eval.report import evaluate, machine, write_doc_section
+from recsys.train.cli import run
+
+DIM = 16
+PROBES = 2
+DATASETS = {
+    "ml100k": {"path": "data/ml100k-ctr", "extra": []},
+    "synthetic": {"path": "data/synthetic-sweep", "extra": ["--trainer.max_epochs", "2", "--data.batch_size", "2048"]},
+}
+
+
+def ensure_synthetic(path: Path) -> None:
+    if not (path / "GENERATED.json").exists():
+        subprocess.run([sys.executable, "datasets/synthetic/generate.py", "--rows", "400000", "--out", str(path),
+                        "--max-cardinality", "50000", "--seed", "0"], check=True)
+
+
+def fit_and_score(data: str, method: str, spec: dict | None, seed: int, out: Path, extra: list[str]) -> float:
+    version = f"{method}_s{seed}"
+    shutil.rmtree(out / version, ignore_errors=True)
+    args = ["fit", "--config", "configs/movielens/base.yaml", "--data.path", data, "--seed_everything", str(seed),
+            "--model.init_args.embedding_dim", str(DIM), "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", "",
+            "--trainer.logger.init_args.version", version, *extra]
+    if spec is not None:
+        args += ["--model.init_args.unified", json.dumps(spec)]
+    cli = run(args)
+    report = evaluate(cli.trainer.checkpoint_callback.best_model_path, split="test", bootstrap=0)
+    return float(report["auc"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.25, 0.5])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("runs/sweep_memory"))
+    parser.add_argument("--doc", default="docs/benchmarks.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from recsys.data.vocab import Vocabulary
+
+    started = time.time()
+    results = []  # dataset, method, budget, params, seed, auc
+    for name in args.datasets:
+        path = Path(DATASETS[name]["path"])
+        if name == "synthetic":
+            ensure_synthetic(path)
+        vocab = Vocabulary.load_or_build(path)
+        sizes = vocab.table_sizes()
+        full_rows = sum(sizes.values())
+        extra = DATASETS[name]["extra"]
+        for seed in args.seeds:
+            auc = fit_and_score(str(path), "full", None, seed, args.out / name, extra)
+            results.append((name, "full", 1.0, full_rows * DIM, seed, auc))
+        for budget in args.budgets:
+            hashed = {"rows": 1, "dim": DIM, "shared": False,
+                      "feature_rows": {f: max(1, round(budget * n)) for f, n in sizes.items()}}
+            unified = {"rows": max(1, round(budget * full_rows * DIM / (DIM // PROBES))), "dim": DIM // PROBES,
+                       "default_probes": PROBES}
+            for method, spec in (("hashing", hashed), ("unified", unified)):
+                params = (sum(spec["feature_rows"].values()) * DIM) if method == "hashing" else spec["rows"] * spec["dim"]
+                for seed in args.seeds:
+                    auc = fit_and_score(str(path), f"{method}_{budget}", spec, seed, args.out / name, extra)
+                    results.append((name, method, budget, params, seed, auc))
+                    print(f"[sweep] {name} {method} budget {budget} seed {seed}: params {params:,} test AUC {auc:.4f}", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "results.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["dataset", "method", "budget", "params", "seed", "test_auc"])
+        writer.writerows(results)
+    summary = {}
+    for name, method, budget, params, _, auc in results:
+        summary.setdefault((name, method, budget, params), []).append(auc)
+    plot(summary, Path("docs/sweep_memory.png"))
+    lines = [
+        "## Parameter budget vs test AUC: hashing trick vs Unified Embedding (`scripts/sweep_memory.py`)",
+        "",
+        f"Command: `python scripts/sweep_memory.py --datasets {' '.join(args.datasets)} --budgets "
+        f"{' '.join(map(str, args.budgets))} --seeds {' '.join(map(str, args.seeds))}`  ",
+        f"Machine: {machine()}, {args.threads} torch threads; base model (Embedding&MLP), width 16 per feature; "
+        f"{time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s. CSV: runs/sweep_memory/results.csv.",
+        "",
+        "![Pareto front](sweep_memory.png)",
+        "",
+        "| dataset | budget | params (embedding) | full tables | hashing trick | unified (2 probes) | unified ≥ hashing |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in args.datasets:
+        full = summary[next(k for k in summary if k[0] == name and k[1] == "full")]
+        for budget in args.budgets:
+            h = next(v for k, v in summary.items() if k[:3] == (name, "hashing", budget))
+            u_key = next(k for k in summary if k[:3] == (name, "unified", budget))
+            u = summary[u_key]
+            lines.append(f"| {name} | {budget:.0%} | {u_key[3]:,} | {np.mean(full):.4f} ± {np.std(full):.4f} | "
+                         f"{np.mean(h):.4f} ± {np.std(h):.4f} | {np.mean(u):.4f} ± {np.std(u):.4f} | "
+                         f"{'yes' if np.mean(u) >= np.mean(h) else 'no'} |")
+    write_doc_section(Path(args.doc), "sweep_memory", "\n".join(lines))
+    print("\n".join(lines))
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({k[0] for k in summary})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for ax, name in zip(axes[0], datasets, strict=True):
+        for method, marker in (("full", "*"), ("hashing", "o"), ("unified", "s")):
+            keys = sorted((k for k in summary if k[0] == name and k[1] == method), key=lambda k: k[3])
+            xs = [k[3] for k in keys]
+            ys = [np.mean(summary[k]) for k in keys]
+            es = [np.std(summary[k]) for k in keys]
+            ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("embedding parameters")
+        ax.set_ylabel("test AUC (mean ± std over seeds)")
+        ax.set_title(name)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
