@@ -20,8 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+)
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from recsys.embedding.hashing import feature_salt, hash_to_rows
 from recsys.embedding.tables import POOLINGS, table_device
@@ -91,6 +96,18 @@ def multiplex(kjt: KeyedJaggedTensor, owners: dict[str, str], spec: UnifiedSpec)
     )
 
 
+def _assign_tables(owners: dict[str, str], spec: UnifiedSpec) -> list[tuple[str, int, list[str]]]:
+    """(table name, rows, probe features) of every table the probes of ``owners`` read."""
+    assigned: dict[str, list[str]] = {}
+    rows: dict[str, int] = {}
+    for feature, owner in owners.items():
+        for i in range(spec.probes_of(owner)):
+            table = spec.table_of(owner, i)
+            assigned.setdefault(table, []).append(probe_name(feature, i))
+            rows[table] = spec.rows_of(owner)
+    return [(name, rows[name], names) for name, names in sorted(assigned.items())]
+
+
 class UnifiedEmbeddingBag(nn.Module):
     """Pooled embeddings of ``features`` from shared tables: KJT in, KeyedTensor (by feature) out.
 
@@ -106,17 +123,11 @@ class UnifiedEmbeddingBag(nn.Module):
         super().__init__()
         self.owners = dict(owners)
         self.spec = spec
-        assigned: dict[str, list[str]] = {}
-        table_rows: dict[str, int] = {}
-        for feature, owner in self.owners.items():
-            for i in range(spec.probes_of(owner)):
-                assigned.setdefault(spec.table_of(owner, i), []).append(probe_name(feature, i))
-                table_rows[spec.table_of(owner, i)] = spec.rows_of(owner)
         self.tables = EmbeddingBagCollection(
             tables=[
-                EmbeddingBagConfig(name=name, embedding_dim=spec.dim, num_embeddings=table_rows[name],
-                                   feature_names=names, pooling=POOLINGS[pooling])
-                for name, names in sorted(assigned.items())
+                EmbeddingBagConfig(name=name, embedding_dim=spec.dim, num_embeddings=rows, feature_names=names,
+                                   pooling=POOLINGS[pooling])
+                for name, rows, names in _assign_tables(self.owners, spec)
             ],
             device=table_device(),
         )
@@ -133,3 +144,30 @@ class UnifiedEmbeddingBag(nn.Module):
         features = [f for f in kjt.keys()]
         blocks = [torch.cat([pooled[probe_name(f, i)] for i in range(self.spec.probes_of(self.owners[f]))], dim=1) for f in features]
         return KeyedTensor.from_tensor_list(features, blocks)
+
+
+class UnifiedEmbeddingCollection(nn.Module):
+    """Unpooled lookups of ``features`` from shared tables: KJT in, ``{feature: JaggedTensor}`` out,
+    each value ``[n, k_f · spec.dim]`` (a feature's probes concatenated per id). For sequences
+    and their targets (DIN)."""
+
+    def __init__(self, owners: dict[str, str], spec: UnifiedSpec) -> None:
+        super().__init__()
+        self.owners = dict(owners)
+        self.spec = spec
+        self.tables = EmbeddingCollection(
+            tables=[EmbeddingConfig(name=name, embedding_dim=spec.dim, num_embeddings=rows, feature_names=names)
+                    for name, rows, names in _assign_tables(self.owners, spec)],
+            device=table_device(),
+        )
+
+    def output_dims(self) -> dict[str, int]:
+        return {f: self.spec.probes_of(o) * self.spec.dim for f, o in self.owners.items()}
+
+    def forward(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        looked = self.tables(multiplex(kjt, self.owners, self.spec))
+        out = {}
+        for f in kjt.keys():
+            probes = [looked[probe_name(f, i)] for i in range(self.spec.probes_of(self.owners[f]))]
+            out[f] = JaggedTensor(values=torch.cat([p.values() for p in probes], dim=1), lengths=probes[0].lengths())
+        return out

@@ -37,6 +37,7 @@ from recsys.embedding.tables import (
     pooled_tables_for,
     table_device,
 )
+from recsys.embedding.unified import UnifiedEmbeddingBag, UnifiedEmbeddingCollection, UnifiedSpec
 from recsys.layers.attention import TargetAttention
 from recsys.layers.mlp import MLP
 from recsys.train.module import CTRModule, default_optimizer
@@ -57,6 +58,8 @@ class DIN(CTRModule):
         mba_lambda: strength λ of mini-batch aware L2 on the embedding rows a batch uses (0: off);
             computed from the looked-up rows, so it also works on sharded tables. Multi-hot
             pooled features are not penalised (their lookup output is a mean of rows).
+        unified: shared tables with per-feature probes (Unified Embedding) for every id feature,
+            sequences and targets included (each sequence probes with its target's salts).
         optimizer: optimizer factory over all parameters.
 
     Example::
@@ -78,6 +81,7 @@ class DIN(CTRModule):
         dnn_dropout: float = 0.0,
         pooling: str = "mean",
         mba_lambda: float = 0.0,
+        unified: UnifiedSpec | None = None,
         optimizer: OptimizerCallable = default_optimizer,
     ) -> None:
         super().__init__(features, optimizer)
@@ -89,25 +93,39 @@ class DIN(CTRModule):
         self.groups = attention_groups or [[s.name for s in sequences]]
         self._check_groups()
 
-        dims = {self.schema[t].embedding_dim or embedding_dim for t in self.targets}
-        if len(dims) > 1:
-            raise ValueError(f"sequence target tables {self.targets} must share one embedding_dim, got {sorted(dims)}")
-        dim = dims.pop()
-        self.sequence_tables = EmbeddingCollection(tables=[
-            EmbeddingConfig(name=f"t_{t}", embedding_dim=dim, num_embeddings=self.info.num_embeddings[t],
-                            feature_names=[t] + [s for s, target in self.target_of.items() if target == t])
-            for t in self.targets
-        ], device=table_device())
         self.pooled_features = [f.name for f in self.schema.sparse if f.name not in self.targets]
-        self.pooled_tables = pooled_tables_for(self.info, self.pooled_features, embedding_dim, pooling)
-        self.pooled_order = feature_order(self.pooled_tables) if self.pooled_tables else []
-        self.guard = IdGuard.for_tables(self.sequence_tables, *([self.pooled_tables] if self.pooled_tables else []))
+        sequence_owners = {t: t for t in self.targets} | self.target_of
+        if unified is None:
+            dims = {self.schema[t].embedding_dim or embedding_dim for t in self.targets}
+            if len(dims) > 1:
+                raise ValueError(f"sequence target tables {self.targets} must share one embedding_dim, got {sorted(dims)}")
+            dim = dims.pop()
+            self.width = dict.fromkeys(sequence_owners, dim)
+            self.sequence_tables = EmbeddingCollection(tables=[
+                EmbeddingConfig(name=f"t_{t}", embedding_dim=dim, num_embeddings=self.info.num_embeddings[t],
+                                feature_names=[t] + [s for s, target in self.target_of.items() if target == t])
+                for t in self.targets
+            ], device=table_device())
+            self.pooled_tables = pooled_tables_for(self.info, self.pooled_features, embedding_dim, pooling)
+            self.pooled_order = feature_order(self.pooled_tables) if self.pooled_tables else []
+            self.guard = IdGuard.for_tables(self.sequence_tables, *([self.pooled_tables] if self.pooled_tables else []))
+            pooled_width = sum(c.embedding_dim for c in self.pooled_tables.embedding_bag_configs()) if self.pooled_tables else 0
+        else:  # feature multiplexing: targets, sequences and the other ids probe shared tables
+            if mba_lambda > 0:
+                raise ValueError("mba_lambda needs per-id train counts; shared (unified) rows have none: set mba_lambda: 0")
+            self.sequence_tables = UnifiedEmbeddingCollection(sequence_owners, unified)
+            self.width = self.sequence_tables.output_dims()
+            pooled_owners = {f: f for f in self.pooled_features}
+            self.pooled_tables = UnifiedEmbeddingBag(pooled_owners, unified, pooling) if pooled_owners else None
+            self.pooled_order = list(pooled_owners)
+            self.guard = IdGuard({f: self.info.num_embeddings[o] for f, o in (sequence_owners | pooled_owners).items()})
+            pooled_width = sum(self.pooled_tables.output_dims().values()) if self.pooled_tables else 0
         self.attention = torch.nn.ModuleList(
-            TargetAttention(dim * len(group), attention_hidden_units, attention_activation, attention_softmax)
+            TargetAttention(sum(self.width[s] for s in group), attention_hidden_units, attention_activation, attention_softmax)
             for group in self.groups
         )
-        pooled_width = sum(c.embedding_dim for c in self.pooled_tables.embedding_bag_configs()) if self.pooled_tables else 0
-        width = pooled_width + dim * len(self.targets) + dim * len(sequences) + len(self.schema.numeric)
+        width = pooled_width + sum(self.width[t] for t in self.targets) + sum(self.width[s] for s in self.target_of)
+        width += len(self.schema.numeric)
         self.dnn = MLP(width, dnn_hidden_units, 1, dnn_activation, dnn_dropout)
 
         self.mba_lambda = mba_lambda

@@ -127,3 +127,23 @@ def test_din_config_runs(tiny_dataset: Path, tmp_path: Path) -> None:
                "--trainer.enable_progress_bar", "false", "--data.batch_size", "256"])
     assert isinstance(cli.model, DIN) and cli.model.mba_lambda > 0
     assert 0.0 <= cli.trainer.callback_metrics["val/auc"].item() <= 1.0
+
+
+def test_din_over_unified_tables(tiny_dataset: Path) -> None:
+    from recsys.embedding.unified import UnifiedSpec
+
+    dm = CTRDataModule(str(tiny_dataset), batch_size=64)
+    spec = UnifiedSpec(rows=100, dim=4, default_probes=2, probes={"city": 1})
+    model = DIN(dm.dataset_info, unified=spec, attention_hidden_units=[8], dnn_hidden_units=[16])
+    names = {c.name: c.feature_names for c in model.sequence_tables.tables.embedding_configs()}
+    assert names == {"unified_0": ["item@0", "item@1", "hist_item@0", "hist_item@1"]}
+    assert model.attention[0].embedding_dim == 8  # item's two probes of width 4
+    # pooled: user 2×4 + tags 2×4 + city 1×4; target 8; interest 8; 1 numeric
+    assert model.dnn.layers[0].in_features == 20 + 8 + 8 + 1
+    batch = next(iter(dm.stream("train")))
+    logits = model(batch)
+    assert logits.shape == (64,)
+    logits.sum().backward()
+    assert model.sequence_tables.tables.embeddings["unified_0"].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="mba_lambda needs per-id train counts"):
+        DIN(dm.dataset_info, unified=spec, mba_lambda=0.1)
