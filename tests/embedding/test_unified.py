@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from recsys.data.batch import make_kjt
@@ -119,12 +118,12 @@ def _worker(rank: int, world: int, rendezvous: str, data: str, out: str) -> None
 
 
 def test_unified_tables_shard_and_train_on_two_ranks(tiny_dataset: Path, tmp_path: Path) -> None:
-    from tests.train.test_strategy import _rendezvous
+    from tests.train.test_strategy import spawn_ranks
 
     runs = {}
     for world in (1, 2):
         out = str(tmp_path / f"w{world}.npy")
-        mp.spawn(_worker, args=(world, _rendezvous(), str(tiny_dataset), out), nprocs=world, join=True)
+        spawn_ranks(_worker, world, str(tiny_dataset), out)
         runs[world] = np.load(out)
     np.testing.assert_allclose(runs[2], runs[1], atol=2e-5)
     assert runs[1][-1] != runs[1][0]

@@ -34,6 +34,23 @@ def _rendezvous() -> str:
     return f"file://{folder}/store"
 
 
+def spawn_ranks(worker, world: int, *args) -> None:
+    """Runs ``worker(rank, world, rendezvous, *args)`` on ``world`` fresh processes.
+
+    One retry, with a new rendezvous, when a rank dies by SIGABRT before reporting: on this
+    2-core machine gloo's start-up has aborted ("terminate called without an active exception")
+    in about one suite run of five, independent of the code under test. Assertion failures and
+    Python exceptions in a rank are never retried.
+    """
+    for attempt in range(2):
+        try:
+            mp.spawn(worker, args=(world, _rendezvous(), *args), nprocs=world, join=True)
+            return
+        except mp.ProcessExitedException as err:
+            if err.signal_name != "SIGABRT" or attempt == 1:
+                raise
+
+
 def _build(data: str) -> tuple[DIN, list[Batch], Batch]:
     torch.manual_seed(0)
     dm = CTRDataModule(data)
@@ -121,7 +138,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_two_ranks_match_one_process(tiny: str, tmp_path: Path, sharding: str) -> None:
     ref_losses, ref_probs = _reference(tiny)
     out = str(tmp_path / "sharded.npz")
-    mp.spawn(_sharded_worker, args=(2, _rendezvous(), tiny, sharding, out), nprocs=2, join=True)
+    spawn_ranks(_sharded_worker, 2, tiny, sharding, out)
     result = np.load(out)
     assert sharding in str(result["plan"]) and "row_wise" in str(result["plan"])  # sequences: row-wise
     np.testing.assert_allclose(result["losses"], ref_losses, rtol=0, atol=2e-5)
@@ -287,7 +304,7 @@ def _meta_worker(rank: int, world: int, rendezvous: str, data: str, out: str) ->
 
 def test_tables_built_on_meta_are_materialised_as_shards(tiny: str, tmp_path: Path) -> None:
     out = str(tmp_path / "meta.npz")
-    mp.spawn(_meta_worker, args=(2, _rendezvous(), tiny, out), nprocs=2, join=True)
+    spawn_ranks(_meta_worker, 2, tiny, out)
     result = np.load(out)
     assert bool(result["materialised"]) and np.isfinite(result["loss"]) and 0.3 < float(result["loss"]) < 1.5
 
