@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from recsys.data.batch import make_kjt
 from recsys.data.datamodule import CTRDataModule
@@ -98,20 +97,9 @@ def _worker(rank: int, world: int, rendezvous: str, data: str, out: str) -> None
     else:
         net = shard_model(model, world, torch.device("cpu"), sharding_types={"pooled": "column_wise"}, sparse_optimizer="sgd", sparse_lr=0.1)
         optimizer = torch.optim.SGD([p for p in net.parameters() if not hasattr(p, "_in_backward_optimizers")], lr=0.1)
-    from tests.train.test_strategy import _rows
+    from tests.train.test_strategy import train_shares
 
-    losses = []
-    for batch in batches:
-        share = len(batch) // world
-        local = _rows(batch, rank * share, (rank + 1) * share)
-        optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(net(local), local.labels)
-        loss.backward()
-        optimizer.step()
-        total = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(total)
-        losses.append(total.item() / world)
+    losses = train_shares(net, optimizer, batches, rank, world)
     if rank == 0:
         np.save(out, np.array(losses))
     dist.destroy_process_group()

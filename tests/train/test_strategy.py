@@ -75,6 +75,23 @@ def _rows(batch: Batch, lo: int, hi: int) -> Batch:
     return Batch(batch.dense[lo:hi], part(batch.sparse), part(batch.sequences), batch.labels[lo:hi], batch.groups[lo:hi])
 
 
+def train_shares(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[Batch], rank: int, world: int) -> list[float]:
+    """Trains on this rank's share of each global batch; returns the global mean loss per step."""
+    losses = []
+    for batch in batches:
+        share = len(batch) // world
+        local = _rows(batch, rank * share, (rank + 1) * share)
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(net(local), local.labels)
+        loss.backward()
+        optimizer.step()
+        total = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses
+
+
 def _reference(data: str) -> tuple[list[float], np.ndarray]:
     """One unsharded process, plain SGD on every parameter."""
     model, batches, val = _build(data)
@@ -96,18 +113,7 @@ def _sharded_worker(rank: int, world: int, rendezvous: str, data: str, sharding:
     model, batches, val = _build(data)
     dmp = shard_model(model, world, torch.device("cpu"), sharding_types={"pooled": sharding}, sparse_optimizer="sgd", sparse_lr=0.1)
     dense = [p for p in dmp.parameters() if not hasattr(p, "_in_backward_optimizers")]
-    optimizer = torch.optim.SGD(dense, lr=0.1)
-    losses = []
-    share = GLOBAL_BATCH // world
-    for batch in batches:
-        local = _rows(batch, rank * share, (rank + 1) * share)
-        optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(dmp(local), local.labels)
-        loss.backward()
-        optimizer.step()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        losses.append(total.item() / world)
+    losses = train_shares(dmp, torch.optim.SGD(dense, lr=0.1), batches, rank, world)
     dmp.eval()
     with torch.no_grad():
         probs = torch.sigmoid(dmp(val)).numpy()  # every rank scores the same rows
