@@ -1,4 +1,5 @@
-"""Dense-part timing: the models' MLP towers, forward + backward + Adam step, on CPU and/or CUDA.
+"""Dense-part timing on CPU and/or CUDA: the models' MLP towers (forward + backward + Adam step)
+and DIN's attention unit (forward + backward over 45 behaviors per row).
 
     python scripts/bench_dense.py --devices cpu --threads 2                  # here
     python scripts/bench_dense.py --devices cuda cpu --json out.json         # on a GPU machine
@@ -50,6 +51,31 @@ def time_case(device: str, width: int, hidden: list[int], batch: int, dtype: tor
     return batch * steps / (time.perf_counter() - start)
 
 
+def time_attention(device: str, batch: int, dtype: torch.dtype, steps: int, history: int = 45, dim: int = 32) -> float:
+    """DIN's activation unit ([36] Dice, softmax) over ``history`` behaviors per row, fwd + bwd."""
+    from recsys.layers.attention import TargetAttention
+
+    torch.manual_seed(0)
+    attention = TargetAttention(dim, [36], "dice", softmax=True).to(device=device, dtype=dtype)
+    query = torch.randn(batch, dim, device=device, dtype=dtype, requires_grad=True)
+    keys = torch.randn(batch * history, dim, device=device, dtype=dtype, requires_grad=True)
+    lengths = torch.full((batch,), history, device=device)
+
+    def step() -> None:
+        attention(query, keys, lengths).pow(2).mean().backward()
+
+    for _ in range(3):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - start)
+
+
 def measure(devices: list[str], threads: int, steps: int) -> dict:
     torch.set_num_threads(threads)
     rows = []
@@ -62,6 +88,13 @@ def measure(devices: list[str], threads: int, steps: int) -> dict:
                     rate = time_case(device, width, hidden, batch, dtype, n)
                     rows.append({"device": device, "case": name, "batch": batch, "dtype": str(dtype).split(".")[-1], "samples_per_s": rate})
                     print(f"{device:4s} {name:20s} batch {batch:6d} {rows[-1]['dtype']:8s} {rate:14,.0f} samples/s", flush=True)
+        for batch in (1024, 8192):
+            for dtype in dtypes:
+                n = steps if device == "cuda" else max(3, steps // 10)
+                rate = time_attention(device, batch, dtype, n)
+                rows.append({"device": device, "case": "DIN attention (45 behaviors, D=32)", "batch": batch,
+                             "dtype": str(dtype).split(".")[-1], "samples_per_s": rate})
+                print(f"{device:4s} DIN attention        batch {batch:6d} {rows[-1]['dtype']:8s} {rate:14,.0f} samples/s", flush=True)
     gpu = torch.cuda.get_device_name(0) if "cuda" in devices else None
     return {"rows": rows, "gpu": gpu, "cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
             "torch": torch.__version__, "threads": threads, "date": time.strftime("%Y-%m-%d")}
@@ -73,7 +106,8 @@ def to_markdown(result: dict, command: str) -> str:
         "",
         f"Command: `{command}`  ",
         f"Machine: {result['gpu'] or 'no GPU'}; CPU rows with {result['threads']} torch threads on that machine's CPU; "
-        f"torch {result['torch']}; {result['date']}. MLP forward + backward + Adam step, samples/s.",
+        f"torch {result['torch']}; {result['date']}. Towers: forward + backward + Adam step; attention: "
+        "forward + backward; samples (rows) per second.",
         "",
         "| tower | batch | dtype | " + " | ".join(sorted({r['device'] for r in result['rows']})) + " |",
         "|---|---|---|" + "---|" * len({r['device'] for r in result['rows']}),
