@@ -26,6 +26,20 @@ CASES = [("ml100k base tower", 11 * 16 + 2, [200, 80]), ("criteo-sized tower", 2
 BATCHES = [1024, 8192, 65536]
 
 
+def _rate(step, device: str, batch: int, steps: int, warmup: int = 3) -> float:
+    """Rows per second of ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - start)
+
+
 def time_case(device: str, width: int, hidden: list[int], batch: int, dtype: torch.dtype, steps: int) -> float:
     torch.manual_seed(0)
     model = MLP(width, hidden, 1).to(device=device, dtype=dtype)
@@ -39,16 +53,7 @@ def time_case(device: str, width: int, hidden: list[int], batch: int, dtype: tor
         loss.backward()
         optimizer.step()
 
-    for _ in range(3):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - start)
+    return _rate(step, device, batch, steps)
 
 
 def time_attention(device: str, batch: int, dtype: torch.dtype, steps: int, history: int = 45, dim: int = 32) -> float:
@@ -64,16 +69,7 @@ def time_attention(device: str, batch: int, dtype: torch.dtype, steps: int, hist
     def step() -> None:
         attention(query, keys, lengths).pow(2).mean().backward()
 
-    for _ in range(3):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - start)
+    return _rate(step, device, batch, steps)
 
 
 def measure(devices: list[str], threads: int, steps: int) -> dict:

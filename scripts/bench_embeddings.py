@@ -35,6 +35,16 @@ def _ids(rows: list[int], batch: int, rng: np.random.Generator) -> list[torch.Te
     return [torch.from_numpy(np.minimum(rng.zipf(1.2, batch) - 1, n - 1).astype(np.int64)) for n in rows]
 
 
+def _rate(step, inputs: list, batch: int) -> float:
+    """Samples/s over ``inputs[WARMUP:]`` after untimed steps on ``inputs[:WARMUP]``."""
+    for item in inputs[:WARMUP]:
+        step(item)
+    start = time.perf_counter()
+    for item in inputs[WARMUP:]:
+        step(item)
+    return batch * (len(inputs) - WARMUP) / (time.perf_counter() - start)
+
+
 def bench_baseline(rows: list[int], dim: int, batch: int, steps: int) -> float:
     bags = torch.nn.ModuleList(torch.nn.EmbeddingBag(n, dim, mode="sum", sparse=True) for n in rows)
     optimizer = torch.optim.Adagrad(bags.parameters(), lr=0.05)
@@ -48,12 +58,7 @@ def bench_baseline(rows: list[int], dim: int, batch: int, steps: int) -> float:
         out.pow(2).mean().backward()
         optimizer.step()
 
-    for ids in data[:WARMUP]:
-        step(ids)
-    start = time.perf_counter()
-    for ids in data[WARMUP:]:
-        step(ids)
-    return batch * steps / (time.perf_counter() - start)
+    return _rate(step, data, batch)
 
 
 def bench_fused(rows: list[int], dim: int, batch: int, steps: int, optimizer: str) -> float:
@@ -79,12 +84,7 @@ def bench_fused(rows: list[int], dim: int, batch: int, steps: int, optimizer: st
     def step(kjt: KeyedJaggedTensor) -> None:
         dmp.module.ebc(kjt).values().pow(2).mean().backward()  # the update runs inside backward
 
-    for kjt in data[:WARMUP]:
-        step(kjt)
-    start = time.perf_counter()
-    for kjt in data[WARMUP:]:
-        step(kjt)
-    return batch * steps / (time.perf_counter() - start)
+    return _rate(step, data, batch)
 
 
 def bench_world_sizes(rows: int, threads: int) -> dict[int, float]:

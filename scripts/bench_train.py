@@ -4,7 +4,7 @@
     python scripts/bench_train.py --config configs/movielens/base.yaml --threads 2 --epochs 3
 
 Three numbers per config, measured in one process on the same data:
-  end-to-end   Lightning fit loop incl. data loading (first epoch excluded as warm-up)
+  end-to-end   Lightning fit loop incl. data loading (recsys' Throughput callback; first epoch excluded)
   loader only  iterating the training stream, no model
   model only   forward + backward + optimizer step on batches already in memory
 """
@@ -15,26 +15,11 @@ import argparse
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from recsys.eval.report import machine, write_doc_section
+from recsys.train.callbacks import Throughput
 from recsys.train.cli import run
-
-
-class Throughput(L.Callback):
-    def __init__(self) -> None:
-        self.epochs: list[tuple[int, float]] = []
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start, self._rows, self._last = time.perf_counter(), 0, None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._rows += len(batch)
-        self._last = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.epochs.append((self._rows, self._last - self._start))
 
 
 def measure(config: str, epochs: int, batch_size: int | None) -> dict:
@@ -45,11 +30,9 @@ def measure(config: str, epochs: int, batch_size: int | None) -> dict:
     if batch_size:
         args += ["--data.batch_size", str(batch_size)]
     cli = run(args, subcommand=False)
-    meter = Throughput()
-    cli.trainer.callbacks.append(meter)
+    meter = next(cb for cb in cli.trainer.callbacks if isinstance(cb, Throughput))  # every recsys run has one
     cli.trainer.fit(cli.model, cli.datamodule)
-    rows = sum(r for r, _ in meter.epochs[1:])
-    seconds = sum(s for _, s in meter.epochs[1:])
+    end_to_end = sum(meter.rates[1:]) / len(meter.rates[1:])
 
     stream = cli.datamodule.stream("train")
     start = time.perf_counter()
@@ -65,7 +48,7 @@ def measure(config: str, epochs: int, batch_size: int | None) -> dict:
         loss.backward()
         optimizer.step()
     compute = sum(len(b) for b in batches) / (time.perf_counter() - start)
-    return {"end_to_end": rows / seconds, "loader": loader, "model": compute,
+    return {"end_to_end": end_to_end, "loader": loader, "model": compute,
             "batch_size": cli.datamodule.batch_size, "rows": cli.datamodule.stream("train").num_rows,
             "model_class": type(cli.model).__name__, "workers": cli.datamodule.num_workers}
 
@@ -102,7 +85,7 @@ def main() -> None:
         f"Command: `python scripts/bench_train.py --config {' '.join(args.config)} --threads {args.threads} --epochs {args.epochs} "
         f"--repeats {args.repeats}`  ",
         f"Machine: {machine()}, {torch.get_num_threads()} torch threads; "
-        f"{time.strftime('%Y-%m-%d')}. End-to-end excludes the first (warm-up) epoch and validation. "
+        f"{time.strftime('%Y-%m-%d')}. End-to-end: mean of the epochs after the first (warm-up), data loading included, no validation. "
         f"Median of {args.repeats} runs (range in brackets): the machine is shared and noisy.",
         "",
         "| config | model | batch | workers | end-to-end samples/s | loader only | model only (fwd+bwd+step) |",

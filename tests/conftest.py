@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-os.environ.setdefault("PYTHONHASHSEED", "0")
 torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -297,10 +297,12 @@ class ParquetStream(IterableDataset):
 
     def _plan(self) -> tuple[list[_Unit], int]:
         units, total = [], 0
-        for file in split_files(self.data_dir, self.split):
+        for i, file in enumerate(split_files(self.data_dir, self.split)):
             meta = open_parquet(file)
             check_columns(self.schema, meta.schema_arrow, file)
             self.vocab.check_types(meta.schema_arrow, file)
+            if i == 0:
+                log_extra_columns(self.schema, meta.schema_arrow, file)
             first = 0
             for rg in range(meta.num_row_groups):
                 n = meta.metadata.row_group(rg).num_rows
@@ -310,7 +312,6 @@ class ParquetStream(IterableDataset):
             total += first
         if total == 0:
             raise DataError(f"{self.data_dir}: split {self.split!r} is empty (0 rows)")
-        log_extra_columns(self.schema, open_parquet(units[0].file).schema_arrow, units[0].file)
         return units, total
 
     def set_epoch(self, epoch: int) -> None:
@@ -357,8 +358,11 @@ class ParquetStream(IterableDataset):
     def _chunks(self, units: list[_Unit]) -> Iterator[Chunk]:
         encoder = ChunkEncoder(self.schema, self.vocab)
         columns = self.schema.columns()
+        readers: dict[Path, pq.ParquetFile] = {}  # one footer read per file, not per row group
         for unit in units:
-            reader = open_parquet(unit.file)
+            if unit.file not in readers:
+                readers[unit.file] = open_parquet(unit.file)
+            reader = readers[unit.file]
             first = unit.first_row
             try:
                 batches = reader.iter_batches(batch_size=65_536, row_groups=[unit.row_group], columns=columns)

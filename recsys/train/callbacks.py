@@ -47,23 +47,24 @@ class RunSummary(L.Callback):
 
 
 class Throughput(L.Callback):
-    """Logs and prints training samples/s over all ranks each epoch (first 5 steps excluded as warm-up)."""
+    """Logs and prints training samples/s over all ranks each epoch: rows over the time from the
+    epoch's start to its last step, data loading included (a shuffle buffer fills in the first
+    steps, so skipping them would hide the loader's cost)."""
 
-    warmup = 5
+    def __init__(self) -> None:
+        self.rates: list[float] = []  # per epoch, for benchmarks
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._rows, self._steps, self._start = 0, 0, None
+        self._rows, self._start, self._last = 0, time.perf_counter(), None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._steps += 1
-        if self._steps == self.warmup:
-            self._start = time.perf_counter()
-        elif self._steps > self.warmup:
-            self._rows += len(batch)
+        self._rows += len(batch)
+        self._last = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._start is None or self._rows == 0:
+        if self._last is None or self._rows == 0:
             return
-        rate = self._rows * trainer.world_size / (time.perf_counter() - self._start)
+        rate = self._rows * trainer.world_size / (self._last - self._start)
+        self.rates.append(rate)
         pl_module.log("train/samples_per_s", rate, rank_zero_only=True)
         rank_zero_info(f"[recsys] epoch {trainer.current_epoch}: {rate:,.0f} training samples/s over {trainer.world_size} rank(s)")
