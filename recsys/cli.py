@@ -18,6 +18,11 @@ Scaling out:
   plan       dry-run the sharding planner: recsys plan --config ... --world-size 8 [--device cuda]
   (train sharded with --trainer.strategy torchrec --trainer.devices N; see docs/architecture.md)
 
+Embedding search:
+  optembed   OptEmbed's evolutionary dims search on a trained supernet:
+             recsys optembed search --ckpt SUPERNET --out DIR [--budget 0.5]
+             (the whole pipeline: python scripts/optembed_pipeline.py; see docs/optembed.md)
+
 Evaluation:
   eval       offline CTR report (AUC, GAUC, logloss, RelaImpr, bootstrap CIs, calibration plot):
              recsys eval --ckpt CKPT [--data DIR] [--split test] [--out DIR] [--baseline REPORT.json]
@@ -55,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         from recsys.train.plan import main as plan_main
 
         return plan_main(rest)
+    if command == "optembed":
+        from recsys.train.optembed import main as optembed_main
+
+        return optembed_main(rest)
     if command == "eval":
         from recsys.eval.report import main as eval_main
 

@@ -11,12 +11,15 @@ The feature set comes from the dataset's ``schema.yaml``; nothing here names a c
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import Batch
 from recsys.data.vocab import DatasetInfo
+from recsys.embedding.optembed import CompactEmbeddingBag, OptEmbedBag, OptEmbedSpec, load_artifact
 from recsys.embedding.tables import IdGuard, concat_pooled, feature_order, pooled_tables
 from recsys.embedding.unified import UnifiedEmbeddingBag, UnifiedSpec
 from recsys.layers.mlp import MLP
@@ -54,16 +57,25 @@ class EmbeddingMLP(CTRModule):
         dnn_dropout: float = 0.0,
         batch_norm: bool = False,
         unified: UnifiedSpec | None = None,
+        optembed: OptEmbedSpec | None = None,
         optimizer: OptimizerCallable = default_optimizer,
     ) -> None:
         super().__init__(features, optimizer)
-        if unified is None:  # one table per feature (sequences share their target's)
+        owners = {f.name: f.name for f in self.schema.sparse} | {s.name: s.target for s in self.schema.sequences}
+        self.optembed = optembed
+        if unified is not None and optembed is not None:
+            raise ValueError("unified and optembed tables are exclusive; pick one")
+        if optembed is not None:
+            self.tables = self._optembed_tables(owners, embedding_dim, pooling, optembed)
+            self.guard = IdGuard({f: self.info.num_embeddings[o] for f, o in owners.items()})
+            self.pooled_order = list(owners)
+            width = sum(self.tables.output_dims().values())
+        elif unified is None:  # one table per feature (sequences share their target's)
             self.tables = pooled_tables(self.info, embedding_dim, pooling)
             self.guard = IdGuard.for_tables(self.tables)
             self.pooled_order = feature_order(self.tables)
             width = sum(c.embedding_dim * len(c.feature_names) for c in self.tables.embedding_bag_configs())
         else:  # feature multiplexing: every feature probes the shared table(s)
-            owners = {f.name: f.name for f in self.schema.sparse} | {s.name: s.target for s in self.schema.sequences}
             self.tables = UnifiedEmbeddingBag(owners, unified, pooling)
             self.guard = IdGuard({f: self.info.num_embeddings[o] for f, o in owners.items()})
             self.pooled_order = list(owners)
@@ -71,9 +83,76 @@ class EmbeddingMLP(CTRModule):
         width += len(self.schema.numeric)
         self.dnn = MLP(width, dnn_hidden_units, 1, dnn_activation, dnn_dropout, batch_norm)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def _optembed_tables(self, owners: dict[str, str], dim: int, pooling: str, spec: OptEmbedSpec) -> OptEmbedBag | CompactEmbeddingBag:
+        rows = {o: self.info.num_embeddings[o] for o in owners.values()}
+        if spec.stage == "supernet":
+            return OptEmbedBag(owners, rows, dim, pooling, spec)
+        kept = None
+        if not spec.dims:  # fresh retrain: read the search result (a checkpoint carries dims and remaps)
+            artifact = load_artifact(spec.artifact)
+            kept = artifact["kept"]
+            spec.dims = {o: int(d) for o, d in artifact["dims"].items()}
+            spec.kept_rows = {o: int(m.sum()) for o, m in kept.items()}
+            self.hparams["optembed"] = spec  # a compact checkpoint then loads without the artifact
+        return CompactEmbeddingBag(owners, rows, spec.dims, spec.kept_rows, pooling, kept)
+
+    def pooled(self, batch: Batch) -> torch.Tensor:
+        """``[B, Σ D_f]``: every id feature's pooled embedding, in ``pooled_order``."""
         ids = batch.sparse
         if batch.sequences.keys():
             ids = KeyedJaggedTensor.concat([batch.sparse, batch.sequences])
-        pooled = concat_pooled(self.tables(self.guard(ids)), self.pooled_order)  # [B, Σ D_f]
-        return self.dnn(torch.cat([pooled, batch.dense], dim=1)).squeeze(-1)
+        return concat_pooled(self.tables(self.guard(ids)), self.pooled_order)
+
+    def head(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B]`` from pooled embeddings ``[B, Σ D_f]`` and numeric features."""
+        return self.dnn(torch.cat([pooled, dense], dim=1)).squeeze(-1)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.head(self.pooled(batch), batch.dense)
+
+    # -- OptEmbed --------------------------------------------------------------------------
+    def regularization(self, batch: Batch) -> torch.Tensor | float:
+        return self.tables.regularization() if isinstance(self.tables, OptEmbedBag) else 0.0
+
+    def optimizer_groups(self) -> list[dict]:
+        groups = super().optimizer_groups()
+        if not isinstance(self.tables, OptEmbedBag):
+            return groups
+        threshold = self.tables.threshold
+        rest = [p for p in groups[0]["params"] if p is not threshold]
+        return [{"params": rest}, {"params": [threshold], "lr": self.optembed.threshold_lr, "weight_decay": 0.0}]
+
+    def on_train_epoch_end(self) -> None:
+        if isinstance(self.tables, OptEmbedBag):
+            masks = self.tables.row_masks()
+            kept = sum(int(m.sum()) for m in masks.values())
+            self.log("optembed/rows_kept", kept / sum(m.numel() for m in masks.values()))
+            self.log("optembed/threshold_mean", self.tables.threshold.mean())
+
+    def to_compact(self, artifact: str | Path | dict) -> EmbeddingMLP:
+        """The compact model of this supernet under a search result, with the supernet's weights:
+        kept rows (first ``dims_t`` columns) and the MLP's matching input columns. It predicts
+        exactly what this supernet predicts with ``eval_dims = dims``."""
+        if not isinstance(self.tables, OptEmbedBag):
+            raise TypeError("to_compact needs an OptEmbed supernet (optembed.stage=supernet)")
+        artifact = artifact if isinstance(artifact, dict) else load_artifact(artifact)
+        dims, kept = artifact["dims"], artifact["kept"]
+        hparams = {k: v for k, v in self.hparams.items() if not k.startswith("_")}
+        spec = OptEmbedSpec(stage="compact", dims=dict(dims), kept_rows={o: int(m.sum()) for o, m in kept.items()})
+        compact = type(self)(**(hparams | {"optembed": spec}))
+        compact.tables = CompactEmbeddingBag(self.tables.owners, self.tables.rows, spec.dims, spec.kept_rows,
+                                             self.tables.pooling, kept)
+        columns = []
+        offset = 0
+        for feature in self.pooled_order:
+            columns += range(offset, offset + int(dims[self.tables.owners[feature]]))
+            offset += self.tables.dim
+        columns += range(offset, offset + len(self.schema.numeric))
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("tables.")}
+        first = next(k for k in state if k.endswith("weight") and k.startswith("dnn.") and state[k].dim() == 2)
+        state[first] = state[first][:, columns]
+        with torch.no_grad():
+            for owner, mask in kept.items():
+                compact.tables.weight(owner)[1:] = self.tables.weight(owner)[mask][:, : int(dims[owner])]
+        compact.load_state_dict(state | {f"tables.{k}": v for k, v in compact.tables.state_dict().items()})
+        return compact.eval()

@@ -53,9 +53,13 @@ class CTRModule(L.LightningModule):
         return 0.0
 
     # -- training --------------------------------------------------------------------------
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups of the optimizer; a subclass may split them (own learning rates)."""
         # tables sharded by the torchrec strategy carry their own fused optimizer
-        return self.optimizer_factory([p for p in self.parameters() if not hasattr(p, "_in_backward_optimizers")])
+        return [{"params": [p for p in self.parameters() if not hasattr(p, "_in_backward_optimizers")]}]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.optimizer_groups())
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits = self(batch)
