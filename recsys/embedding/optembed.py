@@ -22,7 +22,7 @@ done here, after masking. Sparsity follows PROTOCOLS.md::
 
 Example (YAML, under ``model.init_args`` of ``recsys.models.base.EmbeddingMLP``)::
 
-    optembed: {stage: supernet, alpha: 1.0e-4, threshold_lr: 1.0e-2}
+    optembed: {stage: supernet, alpha: 1.0e-5, threshold_lr: 1.0e-2}
     optembed: {stage: compact, artifact: runs/optembed/ml100k/s1/search}
 """
 
@@ -54,17 +54,20 @@ class OptEmbedSpec:
         prune_rows: OptEmbed-E (row pruning); false trains dims only.
         sample_dims: OptEmbed-D (sampled dims in supernet training); false trains row masks only.
         artifact: ``compact``: the directory ``recsys optembed search`` wrote (``optembed.pt``).
+        warm_start: ``compact``: start retraining from the supernet's weights (kept rows, searched
+            dims, its MLP) instead of a fresh initialization (the paper retrains from scratch).
         dims, kept_rows: ``compact``: per-table width and kept row count. Filled from the artifact
             and saved in checkpoints, so a compact checkpoint loads without the artifact.
     """
 
     stage: str = "supernet"
-    alpha: float = 1e-4
+    alpha: float = 1e-5
     threshold_init: float = 0.0
     threshold_lr: float = 1e-2
     prune_rows: bool = True
     sample_dims: bool = True
     artifact: str | None = None
+    warm_start: bool = False
     dims: dict[str, int] = field(default_factory=dict)
     kept_rows: dict[str, int] = field(default_factory=dict)
 

@@ -23,7 +23,7 @@ from recsys.embedding.optembed import CompactEmbeddingBag, OptEmbedBag, OptEmbed
 from recsys.embedding.tables import IdGuard, concat_pooled, feature_order, pooled_tables
 from recsys.embedding.unified import UnifiedEmbeddingBag, UnifiedSpec
 from recsys.layers.mlp import MLP
-from recsys.train.module import CTRModule, default_optimizer
+from recsys.train.module import CTRModule, default_optimizer, load_model
 
 
 class EmbeddingMLP(CTRModule):
@@ -82,6 +82,8 @@ class EmbeddingMLP(CTRModule):
             width = sum(self.tables.output_dims().values())
         width += len(self.schema.numeric)
         self.dnn = MLP(width, dnn_hidden_units, 1, dnn_activation, dnn_dropout, batch_norm)
+        if getattr(self, "_warm_start", None):  # OptEmbed retrain from the supernet's weights
+            self.load_state_dict(load_model(self._warm_start).to_compact(load_artifact(optembed.artifact)).state_dict())
 
     def _optembed_tables(self, owners: dict[str, str], dim: int, pooling: str, spec: OptEmbedSpec) -> OptEmbedBag | CompactEmbeddingBag:
         rows = {o: self.info.num_embeddings[o] for o in owners.values()}
@@ -94,7 +96,9 @@ class EmbeddingMLP(CTRModule):
             spec.dims = {o: int(d) for o, d in artifact["dims"].items()}
             spec.kept_rows = {o: int(m.sum()) for o, m in kept.items()}
             self.hparams["optembed"] = spec  # a compact checkpoint then loads without the artifact
-        return CompactEmbeddingBag(owners, rows, spec.dims, spec.kept_rows, pooling, kept)
+        tables = CompactEmbeddingBag(owners, rows, spec.dims, spec.kept_rows, pooling, kept)
+        self._warm_start = artifact["supernet"] if kept is not None and spec.warm_start else None
+        return tables
 
     def pooled(self, batch: Batch) -> torch.Tensor:
         """``[B, Σ D_f]``: every id feature's pooled embedding, in ``pooled_order``."""

@@ -191,7 +191,7 @@ def search(ckpt: str | Path, out: str | Path, config: SearchConfig, data: str | 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"dim": tables.dim, "dims": dims, "kept": masks, "rows": dict(tables.rows),
+    torch.save({"supernet": str(ckpt), "dim": tables.dim, "dims": dims, "kept": masks, "rows": dict(tables.rows),
                 "thresholds": {o: float(tables.threshold[i].detach()) for i, o in enumerate(owners)}}, out / ARTIFACT)
     with open(out / "pareto.csv", "w", newline="") as f:
         writer = csv.writer(f)

@@ -190,9 +190,15 @@ def test_three_stages_from_the_cli_and_a_compact_checkpoint_loads_without_the_ar
     assert (search_dir / "pareto.csv").read_text().startswith("params,fraction_of_full,val_auc")
     fit("retrain", "--model.init_args.optembed.artifact", str(search_dir))
     compact_ckpt = next((tmp_path / "runs" / "retrain").rglob("best.ckpt"))
+    # warm start: the compact model starts as the supernet with the searched dims
+    supernet_model = load_model(supernet)
+    supernet_model.tables.set_eval_dims(result["dims"])
+    warm = EmbeddingMLP(**{k: v for k, v in supernet_model.hparams.items() if not k.startswith("_")}
+                        | {"optembed": OptEmbedSpec(stage="compact", artifact=str(search_dir), warm_start=True)}).eval()
+    batch = next(iter(CTRDataModule(str(data)).stream("test")))
+    torch.testing.assert_close(warm(batch), supernet_model(batch), atol=1e-6, rtol=0)
     shutil.rmtree(search_dir)
     model = load_model(compact_ckpt)
     assert model.tables.dims == result["dims"] and model.tables.kept_rows == result["kept_rows"]
     assert model.tables.num_parameters == result["params"] + sum(result["dims"].values())
-    batch = next(iter(CTRDataModule(str(data)).stream("test")))
     assert torch.isfinite(model(batch)).all()
