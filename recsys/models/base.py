@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from torchrec import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import Batch
@@ -62,6 +63,9 @@ class EmbeddingMLP(CTRModule):
     ) -> None:
         super().__init__(features, optimizer)
         owners = {f.name: f.name for f in self.schema.sparse} | {s.name: s.target for s in self.schema.sequences}
+        # specs come back as plain dicts from some checkpoints (the torchrec strategy's)
+        unified = UnifiedSpec(**unified) if isinstance(unified, dict) else unified
+        optembed = OptEmbedSpec(**optembed) if isinstance(optembed, dict) else optembed
         self.optembed = optembed
         if unified is not None and optembed is not None:
             raise ValueError("unified and optembed tables are exclusive; pick one")
@@ -127,7 +131,8 @@ class EmbeddingMLP(CTRModule):
         return [{"params": rest}, {"params": [threshold], "lr": self.optembed.threshold_lr, "weight_decay": 0.0}]
 
     def on_train_epoch_end(self) -> None:
-        if isinstance(self.tables, OptEmbedBag):
+        # thresholds vs whole tables; a sharded table's rows live on several ranks, so not logged there
+        if isinstance(self.tables, OptEmbedBag) and isinstance(self.tables.tables, EmbeddingCollection):
             masks = self.tables.row_masks()
             kept = sum(int(m.sum()) for m in masks.values())
             self.log("optembed/rows_kept", kept / sum(m.numel() for m in masks.values()))

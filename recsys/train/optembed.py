@@ -3,7 +3,8 @@
     recsys optembed search --ckpt runs/optembed/supernet/checkpoints/last.ckpt --out runs/optembed/search
     recsys optembed search --ckpt ... --out ... --budget 0.5      # at most half the full tables' parameters
 
-A candidate is one width per table. Its fitness is the validation AUC of the supernet with the
+A candidate is one width per table, a multiple of ``--dim-step`` (4: FBGEMM's table-batched
+kernels, which sharded training uses, need widths that are multiples of 4). Its fitness is the validation AUC of the supernet with the
 candidate's dims and the supernet's learned row masks. The val split is embedded once (all
 ``D`` columns, rows masked); a candidate then costs one MLP pass over those cached vectors with
 the columns beyond its dims zeroed, which is exactly the supernet's forward with ``eval_dims``.
@@ -49,6 +50,7 @@ class SearchConfig:
     mutation_prob: float = 0.1
     budget: float | None = None
     seed: int = 0
+    dim_step: int = 4  # FBGEMM's table-batched kernels need widths that are multiples of 4
 
 
 class ValCache:
@@ -88,8 +90,17 @@ class Search:
     def __init__(self, kept_rows: np.ndarray, total_rows: np.ndarray, dim: int, config: SearchConfig) -> None:
         self.kept_rows, self.total_rows, self.dim, self.config = kept_rows, total_rows, dim, config
         self.rng = np.random.default_rng(config.seed)
+        if not 1 <= config.dim_step <= dim:
+            raise ValueError(f"dim_step must lie in 1..{dim}, got {config.dim_step}")
+        self.step = config.dim_step
+        self.choices = np.arange(dim, 0, -config.dim_step)[::-1]  # D and every step below it
         self.limit = None if config.budget is None else config.budget * float(total_rows.sum()) * dim
         self.scored: dict[tuple[int, ...], float] = {}
+        smallest = self.params(np.full(len(kept_rows), self.choices[0]))
+        if self.limit is not None and smallest > self.limit:
+            raise ValueError(f"--budget {config.budget} allows {self.limit:,.0f} parameters, but the narrowest candidate "
+                             f"(every table {self.choices[0]} wide over its kept rows) has {smallest:,}; raise the budget "
+                             f"or lower --dim-step")
 
     def params(self, dims: np.ndarray) -> int:
         return int((self.kept_rows * dims).sum())
@@ -100,20 +111,20 @@ class Search:
         if self.limit is None:
             return dims
         while self.params(dims) > self.limit:
-            wide = np.flatnonzero((dims > 1) & (self.kept_rows > 0))
+            wide = np.flatnonzero((dims > self.choices[0]) & (self.kept_rows > 0))
             if wide.size == 0:
                 return None
             weights = self.kept_rows[wide] / self.kept_rows[wide].sum()
-            dims[self.rng.choice(wide, p=weights)] -= 1
+            dims[self.rng.choice(wide, p=weights)] -= self.step
         return dims
 
     def random(self) -> np.ndarray | None:
-        return self.repair(self.rng.integers(1, self.dim + 1, size=len(self.kept_rows)))
+        return self.repair(self.rng.choice(self.choices, size=len(self.kept_rows)))
 
     def mutate(self, parent: np.ndarray) -> np.ndarray | None:
         child = parent.copy()
         redraw = self.rng.random(len(child)) < self.config.mutation_prob
-        child[redraw] = self.rng.integers(1, self.dim + 1, size=int(redraw.sum()))
+        child[redraw] = self.rng.choice(self.choices, size=int(redraw.sum()))
         return self.repair(child)
 
     def crossover(self, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
@@ -227,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="dataset directory (default: the one the supernet was trained on)")
     parser.add_argument("--budget", type=float, help="max embedding parameters as a fraction of the full tables' (0-1]")
     defaults = SearchConfig()
-    for name in ("population", "generations", "keep", "mutations", "crossovers", "seed"):
+    for name in ("population", "generations", "keep", "mutations", "crossovers", "seed", "dim_step"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--mutation-prob", type=float, default=defaults.mutation_prob)
     parser.add_argument("--batch-size", type=int, default=8192)
@@ -245,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = SearchConfig(population=args.population, generations=args.generations, keep=args.keep,
                           mutations=args.mutations, crossovers=args.crossovers, mutation_prob=args.mutation_prob,
-                          budget=args.budget, seed=args.seed)
+                          budget=args.budget, seed=args.seed, dim_step=args.dim_step)
     result = search(args.ckpt, args.out, config, data=args.data, batch_size=args.batch_size)
     print(json.dumps({k: result[k] for k in ("dims", "kept_rows", "val_auc", "full_dims_val_auc", "sparsity")}, indent=2))
     print(f"wrote {args.out}/{ARTIFACT}; retrain with --model.init_args.optembed.stage compact "

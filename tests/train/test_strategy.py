@@ -325,3 +325,37 @@ def test_cli_builds_tables_on_meta_when_the_strategy_asks(tiny: str, tmp_path: P
     assert not any(p.is_meta for p in meta.model.dnn.parameters())  # dense layers are real
     plain = run(args, subcommand=False)
     assert not any(p.is_meta for p in table_parameters(plain.model))
+
+
+def test_optembed_supernet_and_compact_tables_train_sharded_on_two_ranks(tiny: str, tmp_path: Path) -> None:
+    from recsys.eval.report import predict_split
+    from recsys.train.module import load_model
+    from recsys.train.optembed import main as optembed_main
+
+    logs = tmp_path / "runs"
+
+    def fit(stage: str, *extra: str) -> Path:
+        _recsys("fit", "--config", str(ROOT / "configs/movielens/base.yaml"),
+                "--config", str(ROOT / f"configs/movielens/optembed_{stage}.yaml"), "--data.path", tiny,
+                "--data.batch_size", "256", "--model.init_args.embedding_dim", "8", "--trainer.max_epochs", "1",
+                "--trainer.strategy", "torchrec", "--trainer.devices", "2", "--trainer.enable_progress_bar", "false",
+                "--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.name", stage, *extra, cwd=tmp_path)
+        return next((logs / stage).rglob("last.ckpt"))
+
+    supernet = fit("supernet")
+    assert len(list(supernet.glob("*.distcp"))) == 2  # sharded checkpoint
+    assert optembed_main(["search", "--ckpt", str(supernet), "--out", str(tmp_path / "search"), "--budget", "0.5",
+                          "--population", "6", "--generations", "2"]) == 0
+    compact = fit("retrain", "--model.init_args.optembed.artifact", str(tmp_path / "search"))
+    # the 2-rank compact checkpoint, read unsharded, predicts what the 2 ranks predict
+    _recsys("predict", "--config", str(ROOT / "configs/movielens/base.yaml"),
+            "--config", str(ROOT / "configs/movielens/optembed_retrain.yaml"), "--data.path", tiny,
+            "--model.init_args.embedding_dim", "8", "--model.init_args.optembed.artifact", str(tmp_path / "search"),
+            "--trainer.strategy", "torchrec", "--trainer.devices", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.name", "predict",
+            "--ckpt_path", str(compact), cwd=tmp_path)
+    sharded = pq.read_table(next((logs / "predict").rglob("predictions.parquet"))).to_pandas()
+    model = load_model(compact)
+    assert sum(model.tables.kept_rows.values()) > 0
+    unsharded = predict_split(model, CTRDataModule(tiny).stream("test"))
+    np.testing.assert_allclose(unsharded["prob"], sharded["prob"].to_numpy(), atol=1e-6)
