@@ -23,6 +23,12 @@ Embedding search:
              recsys optembed search --ckpt SUPERNET --out DIR [--budget 0.5]
              (the whole pipeline: python scripts/optembed_pipeline.py; see docs/optembed.md)
 
+Serving:
+  export     a checkpoint → a self-describing directory (manifest, tables fp32/fp16/int8/int4, vocab):
+             recsys export --ckpt CKPT --out DIR [--dtype int8]
+  serve      HTTP JSON scoring of an export: recsys serve DIR [--port 8080]
+             (POST /score, GET /healthz, GET /metadata; docs/export_format.md)
+
 Evaluation:
   eval       offline CTR report (AUC, GAUC, logloss, RelaImpr, bootstrap CIs, calibration plot):
              recsys eval --ckpt CKPT [--data DIR] [--split test] [--out DIR] [--baseline REPORT.json]
@@ -64,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         from recsys.train.optembed import main as optembed_main
 
         return optembed_main(rest)
+    if command == "export":
+        from recsys.export.exporter import main as export_main
+
+        return export_main(rest)
+    if command == "serve":
+        from recsys.serve.server import main as serve_main
+
+        return serve_main(rest)
     if command == "eval":
         from recsys.eval.report import main as eval_main
 

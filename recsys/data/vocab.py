@@ -207,6 +207,18 @@ class Vocabulary:
         return cls._build(data_dir, schema, files, fingerprint)
 
     @classmethod
+    def load_saved(cls, directory: str | Path, schema: Schema) -> Vocabulary:
+        """The vocabulary saved in ``directory/vocab`` as is, with no train files to check it against
+        (an export directory)."""
+        meta_file = Path(directory) / "vocab" / "meta.json"
+        if not meta_file.exists():
+            raise DataError(f"{meta_file}: vocabulary not found")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{meta_file}: vocabulary format {meta.get('format_version')}, this recsys reads {FORMAT_VERSION}")
+        return cls._load(Path(directory), schema, meta)
+
+    @classmethod
     def _load(cls, data_dir: Path, schema: Schema, meta: dict) -> Vocabulary:
         values, counts = {}, {}
         for name in meta["vocab_tables"]:

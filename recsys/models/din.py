@@ -85,6 +85,7 @@ class DIN(CTRModule):
         optimizer: OptimizerCallable = default_optimizer,
     ) -> None:
         super().__init__(features, optimizer)
+        unified = UnifiedSpec(**unified) if isinstance(unified, dict) else unified  # from a manifest or DCP checkpoint
         sequences = self.schema.sequences
         if not sequences:
             raise ValueError(f"{self.schema.source}: DIN needs at least one 'sequence' feature; use EmbeddingMLP instead")

@@ -1,0 +1,229 @@
+"""Loads an export directory into a scorer: raw feature values in, click probabilities out.
+
+    from recsys.export.loader import load
+    scorer = load("exports/base-int8")            # verifies format version and every checksum
+    scorer.score([{"user_id": 196, "item_id": 242, "genres": ["Comedy"], "age": 49, ...}])
+
+Embedding lookups run in FBGEMM's inference kernels (``IntNBitTableBatchedEmbeddingBagsCodegen``,
+through torchrec's quantized collections) straight on the stored rows: an int8 table stays
+``D + 4`` bytes per row in memory, with no float copy. The model class is rebuilt from the
+manifest with its tables on the meta device, then each torchrec collection is swapped for its
+quantized twin; id transforms (vocabulary, hashing, OptEmbed remaps) run as in training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torchrec import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
+
+from recsys.data.parquet import ChunkEncoder
+from recsys.data.schema import FeatureType
+from recsys.data.vocab import Vocabulary
+from recsys.export.exporter import FORMAT, FORMAT_VERSION, MANIFEST, build_model, sha256
+from recsys.export.quantize import DTYPES, row_bytes, split_scale_bias
+
+
+class ExportError(ValueError):
+    """The export directory cannot be trusted: missing, truncated or altered file, unknown format."""
+
+
+class RowError(ValueError):
+    """A request row that cannot be scored; ``field`` names the feature at fault."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def verify(directory: str | Path) -> dict[str, Any]:
+    """The manifest, after checking the format version and the size and SHA-256 of every file."""
+    directory = Path(directory)
+    manifest_file = directory / MANIFEST
+    if not manifest_file.exists():
+        raise ExportError(f"{manifest_file}: not found (is {directory} an export directory?)")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"{manifest_file}: corrupt manifest ({err})") from err
+    if manifest.get("format") != FORMAT:
+        raise ExportError(f"{manifest_file}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{manifest_file}: format version {manifest.get('format_version')!r}; "
+                          f"this recsys reads version {FORMAT_VERSION}")
+    files = manifest.get("files", {})
+    needed = [t["file"] for t in manifest.get("tables", [])] + [manifest.get("dense", {}).get("file")]
+    unlisted = [f for f in needed if f not in files]
+    if unlisted:
+        raise ExportError(f"{manifest_file}: {unlisted} have no checksum in the manifest")
+    for name, info in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise ExportError(f"{path}: missing from the export")
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise ExportError(f"{path}: {size} bytes, the manifest says {info['bytes']} (truncated or altered)")
+        if sha256(path) != info["sha256"]:
+            raise ExportError(f"{path}: SHA-256 does not match the manifest (altered)")
+    return manifest
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ExportError(f"{path}: cannot read ({err})") from err
+
+
+def _quantized_collection(entries: list[dict[str, Any]], directory: Path) -> torch.nn.Module:
+    """A torchrec quantized collection (FBGEMM inference TBE) over one module's stored tables."""
+    weights, configs = {}, []
+    for entry in entries:
+        dtype = entry["dtype"]
+        rows = _read_tensors(directory / entry["file"])["rows"]
+        if tuple(rows.shape) != (entry["rows"], row_bytes(entry["dim"], dtype)) or rows.dtype != torch.uint8:
+            raise ExportError(f"{directory / entry['file']}: rows {tuple(rows.shape)} {rows.dtype}, expected "
+                              f"({entry['rows']}, {row_bytes(entry['dim'], dtype)}) uint8")
+        weights[entry["name"]] = split_scale_bias(rows, dtype)
+        common = {"name": entry["name"], "embedding_dim": entry["dim"], "num_embeddings": entry["rows"],
+                  "feature_names": entry["features"], "data_type": DTYPES[dtype][0]}
+        if entry["kind"] == "pooled":
+            configs.append(EmbeddingBagConfig(pooling=PoolingType[entry["pooling"].upper()], **common))
+        else:
+            configs.append(EmbeddingConfig(**common))
+    cpu = torch.device("cpu")
+    # row_alignment=1: rows stay D·bits/8 (+4) bytes in memory, as on disk
+    if entries[0]["kind"] == "pooled":
+        return QuantEmbeddingBagCollection(configs, is_weighted=False, device=cpu, table_name_to_quantized_weights=weights,
+                                           row_alignment=1)
+    return QuantEmbeddingCollection(configs, device=cpu, table_name_to_quantized_weights=weights, row_alignment=1)
+
+
+_ARROW = {"int": pa.int64(), "str": pa.string(), "list<int>": pa.list_(pa.int64()), "list<str>": pa.list_(pa.string())}
+
+
+class Scorer:
+    """A loaded export. ``score(rows)`` → probabilities; ``features`` says what a row holds."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.manifest = verify(self.directory)
+        model = build_model(self.manifest["model"]["class"], self.manifest["model"]["hparams"])
+        tables = self.manifest["tables"]
+        table_keys = {t["key"] for t in tables}
+        dense = _read_tensors(self.directory / self.manifest["dense"]["file"])
+        expected = {k for k in model.state_dict() if k not in table_keys}
+        if set(dense) != expected:
+            raise ExportError(f"{self.directory}: dense tensors do not match the model "
+                              f"(missing {sorted(expected - set(dense))[:5]}, unexpected {sorted(set(dense) - expected)[:5]})")
+        model.load_state_dict(dense, strict=False)
+        by_module: dict[str, list[dict[str, Any]]] = {}
+        for entry in tables:
+            by_module.setdefault(entry["module"], []).append(entry)
+        for path, entries in by_module.items():
+            parent_path, _, name = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, name, _quantized_collection(entries, self.directory))
+        self.model = model.eval()
+        self.schema = model.schema
+        self.vocab = Vocabulary.load_saved(self.directory, self.schema)
+        self.encoder = ChunkEncoder(self.schema, self.vocab)
+        used = [*self.schema.sparse, *self.schema.sequences, *self.schema.numeric]
+        self.features = {f.name: self.manifest["features"][f.name] for f in used}
+
+    @property
+    def table_bytes_in_memory(self) -> int:
+        """Bytes the FBGEMM inference kernels hold for all tables."""
+        total = 0
+        for module in self.model.modules():
+            if isinstance(module, (QuantEmbeddingBagCollection, QuantEmbeddingCollection)):
+                total += sum(int(tbe.weights_host.numel()) for tbe in module._emb_modules)
+        return total
+
+    # -- raw rows → Batch ----------------------------------------------------------------------
+    def _column(self, name: str, rows: list[dict[str, Any]]) -> pa.Array:
+        info = self.features[name]
+        if info["type"] == FeatureType.NUMERIC.value:
+            values = []
+            for i, row in enumerate(rows):
+                v = row[name]
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise RowError(f"row {i}: feature {name!r} must be a number, got {type(v).__name__} {v!r}", name)
+                if not math.isfinite(v):
+                    raise RowError(f"row {i}: feature {name!r} must be finite, got {v!r}", name)
+                values.append(float(v))
+            return pa.array(values, type=pa.float64())
+        kind = info["id_kind"]
+        scalar = "int" if kind.endswith("int>") or kind == "int" else "str"
+        want = int if scalar == "int" else str
+        listy = kind.startswith("list")
+        for i, row in enumerate(rows):
+            v = row[name]
+            if listy:
+                if not isinstance(v, list):
+                    raise RowError(f"row {i}: feature {name!r} ({info['type']}) must be a list of {scalar} ids, "
+                                   f"got {type(v).__name__} {v!r}", name)
+                bad = [x for x in v if x is not None and (isinstance(x, bool) or not isinstance(x, want))]
+            else:
+                if isinstance(v, (list, dict)):
+                    raise RowError(f"row {i}: feature {name!r} ({info['type']}) must be one {scalar} id, "
+                                   f"got a {type(v).__name__}", name)
+                bad = [] if v is None else [v] if isinstance(v, bool) or not isinstance(v, want) else []
+            if bad:
+                raise RowError(f"row {i}: feature {name!r} takes {scalar} ids, got {type(bad[0]).__name__} {bad[0]!r}", name)
+        return pa.array([row[name] for row in rows], type=_ARROW[kind])
+
+    def encode(self, rows: list[dict[str, Any]]):  # noqa: ANN201 (a Batch)
+        """Validated raw rows → ``Batch``; ``RowError`` names the row and feature at fault."""
+        if not isinstance(rows, list) or not rows:
+            raise RowError("expected a non-empty list of rows")
+        known = set(self.manifest["features"]) | {self.schema.label} | ({self.schema.group} if self.schema.group else set())
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise RowError(f"row {i}: expected an object of feature values, got {type(row).__name__}")
+            missing = [f for f in self.features if f not in row]
+            if missing:
+                raise RowError(f"row {i}: missing feature {missing[0]!r} (needs {sorted(self.features)})", missing[0])
+            unknown = sorted(set(row) - known)
+            if unknown:
+                raise RowError(f"row {i}: unknown feature {unknown[0]!r} (known: {sorted(self.features)})", unknown[0])
+        columns = {name: self._column(name, rows) for name in self.features}
+        columns[self.schema.label] = pa.array(np.zeros(len(rows), dtype=np.int64))
+        group = self.schema.group
+        if group and group not in columns:
+            given = [row.get(group) for row in rows]
+            columns[group] = pa.array(given) if all(isinstance(g, (int, str)) for g in given) else pa.array(np.zeros(len(rows), np.int64))
+        chunk = self.encoder.encode(pa.RecordBatch.from_pydict(columns), Path("<request>"), 0)
+        return chunk.to_batch()
+
+    def score(self, rows: list[dict[str, Any]]) -> np.ndarray:
+        """Click probabilities ``[len(rows)]`` for raw rows."""
+        batch = self.encode(rows)
+        with torch.inference_mode():
+            return torch.sigmoid(self.model(batch)).float().numpy()
+
+    def score_batch(self, batch) -> np.ndarray:  # noqa: ANN001
+        """Probabilities for an already encoded ``Batch`` (parity checks against the trained model)."""
+        with torch.inference_mode():
+            return torch.sigmoid(self.model(batch)).float().numpy()
+
+    def metadata(self) -> dict[str, Any]:
+        m = self.manifest
+        return {"format": m["format"], "format_version": m["format_version"], "dtype": m["dtype"],
+                "model_class": m["model"]["class"], "features": self.features,
+                "tables": [{k: t[k] for k in ("name", "rows", "dim", "dtype", "row_bytes")} for t in m["tables"]]}
+
+
+def load(directory: str | Path) -> Scorer:
+    """Verifies and loads an export directory (see ``Scorer``)."""
+    return Scorer(directory)
