@@ -82,3 +82,7 @@ def ml100k() -> Path:
 
         subprocess.run([sys.executable, str(ROOT / "datasets/movielens/prepare.py"), "--out", str(ML100K)], check=True, cwd=ROOT)
     return ML100K
+
+
+# trained checkpoints of every table kind (export and serve tests share them)
+from tests.export.helpers import trained  # noqa: E402, F401

@@ -13,7 +13,7 @@ from recsys.export.exporter import export
 from recsys.export.loader import ExportError, RowError, load
 from recsys.export.quantize import dequantize_rows, quantize_rows, row_bytes
 from recsys.train.module import load_model
-from tests.export.conftest import raw_rows
+from tests.export.helpers import raw_rows
 
 
 # -- row formats ---------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def test_export_from_a_sharded_checkpoint_streams_one_table_at_a_time(trained: d
     import subprocess
     import sys
 
-    from tests.export.conftest import CONFIGS
+    from tests.export.helpers import CONFIGS
 
     logs = tmp_path / "runs"
     recsys = Path(sys.executable).parent / "recsys"

@@ -1,4 +1,5 @@
-"""Trained checkpoints of every table kind on the tiny dataset, shared by the export and serve tests."""
+"""Trained checkpoints of every table kind on the tiny dataset (the `trained` fixture, registered in
+tests/conftest.py) and raw request rows, for the export and serve tests."""
 
 from __future__ import annotations
 
