@@ -9,6 +9,7 @@ Layout (specified in docs/export_format.md)::
                            tensors, and the SHA-256 and size of every other file
     tables/<key>.safetensors   one file per embedding table: uint8 rows in the dtype's row format
     dense.safetensors      every other tensor of the model (MLPs, attention, remaps, ...)
+    dense.pt2              EmbeddingMLP: the network after the lookups as a torch.export program
     vocab/                 the dataset's vocabularies and numeric statistics (raw value → row)
     training_config.yaml   the run's resolved LightningCLI config, when it sits next to the run
 
@@ -214,6 +215,12 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | P
         dense_like = {k: v for k, v in model.state_dict().items() if k not in table_keys}
         dense = {k: v.detach().clone().contiguous() for k, v in source.load(dense_like).items()}
         save_file(dense, work / "dense.safetensors")
+        program = None
+        if hasattr(model, "dense_program"):  # the network after the lookups as a torch.export program
+            model.load_state_dict(dense, strict=False)
+            torch.export.save(model.eval().dense_program(), work / "dense.pt2")
+            program = {"file": "dense.pt2", "inputs": ["pooled [B, sum of pooled widths, in table order]",
+                                                       "numeric [B, standardized numeric features]"], "output": "logits [B]"}
         shutil.copytree(data_dir / "vocab", work / "vocab")
         config = ckpt.resolve().parent.parent / "config.yaml"
         if config.exists():
@@ -228,7 +235,8 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | P
             "features": feature_entries(model, vocab_meta),
             "transforms": transforms,
             "tables": tables,
-            "dense": {"file": "dense.safetensors", "tensors": {k: list(v.shape) for k, v in dense.items()}},
+            "dense": {"file": "dense.safetensors", "tensors": {k: list(v.shape) for k, v in dense.items()},
+                      "program": program},
             "source_checkpoint": str(ckpt),
             "files": {str(p.relative_to(work)): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files},
         }

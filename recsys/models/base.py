@@ -118,6 +118,24 @@ class EmbeddingMLP(CTRModule):
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.head(self.pooled(batch), batch.dense)
 
+    def dense_program(self) -> torch.export.ExportedProgram:
+        """The network after the lookups, ``(pooled [B, Σ D_f], dense [B, n]) → logits [B]``, as a
+        ``torch.export`` program with a dynamic batch (export writes it for non-Python servers)."""
+        width = self.dnn.layers[0].in_features - len(self.schema.numeric)
+        example = (torch.zeros(2, width), torch.zeros(2, len(self.schema.numeric)))
+        batch = torch.export.Dim("batch", min=1)
+        head = _Head(self.dnn).eval()
+        return torch.export.export(head, example, dynamic_shapes=({0: batch}, {0: batch}))
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, dnn: MLP) -> None:
+        super().__init__()
+        self.dnn = dnn
+
+    def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return self.dnn(torch.cat([pooled, dense], dim=1)).squeeze(-1)
+
     # -- OptEmbed --------------------------------------------------------------------------
     def regularization(self, batch: Batch) -> torch.Tensor | float:
         return self.tables.regularization() if isinstance(self.tables, OptEmbedBag) else 0.0

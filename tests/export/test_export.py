@@ -72,6 +72,10 @@ def test_fp32_export_scores_equal_the_trained_model(trained: dict, tmp_path: Pat
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["class"].endswith({"base": "EmbeddingMLP", "din": "DIN", "unified": "EmbeddingMLP",
                                                 "optembed": "EmbeddingMLP"}[kind])
+    if kind != "din":  # EmbeddingMLP's network after the lookups, as a torch.export program
+        program = torch.export.load(out / manifest["dense"]["program"]["file"]).module()
+        pooled, numeric = torch.randn(7, scorer.model.dnn.layers[0].in_features - 1), torch.randn(7, 1)
+        torch.testing.assert_close(program(pooled, numeric), scorer.model.head(pooled, numeric))
     if kind == "unified":
         assert manifest["transforms"][0]["kind"] == "unified_hash"
     if kind == "optembed":
