@@ -48,6 +48,8 @@ class Batch:
         labels: ``[B]`` float 0/1.
         groups: ``[B]`` int64 group ids (users) for GAUC.
         text: optional ``[B, ...]`` text inputs (filled by the text feature path).
+        positions: ``[B]`` int64 row positions in the split, ``file_index · 2**40 + row_in_file``
+            (which rows a step trained on: ``recsys.train.callbacks.RowLedger``).
     """
 
     dense: torch.Tensor
@@ -56,6 +58,7 @@ class Batch:
     labels: torch.Tensor
     groups: torch.Tensor
     text: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -22,6 +24,42 @@ from recsys.data.vocab import Vocabulary
 log = logging.getLogger(__name__)
 # ParquetStream.__len__ counts each worker's own row groups, so Lightning's warning does not apply
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+
+
+class StreamLoader(DataLoader):
+    """The training ``DataLoader``: Lightning saves its ``state_dict`` in every checkpoint and hands
+    it back on resume, so a run killed mid-epoch continues with the next unseen batch.
+
+    The state is the epoch and the batches this rank has trained in it (the trainer's progress,
+    not the loader's read-ahead). Resuming mid-epoch needs the same batch size and world size
+    (the positions would mean other rows otherwise); an end-of-epoch checkpoint resumes anywhere.
+    """
+
+    def __init__(self, stream: ParquetStream, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+        super().__init__(stream, batch_size=None, **kwargs)
+        self._progress = progress
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, batches = self._progress()
+        stream: ParquetStream = self.dataset
+        return {"epoch": epoch, "batches": batches, "batches_per_epoch": len(stream),
+                "batch_size": stream.batch_size, "world_size": stream._rank_world()[1]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        stream: ParquetStream = self.dataset
+        complete = state["batches"] >= state["batches_per_epoch"]
+        if not complete:
+            world = stream._rank_world()[1]
+            if (state["batch_size"], state["world_size"], state["batches_per_epoch"]) != (stream.batch_size, world, len(stream)):
+                raise DataError(
+                    f"{stream.data_dir}: the checkpoint stopped mid-epoch with batch size {state['batch_size']} on "
+                    f"{state['world_size']} rank(s) ({state['batches_per_epoch']} batches per epoch); resume with the same "
+                    f"--data.batch_size and devices (now {stream.batch_size}, {world} rank(s), {len(stream)} batches), "
+                    f"or from an end-of-epoch checkpoint"
+                )
+        # complete: the next epoch starts from its first batch, whatever this run's sizes are
+        stream.resume_from(state["epoch"], len(stream) if complete else state["batches"])
+        log.info("resuming %s at epoch %d, batch %d", stream.data_dir, state["epoch"], state["batches"])
 
 
 class CTRDataModule(L.LightningDataModule):
@@ -83,13 +121,18 @@ class CTRDataModule(L.LightningDataModule):
         return self._streams[split]
 
     def _loader(self, split: str) -> DataLoader:
-        return DataLoader(
-            self.stream(split),
-            batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            prefetch_factor=4 if self.num_workers > 0 else None,
-        )
+        options = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
+                   "prefetch_factor": 4 if self.num_workers > 0 else None}
+        if split == "train":
+            return StreamLoader(self.stream(split), self._train_progress, **options)
+        return DataLoader(self.stream(split), batch_size=None, **options)
+
+    def _train_progress(self) -> tuple[int, int]:
+        """(epoch, batches trained in it): at a checkpoint, every batch the loop has processed."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -14,8 +14,9 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+POSITION_BITS = 40  # a row's position: file_index << 40 | row in file
 
 
 class DataError(ValueError):
@@ -144,6 +146,7 @@ class Chunk:
     dense: np.ndarray  # [N, n_dense] float32
     sparse: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (values, lengths)
     sequences: dict[str, tuple[np.ndarray, np.ndarray]]
+    positions: np.ndarray  # [N] int64: file_index << 40 | row in file
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -155,6 +158,7 @@ class Chunk:
             dense=self.dense[rows],
             sparse={k: jagged_take(v, ln, rows) for k, (v, ln) in self.sparse.items()},
             sequences={k: jagged_take(v, ln, rows) for k, (v, ln) in self.sequences.items()},
+            positions=self.positions[rows],
         )
 
     @staticmethod
@@ -173,6 +177,7 @@ class Chunk:
             dense=np.concatenate([c.dense for c in chunks]),
             sparse={k: cat_jagged(k, "sparse") for k in first.sparse},
             sequences={k: cat_jagged(k, "sequences") for k in first.sequences},
+            positions=np.concatenate([c.positions for c in chunks]),
         )
 
     def to_batch(self) -> Batch:
@@ -182,6 +187,7 @@ class Chunk:
             sequences=make_kjt(self.sequences),
             labels=torch.from_numpy(self.labels),
             groups=torch.from_numpy(self.groups),
+            positions=torch.from_numpy(self.positions),
         )
 
 
@@ -199,7 +205,7 @@ class ChunkEncoder:
             ids, lengths = keep_most_recent(ids, lengths, spec.max_len or 50)
         return ids, lengths
 
-    def encode(self, batch: pa.RecordBatch, file: Path, first_row: int) -> Chunk:
+    def encode(self, batch: pa.RecordBatch, file: Path, first_row: int, file_index: int = 0) -> Chunk:
         schema = self.schema
         label_col = batch.column(schema.label)
         labels = label_col.to_numpy(zero_copy_only=False).astype(np.float32)
@@ -233,7 +239,8 @@ class ChunkEncoder:
 
         sparse = {s.name: self._ids(s, batch.column(s.name)) for s in schema.sparse}
         sequences = {s.name: self._ids(s, batch.column(s.name)) for s in schema.sequences}
-        return Chunk(labels, groups, dense, sparse, sequences)
+        positions = (np.int64(file_index) << np.int64(POSITION_BITS)) + np.arange(first_row, first_row + len(labels), dtype=np.int64)
+        return Chunk(labels, groups, dense, sparse, sequences, positions)
 
 
 @dataclass(frozen=True)
@@ -244,6 +251,7 @@ class _Unit:
     row_group: int
     first_row: int
     num_rows: int
+    file_index: int = 0
 
 
 class ParquetStream(IterableDataset):
@@ -293,6 +301,7 @@ class ParquetStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.num_workers = num_workers
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._resume = torch.tensor([-1, 0], dtype=torch.int64).share_memory_()  # (epoch, batches done)
         self.units, self.num_rows = self._plan()
 
     def _plan(self) -> tuple[list[_Unit], int]:
@@ -307,7 +316,7 @@ class ParquetStream(IterableDataset):
             for rg in range(meta.num_row_groups):
                 n = meta.metadata.row_group(rg).num_rows
                 if n:
-                    units.append(_Unit(file, rg, first, n))
+                    units.append(_Unit(file, rg, first, n, i))
                 first += n
             total += first
         if total == 0:
@@ -317,6 +326,39 @@ class ParquetStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Changes the shuffle of the next pass; shared with worker processes."""
         self._epoch.fill_(epoch)
+
+    def resume_from(self, epoch: int, batches: int) -> None:
+        """The next pass continues epoch ``epoch`` after its first ``batches`` batches on this rank
+        (over all workers, in the order a ``DataLoader`` interleaves them). The batches before are
+        replayed without being assembled, so the rest is exactly what an uninterrupted pass yields."""
+        if batches >= len(self):
+            self._epoch.fill_(epoch + 1)
+            self._resume.copy_(torch.tensor([-1, 0]))
+        else:
+            self._epoch.fill_(epoch)
+            self._resume.copy_(torch.tensor([epoch, batches]))
+
+    def _resume_plan(self, workers: int, world: int) -> tuple[int, list[int]]:
+        """(rotation, batches each original worker has yielded) for a resumed pass.
+
+        A ``DataLoader`` takes one batch from each worker in turn, in worker order, passing over
+        workers that are done. After ``batches`` outputs the next turn is some worker ``r``; a
+        new ``DataLoader`` starts its turns at worker 0, so resumed worker ``j`` plays original
+        worker ``(j + r) mod workers`` and skips what that one had yielded.
+        """
+        epoch, batches = (int(x) for x in self._resume)
+        taken = [0] * workers
+        if epoch != int(self._epoch.item()) or batches <= 0:
+            return 0, taken
+        left = [self._cap(w, workers, world) for w in range(workers)]
+        w = 0
+        for _ in range(batches):
+            while left[w] == 0:
+                w = (w + 1) % workers
+            taken[w] += 1
+            left[w] -= 1
+            w = (w + 1) % workers
+        return w, taken
 
     def _rank_world(self) -> tuple[int, int]:
         if self.rank is not None and self.world_size is not None:
@@ -344,16 +386,18 @@ class ParquetStream(IterableDataset):
         workers = max(1, self.num_workers)
         return sum(self._cap(worker, workers, world) for worker in range(workers))
 
-    def _shard(self) -> tuple[list[_Unit], np.random.Generator, int]:
+    def _shard(self) -> tuple[list[_Unit], np.random.Generator, int, int]:
         rank, world = self._rank_world()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rotation, taken = self._resume_plan(workers, world)
+        worker = (worker + rotation) % workers  # the original worker this one continues
         reader = rank * workers + worker
         units = self._units_of(reader, world * workers)
         rng = np.random.default_rng([self.seed, int(self._epoch.item()), reader])
         if self.shuffle:
             units = [units[i] for i in rng.permutation(len(units))]
-        return units, rng, self._cap(worker, workers, world)
+        return units, rng, self._cap(worker, workers, world), taken[worker]
 
     def _chunks(self, units: list[_Unit]) -> Iterator[Chunk]:
         encoder = ChunkEncoder(self.schema, self.vocab)
@@ -367,19 +411,20 @@ class ParquetStream(IterableDataset):
             try:
                 batches = reader.iter_batches(batch_size=65_536, row_groups=[unit.row_group], columns=columns)
                 for record_batch in batches:
-                    yield encoder.encode(record_batch, unit.file, first)
+                    yield encoder.encode(record_batch, unit.file, first, unit.file_index)
                     first += record_batch.num_rows
             except (pa.ArrowException, OSError) as err:
                 raise DataError(f"{unit.file}: row group {unit.row_group} is unreadable: {err}") from err
 
     def __iter__(self) -> Iterator[Batch]:
-        units, rng, cap = self._shard()
-        for count, batch in enumerate(self._batches(units, rng)):
+        units, rng, cap, skip = self._shard()
+        for count, make in enumerate(self._batches(units, rng)):
             if count == cap:
                 return
-            yield batch
+            if count >= skip:  # a resumed pass replays the skipped batches without assembling them
+                yield make()
 
-    def _batches(self, units: list[_Unit], rng: np.random.Generator) -> Iterator[Batch]:
+    def _batches(self, units: list[_Unit], rng: np.random.Generator) -> Iterator[Callable[[], Batch]]:
         pending: list[Chunk] = []
         held = 0
         for chunk in self._chunks(units):
@@ -395,7 +440,7 @@ class ParquetStream(IterableDataset):
             else:
                 emit = len(rows) // self.batch_size * self.batch_size
             for start in range(0, emit, self.batch_size):
-                yield rows.take(np.arange(start, start + self.batch_size)).to_batch()
+                yield partial(_assemble, rows, start, start + self.batch_size)
             rest = rows.take(np.arange(emit, len(rows)))
             pending, held = [rest], len(rest)
         if pending:
@@ -406,7 +451,11 @@ class ParquetStream(IterableDataset):
                 end = min(start + self.batch_size, len(rows))
                 if end - start < self.batch_size and self.drop_last:
                     break
-                yield rows.take(np.arange(start, end)).to_batch()
+                yield partial(_assemble, rows, start, end)
+
+
+def _assemble(rows: Chunk, start: int, end: int) -> Batch:
+    return rows.take(np.arange(start, end)).to_batch()
 
 
 __all__ = [

@@ -68,3 +68,35 @@ class Throughput(L.Callback):
         self.rates.append(rate)
         pl_module.log("train/samples_per_s", rate, rank_zero_only=True)
         rank_zero_info(f"[recsys] epoch {trainer.current_epoch}: {rate:,.0f} training samples/s over {trainer.world_size} rank(s)")
+
+
+class RowLedger(L.Callback):
+    """Appends, for every training step, which rows it trained on to ``<dir>/ledger.rank<r>.tsv``:
+    ``global_step  epoch  batch_idx  positions`` (positions: ``file_index << 40 | row``, see
+    ``Batch.positions``). An audit trail of what a model saw, and the proof that a resumed run
+    trains every row once: the steps a killed run logged after its last checkpoint are the ones
+    the resumed run trains again.
+
+    YAML: ``trainer.callbacks: [{class_path: recsys.train.callbacks.RowLedger, init_args: {dirpath: DIR}}]``
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        positions = getattr(batch, "positions", None)
+        if positions is None:
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        line = f"{trainer.global_step}\t{trainer.current_epoch}\t{batch_idx}\t{','.join(map(str, positions.tolist()))}\n"
+        with open(self.dirpath / f"ledger.rank{trainer.global_rank}.tsv", "a") as f:
+            f.write(line)
+
+
+def read_ledger(path: str | Path) -> list[tuple[int, int, int, list[int]]]:
+    """``RowLedger`` lines as (global_step, epoch, batch_idx, positions)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        step, epoch, batch_idx, positions = line.split("\t")
+        rows.append((int(step), int(epoch), int(batch_idx), [int(p) for p in positions.split(",") if p]))
+    return rows

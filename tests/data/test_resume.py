@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from recsys.data.parquet import ParquetStream
+from recsys.data.vocab import Vocabulary
+
+
+def _positions(stream: ParquetStream, workers: int) -> list[list[int]]:
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    return [b.positions.tolist() for b in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_a_resumed_pass_yields_exactly_the_unseen_batches(tiny_dataset: Path, workers: int) -> None:
+    vocab = Vocabulary.load_or_build(tiny_dataset)
+
+    def stream() -> ParquetStream:
+        s = ParquetStream(tiny_dataset, "train", vocab, batch_size=64, shuffle=True, shuffle_buffer=300, seed=5,
+                          num_workers=workers, rank=0, world_size=1)
+        s.set_epoch(1)
+        return s
+
+    full = _positions(stream(), workers)
+    assert len(full) == len(stream())
+    flat = np.concatenate(full)
+    assert len(flat) == len(set(flat.tolist())) == 3000  # every row once
+    for done in (1, 7, len(full) - 1):
+        resumed = stream()
+        resumed.resume_from(1, done)
+        assert _positions(resumed, workers) == full[done:]
+    finished = stream()
+    finished.resume_from(1, len(full))  # an epoch-end checkpoint: the next pass is epoch 2, from its start
+    epoch2 = stream()
+    epoch2.set_epoch(2)
+    assert _positions(finished, workers) == _positions(epoch2, workers)
