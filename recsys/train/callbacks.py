@@ -57,6 +57,10 @@ class Throughput(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rows, self._start, self._last = 0, time.perf_counter(), None
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a run resumed mid-epoch starts without on_train_epoch_start
+        self.on_train_epoch_start(trainer, pl_module)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._rows += len(batch)
         self._last = time.perf_counter()

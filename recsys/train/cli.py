@@ -22,6 +22,12 @@ class RecsysCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # the model's tables and inputs come from the dataset (schema + vocabulary sizes)
         parser.link_arguments("data.dataset_info", "model.init_args.features", apply_on="instantiate")
+        parser.add_argument("--nonfinite", choices=["stop", "skip"], default="stop",
+                            help="a NaN/inf loss or gradient: stop (save a checkpoint, then fail naming the step and "
+                                 "batch) or skip the batch")
+
+    def before_fit(self) -> None:
+        self.model.nonfinite_policy = self.config[self.subcommand]["nonfinite"]
 
     def instantiate_classes(self) -> None:
         # TorchrecStrategy(init_tables_on_meta=true): the model's tables are built on the meta device

@@ -27,6 +27,10 @@ from recsys.eval.metrics import ctr_metrics
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
 
 
+class NonFiniteError(RuntimeError):
+    """Training met a NaN/inf loss or gradient (``nonfinite_policy = "stop"``)."""
+
+
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
 
@@ -61,14 +65,59 @@ class CTRModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.optimizer_groups())
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         logits = self(batch)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         reg = self.regularization(batch)
+        total = loss + reg
+        if not self._all_finite([total], "loss", batch, batch_idx):
+            return None  # skipped: no backward, no optimizer step, tables untouched
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         if isinstance(reg, torch.Tensor):
             self.log("train/reg", reg, batch_size=len(batch))
-        return loss + reg
+        return total
+
+    # -- non-finite guard ---------------------------------------------------------------------
+    #: "stop": save a checkpoint and raise NonFiniteError; "skip": drop the batch and go on.
+    #: ``recsys fit --nonfinite skip`` sets it.
+    nonfinite_policy: str = "stop"
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        # forward + backward first, then look at the gradients before anything is updated
+        if optimizer_closure is not None and optimizer_closure() is None:
+            return  # the loss guard skipped this batch
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not self._all_finite(grads, "gradient", getattr(self, "_current_batch", None), batch_idx):
+            optimizer.zero_grad()
+            return
+        optimizer.step()
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        self._current_batch = batch
+
+    def _all_finite(self, tensors: list[torch.Tensor], what: str, batch: Batch | None, batch_idx: int) -> bool:
+        # one fused pass: the norm of a tensor holding a NaN or inf (or overflowing) is not finite
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        norms = torch._foreach_norm([t.detach().float().reshape(-1) for t in tensors]) if tensors else []
+        finite = bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
+        bad = torch.tensor(0 if finite else 1, dtype=torch.int32, device=self.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank decides alike
+        if not bool(bad):
+            return True
+        trainer = self.trainer
+        rows = "" if batch is None or batch.positions is None else f", rows at positions {batch.positions[:4].tolist()}..."
+        where = f"non-finite {what} at global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx}{rows})"
+        if self.nonfinite_policy == "skip":
+            self._skipped_batches = getattr(self, "_skipped_batches", 0) + 1
+            self.log("train/skipped_batches", float(self._skipped_batches), batch_size=1)
+            warnings.warn(f"{where}: batch skipped (--nonfinite skip)", stacklevel=2)
+            return False
+        directory = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)
+        path = directory / f"nonfinite-step{trainer.global_step}.ckpt"
+        trainer.save_checkpoint(path)  # collective under the torchrec strategy: every rank is here
+        raise NonFiniteError(f"{where}; the weights before this step are in {path}. Nothing was updated with it. "
+                             f"Rerun with --nonfinite skip to drop such batches instead")
 
     def on_train_epoch_start(self) -> None:
         # a streaming dataset has no sampler for Lightning to re-seed; tell it the epoch

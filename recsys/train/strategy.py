@@ -175,15 +175,27 @@ class TorchrecStrategy(DDPStrategy):
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        # written whole into a temporary directory, then swapped in: a run killed while saving
+        # leaves the previous checkpoint intact
         path = Path(filepath)
-        if self.is_global_zero and path.is_file():
-            path.unlink()
+        staging, old = path.parent / f".{path.name}.tmp", path.parent / f".{path.name}.old"
+        if self.is_global_zero:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
         self.barrier("recsys-ckpt-prepare")
         state = {"state_dict": checkpoint.pop("state_dict"), "sparse_optimizer": self.model.fused_optimizer.state_dict()}
-        dcp.save(state, checkpoint_id=str(path))
+        dcp.save(state, checkpoint_id=str(staging))
         if self.is_global_zero:
             checkpoint["recsys_checkpoint_format"] = "torch.distributed.checkpoint"
-            torch.save(checkpoint, path / META_FILE)
+            torch.save(checkpoint, staging / META_FILE)
+        self.barrier("recsys-ckpt-written")
+        if self.is_global_zero:
+            if path.is_file():
+                path.unlink()
+            elif path.exists():
+                path.rename(old)
+            staging.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
         self.barrier("recsys-ckpt-done")
 
     def remove_checkpoint(self, filepath: Any) -> None:

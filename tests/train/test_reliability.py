@@ -1,0 +1,124 @@
+"""Kill-and-resume without losing or repeating a row, and the non-finite guard."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from recsys.train.callbacks import read_ledger
+from recsys.train.cli import run
+from recsys.train.module import NonFiniteError, load_model
+from tests.conftest import ROOT, write_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("reliable") / "tiny")
+
+
+def _config(path: Path, data: Path, runs: Path, version: str, callbacks: list[dict], workers: int = 0) -> Path:
+    config = {
+        "seed_everything": 42,
+        "ckpt_path": "last",
+        "model": {"class_path": "recsys.models.base.EmbeddingMLP",
+                  "init_args": {"embedding_dim": 8, "dnn_hidden_units": [32],
+                                "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}}}},
+        "data": {"path": str(data), "batch_size": 60, "num_workers": workers},
+        "trainer": {
+            "max_epochs": 2, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "log_every_n_steps": 1,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(runs), "name": "", "version": version}},
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"every_n_train_steps": 10, "save_top_k": 0, "save_last": True}},
+                {"class_path": "recsys.train.callbacks.RowLedger", "init_args": {"dirpath": str(runs / version / "ledger")}},
+                {"class_path": "tests.train.faults.SaveFinal", "init_args": {"path": str(runs / version / "final.ckpt")}},
+                *callbacks,
+            ],
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    recsys = Path(sys.executable).parent / "recsys"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # its own session: the fault kills the job's whole process group, as a preemption would
+    return subprocess.run([str(recsys), "fit", "--config", str(config), *extra], capture_output=True, text=True,
+                          env=env, cwd=config.parent, timeout=600, start_new_session=True)
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_model(path).state_dict().items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_sigkill_mid_epoch_then_the_same_command_resumes_without_losing_or_repeating_a_row(
+        tiny: Path, tmp_path: Path, devices: int) -> None:
+    runs = tmp_path / "runs"
+    extra = ["--trainer.strategy", "torchrec", "--trainer.devices", "2"] if devices == 2 else []
+    workers = 2 if devices == 1 else 0
+    full = _fit(_config(tmp_path / "full.yaml", tiny, runs, "full", [], workers), *extra)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    config = _config(tmp_path / "job.yaml", tiny, runs, "job", [{"class_path": "tests.train.faults.KillAt",
+                                                                 "init_args": {"step": 27}}], workers)
+    killed = _fit(config, *extra)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (runs / "job" / "final.ckpt").exists()
+    killed_ledgers = {p.name: read_ledger(p) for p in (runs / "job" / "ledger").iterdir()}
+    assert max(step for lines in killed_ledgers.values() for step, *_ in lines) >= 27  # died mid-epoch 0
+    for p in (runs / "job" / "ledger").iterdir():
+        p.rename(p.with_suffix(".killed"))
+
+    resumed = _fit(config, *extra)  # the same command
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name, killed_lines in killed_ledgers.items():
+        kept = [line for line in killed_lines if line[0] <= 20]  # up to the last checkpoint (step 20)
+        after = read_ledger(runs / "job" / "ledger" / name)
+        assert after[0][:3] == (21, 0, 20)  # resumed at the next step, mid-epoch 0
+        assert kept + after == read_ledger(runs / "full" / "ledger" / name)  # same rows, same steps
+        positions = [p for _, epoch, _, ps in kept + after if epoch == 0 for p in ps]
+        assert len(positions) == len(set(positions))  # no row twice in an epoch
+    a, b = _state(runs / "full" / "final.ckpt"), _state(runs / "job" / "final.ckpt")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
+def _run_inprocess(tiny: Path, tmp_path: Path, poison: dict, *extra: str) -> Path:
+    runs = tmp_path / "runs"
+    config = _config(tmp_path / "cfg.yaml", tiny, runs, "nan", [{"class_path": "tests.train.faults.PoisonAt", "init_args": poison}])
+    run(["fit", "--config", str(config), *extra])
+    return runs / "nan"
+
+
+def test_nan_loss_stops_with_step_and_batch_after_saving_a_checkpoint(tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(NonFiniteError, match=r"non-finite loss at global step 13 \(epoch 0, batch 13, rows at positions"):
+        _run_inprocess(tiny, tmp_path, {"step": 13, "what": "loss"})
+    saved = next((tmp_path / "runs" / "nan").rglob("nonfinite-step13.ckpt"))
+    checkpoint = torch.load(saved, weights_only=False)
+    assert checkpoint["global_step"] == 13
+    weights = checkpoint["state_dict"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    # nothing was updated by the bad step: the checkpoint at step 10 + 3 good steps is what we hold
+    ledger = read_ledger(tmp_path / "runs" / "nan" / "ledger" / "ledger.rank0.tsv")
+    assert [line[0] for line in ledger] == list(range(1, 14))
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_skip_policy_drops_the_bad_batch_and_keeps_training(tiny: Path, tmp_path: Path, what: str) -> None:
+    report = tmp_path / "poisoned_step.txt"
+    with pytest.warns(UserWarning, match=f"non-finite {what} at global step 13"):
+        out = _run_inprocess(tiny, tmp_path, {"step": 13, "what": what, "report": str(report)}, "--nonfinite", "skip")
+    assert report.read_text() == "unchanged"  # the bad batch updated nothing (tables, MLP, optimizer-driven state)
+    state = _state(out / "final.ckpt")
+    assert all(torch.isfinite(v).all() for v in state.values())
+    ledger = read_ledger(out / "ledger" / "ledger.rank0.tsv")
+    assert len(ledger) == 100 and [line[2] for line in ledger[:51]] == list(range(50)) + [0]  # training went on
