@@ -14,6 +14,9 @@ Training (LightningCLI; `recsys fit --help` lists every option):
   test       score the test split
   predict    write predictions.parquet for data.predict_split
 
+Data:
+  data check every problem of a dataset directory at once: recsys data check DIR [--json FILE]
+
 Scaling out:
   plan       dry-run the sharding planner: recsys plan --config ... --world-size 8 [--device cuda]
   (train sharded with --trainer.strategy torchrec --trainer.devices N; see docs/architecture.md)
@@ -66,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from recsys.train.plan import main as plan_main
 
         return plan_main(rest)
+    if command == "data":
+        from recsys.data.check import main as data_main
+
+        return data_main(rest)
     if command == "optembed":
         from recsys.train.optembed import main as optembed_main
 

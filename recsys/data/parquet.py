@@ -72,34 +72,44 @@ def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t)
 
 
-def check_columns(schema: Schema, arrow_schema: pa.Schema, file: Path) -> None:
-    """Raises ``DataError`` naming the file and column when a column is missing or mistyped."""
+def column_problems(schema: Schema, arrow_schema: pa.Schema, file: Path) -> list[str]:
+    """Every missing or mistyped column of ``file``, each message naming the file and column."""
     names = set(arrow_schema.names)
     missing = [c for c in schema.columns() if c not in names]
-    if missing:
-        raise DataError(f"{file}: missing column(s) {missing} required by {schema.source}")
+    problems = [f"{file}: missing column(s) {missing} required by {schema.source}"] if missing else []
 
-    def fail(column: str, want: str) -> None:
-        raise DataError(f"{file}: column {column!r} has type {arrow_schema.field(column).type}, expected {want}")
+    def wrong(column: str, want: str) -> str:
+        return f"{file}: column {column!r} has type {arrow_schema.field(column).type}, expected {want}"
 
-    label_type = arrow_schema.field(schema.label).type
-    if not (pa.types.is_integer(label_type) or pa.types.is_boolean(label_type) or pa.types.is_floating(label_type)):
-        fail(schema.label, "a 0/1 integer, boolean or float label")
-    if schema.group and not _is_id_type(arrow_schema.field(schema.group).type):
-        fail(schema.group, "an integer or string group id")
+    if schema.label in names:
+        label_type = arrow_schema.field(schema.label).type
+        if not (pa.types.is_integer(label_type) or pa.types.is_boolean(label_type) or pa.types.is_floating(label_type)):
+            problems.append(wrong(schema.label, "a 0/1 integer, boolean or float label"))
+    if schema.group and schema.group in names and not _is_id_type(arrow_schema.field(schema.group).type):
+        problems.append(wrong(schema.group, "an integer or string group id"))
     for f in schema.features:
+        if f.name not in names:
+            continue
         t = arrow_schema.field(f.name).type
         if f.type is FeatureType.CATEGORICAL and not _is_id_type(t):
-            fail(f.name, "an integer or string id (categorical)")
+            problems.append(wrong(f.name, "an integer or string id (categorical)"))
         elif f.type in (FeatureType.CATEGORICAL_LIST, FeatureType.SEQUENCE):
             if not (_is_list(t) and _is_id_type(t.value_type)):
-                fail(f.name, f"a list of integer or string ids ({f.type.value})")
+                problems.append(wrong(f.name, f"a list of integer or string ids ({f.type.value})"))
         elif f.type is FeatureType.NUMERIC and not (
             pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
         ):
-            fail(f.name, "a number (numeric)")
+            problems.append(wrong(f.name, "a number (numeric)"))
         elif f.type is FeatureType.TEXT and not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-            fail(f.name, "a string (text)")
+            problems.append(wrong(f.name, "a string (text)"))
+    return problems
+
+
+def check_columns(schema: Schema, arrow_schema: pa.Schema, file: Path) -> None:
+    """Raises ``DataError`` naming the file and column when a column is missing or mistyped."""
+    problems = column_problems(schema, arrow_schema, file)
+    if problems:
+        raise DataError(problems[0])
 
 
 def id_kind(t: pa.DataType) -> str:
@@ -227,13 +237,16 @@ class ChunkEncoder:
             column = batch.column(spec.name)
             x = pc.fill_null(column.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
             bad = np.flatnonzero(~np.isfinite(x))
-            if len(bad):
+            mean, std = self.vocab.numeric_stats[spec.name]
+            if len(bad) and spec.missing == "error":
                 raise DataError(
                     f"{file}: column {spec.name!r} row {first_row + int(bad[0])}: numeric value is "
                     f"{column[int(bad[0])].as_py()!r} ({len(bad)} non-finite or missing in this batch); "
-                    f"clean or impute it before training"
+                    f"clean it, or declare `missing: mean` or `missing: zero` for it in the schema"
                 )
-            mean, std = self.vocab.numeric_stats[spec.name]
+            if len(bad):
+                x = x.copy()
+                x[bad] = mean if spec.missing == "mean" else 0.0
             dense_cols.append(((x - mean) / std).astype(np.float32))
         dense = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((len(labels), 0), np.float32)
 

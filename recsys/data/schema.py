@@ -33,7 +33,8 @@ class FeatureType(StrEnum):
 
 
 ID_TYPES = (FeatureType.CATEGORICAL, FeatureType.CATEGORICAL_LIST, FeatureType.SEQUENCE)
-_KNOWN_KEYS = {"name", "type", "target", "max_len", "min_count", "num_buckets", "embedding_dim"}
+_KNOWN_KEYS = {"name", "type", "target", "max_len", "min_count", "num_buckets", "embedding_dim", "missing"}
+MISSING_POLICIES = ("error", "mean", "zero")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class FeatureSpec:
     min_count: int = 1  # ids seen fewer times in train map to the OOV row
     num_buckets: int | None = None  # hash ids into this many rows instead of a vocabulary
     embedding_dim: int | None = None  # overrides the model's default dimension
+    missing: str = "error"  # numeric only: a null/NaN/inf value stops the run ("error") or becomes the train mean or 0
 
     @property
     def table(self) -> str:
@@ -58,6 +60,8 @@ class FeatureSpec:
         d["type"] = self.type.value
         if d.get("min_count") == 1:
             del d["min_count"]
+        if d.get("missing") == "error":
+            del d["missing"]
         return d
 
 
@@ -170,6 +174,12 @@ def parse_schema(raw: Any, source: str = "<schema>") -> Schema:
         else:
             if "target" in item or "max_len" in item:
                 raise SchemaError(f"{where}: 'target'/'max_len' are only for sequence features")
+        if "missing" in item:
+            if ftype is not FeatureType.NUMERIC:
+                raise SchemaError(f"{where}: 'missing' applies to numeric features only")
+            if item["missing"] not in MISSING_POLICIES:
+                raise SchemaError(f"{where}: missing must be one of {list(MISSING_POLICIES)}, got {item['missing']!r}")
+            kwargs["missing"] = item["missing"]
         if ftype in (FeatureType.NUMERIC, FeatureType.TEXT):
             extra = {"min_count", "num_buckets", "embedding_dim"} & set(kwargs)
             if extra:

@@ -275,9 +275,13 @@ class Vocabulary:
                     bucket_counts[name] += np.bincount(hash_bucket(flat, n), minlength=n + 1)
                 for f in schema.numeric:
                     x = pc.fill_null(batch.column(f.name).cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
-                    if not np.isfinite(x).all():
-                        bad = int(np.flatnonzero(~np.isfinite(x))[0])
-                        raise DataError(f"{file}: column {f.name!r}: non-finite or missing numeric value {x[bad]!r}")
+                    finite = np.isfinite(x)
+                    if not finite.all():
+                        if f.missing == "error":
+                            bad = int(np.flatnonzero(~finite)[0])
+                            raise DataError(f"{file}: column {f.name!r}: non-finite or missing numeric value {x[bad]!r} "
+                                            f"(declare `missing: mean` or `missing: zero` in the schema to impute)")
+                        x = x[finite]  # statistics over the values present
                     sums[f.name] += (len(x), x.sum(), (x * x).sum())
         if rows == 0:
             raise DataError(f"{data_dir}: split 'train' is empty (0 rows)")
