@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from recsys.data.datamodule import CTRDataModule
+from recsys.eval.metrics import auc
+from recsys.eval.report import predict_split
+from recsys.models.dlrm import DLRM, dot_interaction
+from tests.conftest import TINY_SCHEMA, write_dataset
+
+
+def test_dot_interaction_matches_a_plain_loop() -> None:
+    torch.manual_seed(0)
+    vectors = torch.randn(3, 5, 4)
+    expected = torch.stack([
+        torch.stack([vectors[b, i] @ vectors[b, j] for i in range(5) for j in range(i + 1, 5)]) for b in range(3)
+    ])
+    torch.testing.assert_close(dot_interaction(vectors), expected)
+    assert dot_interaction(vectors).shape == (3, 10)
+
+
+def test_forward_shapes_and_widths(tiny_dataset: Path) -> None:
+    dm = CTRDataModule(str(tiny_dataset), batch_size=64)
+    model = DLRM(dm.dataset_info, embedding_dim=8, bottom_hidden_units=[16], top_hidden_units=[32])
+    batch = next(iter(dm.stream("train")))
+    assert model(batch).shape == (64,)
+    # 5 pooled vectors (user, item, tags, city, hist_item) + the bottom MLP's: 15 pairs, plus x itself
+    assert model.top.layers[0].in_features == 6 * 5 // 2 + 8
+
+
+def test_tables_must_share_one_width(tmp_path: Path) -> None:
+    schema = TINY_SCHEMA.replace("{name: city, type: categorical, num_buckets: 7}",
+                                 "{name: city, type: categorical, num_buckets: 7, embedding_dim: 4}")
+    dm = CTRDataModule(str(write_dataset(tmp_path / "d", schema=schema)))
+    with pytest.raises(ValueError, match=r"needs every table 8 wide; the schema sets \{'city': 4\}"):
+        DLRM(dm.dataset_info, embedding_dim=8)
+
+
+def test_learns_the_planted_signal(tiny_dataset: Path) -> None:
+    L.seed_everything(0)
+    dm = CTRDataModule(str(tiny_dataset), batch_size=128)
+    model = DLRM(dm.dataset_info, embedding_dim=8, bottom_hidden_units=[16], top_hidden_units=[32],
+                 optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, dm)
+    scored = predict_split(model, dm.stream("test"))
+    assert auc(scored["label"], scored["prob"]) > 0.72
