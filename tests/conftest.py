@@ -68,6 +68,20 @@ def write_dataset(root: Path, rows: dict[str, int] | None = None, schema: str = 
     return root
 
 
+def fit_and_auc(model, dm, epochs: int = 4) -> float:  # noqa: ANN001
+    """Trains ``model`` on ``dm`` with a plain Lightning trainer; its test AUC."""
+    import lightning as L
+
+    from recsys.eval.metrics import auc
+    from recsys.eval.report import predict_split
+
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, dm)
+    scored = predict_split(model, dm.stream("test"))
+    return auc(scored["label"], scored["prob"])
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "tiny")

@@ -5,10 +5,8 @@ import pytest
 import torch
 
 from recsys.data.datamodule import CTRDataModule
-from recsys.eval.metrics import auc
-from recsys.eval.report import predict_split
 from recsys.models.dlrm import DLRM, dot_interaction
-from tests.conftest import TINY_SCHEMA, write_dataset
+from tests.conftest import TINY_SCHEMA, fit_and_auc, write_dataset
 
 
 def test_dot_interaction_matches_a_plain_loop() -> None:
@@ -43,8 +41,5 @@ def test_learns_the_planted_signal(tiny_dataset: Path) -> None:
     dm = CTRDataModule(str(tiny_dataset), batch_size=128)
     model = DLRM(dm.dataset_info, embedding_dim=8, bottom_hidden_units=[16], top_hidden_units=[32],
                  optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
-    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, dm)
-    scored = predict_split(model, dm.stream("test"))
-    assert auc(scored["label"], scored["prob"]) > 0.72
+    # the planted logit's AUC on this data is about 0.8; an untrained model gives about 0.5
+    assert fit_and_auc(model, dm) > 0.72
