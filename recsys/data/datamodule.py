@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from recsys.data.parquet import SPLITS, DataError, ParquetStream
+from recsys.data.parquet import SPLITS, DataError, ParquetStream, release_freed_memory
 from recsys.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,13 @@ class StreamLoader(DataLoader):
     def __init__(self, stream: ParquetStream, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
         super().__init__(stream, batch_size=None, **kwargs)
         self._progress = progress
+
+    def __iter__(self):  # noqa: ANN204
+        # the main process frees every batch it trained on; hand the pages back now and then
+        for count, batch in enumerate(super().__iter__()):
+            if count % 200 == 199:
+                release_freed_memory()
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         epoch, batches = self._progress()
