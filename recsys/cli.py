@@ -32,6 +32,10 @@ Serving:
   serve      HTTP JSON scoring of an export: recsys serve DIR [--port 8080]
              (POST /score, GET /healthz, GET /metadata; docs/export_format.md)
 
+Retrieval:
+  retrieve   ID / content / hybrid retrieval + DIN re-ranking, Recall@K and NDCG@K (overall, cold items):
+             recsys retrieve --two-tower TT.ckpt [--din DIN.ckpt] --out DIR
+
 Evaluation:
   eval       offline CTR report (AUC, GAUC, logloss, RelaImpr, bootstrap CIs, calibration plot):
              recsys eval --ckpt CKPT [--data DIR] [--split test] [--out DIR] [--baseline REPORT.json]
@@ -85,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         from recsys.serve.server import main as serve_main
 
         return serve_main(rest)
+    if command == "retrieve":
+        from recsys.retrieval.evaluate import main as retrieve_main
+
+        return retrieve_main(rest)
     if command == "eval":
         from recsys.eval.report import main as eval_main
 

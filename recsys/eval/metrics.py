@@ -182,3 +182,22 @@ def _ranges(sizes: np.ndarray) -> np.ndarray:
     total = int(sizes.sum())
     starts = np.cumsum(sizes) - sizes
     return np.arange(total) - np.repeat(starts, sizes)
+
+
+def recall_at_k(ranked: list[list], positives: list[set], k: int) -> float:
+    """PROTOCOLS.md Recall@K: per user |top-K ∩ positives| / |positives|, averaged over users with positives."""
+    values = [len(set(r[:k]) & p) / len(p) for r, p in zip(ranked, positives, strict=True) if p]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def ndcg_at_k(ranked: list[list], positives: list[set], k: int) -> float:
+    """NDCG@K with binary relevance: DCG of the top K over the DCG of an ideal ranking, averaged."""
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    values = []
+    for r, p in zip(ranked, positives, strict=True):
+        if not p:
+            continue
+        gains = np.array([1.0 if item in p else 0.0 for item in r[:k]])
+        ideal = discounts[: min(len(p), k)].sum()
+        values.append(float((gains * discounts[: len(gains)]).sum() / ideal))
+    return float(np.mean(values)) if values else float("nan")

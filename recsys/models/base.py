@@ -128,14 +128,6 @@ class EmbeddingMLP(CTRModule):
         return torch.export.export(head, example, dynamic_shapes=({0: batch}, {0: batch}))
 
 
-class _Head(torch.nn.Module):
-    def __init__(self, dnn: MLP) -> None:
-        super().__init__()
-        self.dnn = dnn
-
-    def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        return self.dnn(torch.cat([pooled, dense], dim=1)).squeeze(-1)
-
     # -- OptEmbed --------------------------------------------------------------------------
     def regularization(self, batch: Batch) -> torch.Tensor | float:
         return self.tables.regularization() if isinstance(self.tables, OptEmbedBag) else 0.0
@@ -183,3 +175,12 @@ class _Head(torch.nn.Module):
                 compact.tables.weight(owner)[1:] = self.tables.weight(owner)[mask][:, : int(dims[owner])]
         compact.load_state_dict(state | {f"tables.{k}": v for k, v in compact.tables.state_dict().items()})
         return compact.eval()
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, dnn: MLP) -> None:
+        super().__init__()
+        self.dnn = dnn
+
+    def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return self.dnn(torch.cat([pooled, dense], dim=1)).squeeze(-1)

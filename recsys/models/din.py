@@ -40,6 +40,7 @@ from recsys.embedding.tables import (
 from recsys.embedding.unified import UnifiedEmbeddingBag, UnifiedEmbeddingCollection, UnifiedSpec
 from recsys.layers.attention import TargetAttention
 from recsys.layers.mlp import MLP
+from recsys.text.features import ItemText, TextSpec
 from recsys.train.module import CTRModule, default_optimizer
 
 
@@ -60,6 +61,8 @@ class DIN(CTRModule):
             pooled features are not penalised (their lookup output is a mean of rows).
         unified: shared tables with per-feature probes (Unified Embedding) for every id feature,
             sequences and targets included (each sequence probes with its target's salts).
+        text: item text vectors (a local transformer + a pooling head, ``recsys.text.features.TextSpec``)
+            joined to the item's ID embedding for the target and its behaviors (concat, sum or init).
         optimizer: optimizer factory over all parameters.
 
     Example::
@@ -82,10 +85,12 @@ class DIN(CTRModule):
         pooling: str = "mean",
         mba_lambda: float = 0.0,
         unified: UnifiedSpec | None = None,
+        text: TextSpec | None = None,
         optimizer: OptimizerCallable = default_optimizer,
     ) -> None:
         super().__init__(features, optimizer)
         unified = UnifiedSpec(**unified) if isinstance(unified, dict) else unified  # from a manifest or DCP checkpoint
+        text = TextSpec(**text) if isinstance(text, dict) else text
         sequences = self.schema.sequences
         if not sequences:
             raise ValueError(f"{self.schema.source}: DIN needs at least one 'sequence' feature; use EmbeddingMLP instead")
@@ -121,6 +126,9 @@ class DIN(CTRModule):
             self.pooled_order = list(pooled_owners)
             self.guard = IdGuard({f: self.info.num_embeddings[o] for f, o in (sequence_owners | pooled_owners).items()})
             pooled_width = sum(self.pooled_tables.output_dims().values()) if self.pooled_tables else 0
+        self.item_text, self.text_features = None, []
+        if text is not None:
+            self._add_text(text, unified)
         self.attention = torch.nn.ModuleList(
             TargetAttention(sum(self.width[s] for s in group), attention_hidden_units, attention_activation, attention_softmax)
             for group in self.groups
@@ -135,6 +143,39 @@ class DIN(CTRModule):
             counts = self._train_counts()
             for table in [*self.targets, *self.single_valued_pooled]:
                 self.register_buffer(f"inverse_counts_{table}", inverse_counts(counts[table]))
+
+    def _add_text(self, text: TextSpec, unified: UnifiedSpec | None) -> None:
+        """Item text vectors join the item's ID embedding for the target and its behaviors."""
+        if unified is not None:
+            raise ValueError("text features need per-item table rows; they do not combine with unified tables")
+        item = text.item or self.targets[0]
+        if item not in self.targets:
+            raise ValueError(f"text.item {item!r} must be a sequence target ({self.targets})")
+        width = self.width[item]
+        dim = text.dim or width
+        if text.combine in ("sum", "init") and dim != width:
+            raise ValueError(f"text.combine={text.combine} needs text.dim equal to the {item!r} table width {width}")
+        self.item_text = ItemText(self.info, text, item, dim)
+        self.text_features = [item] + [s for s, t in self.target_of.items() if t == item]
+        self.text_combine = text.combine
+        if text.combine == "concat":
+            for f in self.text_features:
+                self.width[f] += dim
+        elif text.combine == "init" and table_device() is None:  # (tables on meta: nothing to initialize)
+            weight = self.sequence_tables.embeddings[f"t_{item}"].weight
+            with torch.no_grad():
+                weight.copy_(self.item_text.initial_rows(float(weight.std())))
+
+    def _with_text(self, jagged: dict, sequence_ids: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        """Looked-up rows per feature, with the item text vectors joined (concat or sum)."""
+        values = {f: jagged[f].values() for f in jagged}
+        if self.item_text is None or self.text_combine == "init":
+            return values
+        ids = [sequence_ids[f].values() for f in self.text_features]
+        vectors = self.item_text(torch.cat(ids)).split([len(i) for i in ids])
+        for f, v in zip(self.text_features, vectors, strict=True):
+            values[f] = torch.cat([values[f], v], dim=1) if self.text_combine == "concat" else values[f] + v
+        return values
 
     def _check_groups(self) -> None:
         grouped = [s for group in self.groups for s in group]
@@ -164,7 +205,8 @@ class DIN(CTRModule):
     def forward(self, batch: Batch) -> torch.Tensor:
         sequence_ids, pooled_ids = self._ids(batch)
         jagged = self.sequence_tables(self.guard(sequence_ids))  # feature -> JaggedTensor
-        targets = {t: jagged[t].values() for t in self.targets}  # [B, D] each: one id per row
+        values = self._with_text(jagged, sequence_ids)
+        targets = {t: values[t] for t in self.targets}  # [B, D] each: one id per row
         parts = []
         if pooled_ids is not None:
             pooled = self.pooled_tables(self.guard(pooled_ids))
@@ -178,7 +220,7 @@ class DIN(CTRModule):
                 if not torch.equal(jagged[s].lengths(), lengths):
                     raise ValueError(f"sequences {group} attend together but differ in length; set attention_groups")
             query = torch.cat([targets[self.target_of[s]] for s in group], dim=1)  # [B, D·|group|]
-            keys = torch.cat([jagged[s].values() for s in group], dim=1)  # [N, D·|group|]
+            keys = torch.cat([values[s] for s in group], dim=1)  # [N, D·|group|]
             parts.append(attention(query, keys, lengths))
         parts.append(batch.dense)
         return self.dnn(torch.cat(parts, dim=1)).squeeze(-1)

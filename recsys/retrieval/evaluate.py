@@ -1,0 +1,253 @@
+"""``recsys retrieve``: ID, content and hybrid retrieval with DIN re-ranking, scored by Recall@K / NDCG@K.
+
+    recsys retrieve --two-tower TT.ckpt --din DIN.ckpt --out runs/retrieval     # ml100k-ctr test split
+
+Per user with a click in the evaluated split (PROTOCOLS.md): the positives are the items clicked
+there; every catalogue item the user met in train is excluded from the candidates. The
+catalogue is every item of every split, so items absent from train (cold items) are candidates
+too. Rankings:
+
+- **ID**: the two-tower model's user vector (user id + behavior sequence as of the user's first
+  row in the split) against its item vectors (a cold item reads the OOV row), faiss search;
+- **text**: content only — each item's text (``--text-feature``) through the local encoder and a
+  pooling head (``--pooling``; a trained head can come from a DIN checkpoint with text features,
+  ``--text-head``), the user's vector the mean of their train clicks' text vectors;
+- **hybrid (RRF)**: reciprocal rank fusion ``Σ 1/(60 + rank)`` of the two lists;
+- **hybrid (learned)**: ``α·s_id + (1 − α)·s_text`` with ``α`` chosen on the val split;
+- **hybrid + DIN**: the learned hybrid's top ``--rerank-depth`` re-ordered by DIN's click
+  probability for (user, candidate), with the user's features and history as of that row.
+
+Writes ``report.json`` and ``report.md`` (overall and cold-item Recall/NDCG) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from recsys.data.parquet import ChunkEncoder, split_files
+from recsys.data.vocab import Vocabulary
+from recsys.eval.metrics import ndcg_at_k, recall_at_k
+from recsys.retrieval.index import VectorIndex
+
+
+def _read(data_dir: Path, split: str, columns: list[str]) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    return pd.concat([pq.read_table(f, columns=columns).to_pandas() for f in split_files(data_dir, split)], ignore_index=True)
+
+
+class Catalogue:
+    """Every item of every split, with its item-level columns (those constant per item in train)."""
+
+    def __init__(self, data_dir: Path, vocab: Vocabulary, item: str, text_feature: str) -> None:
+        schema = vocab.schema
+        columns = schema.columns()
+        frames = {s: _read(data_dir, s, columns) for s in ("train", "val", "test")}
+        everything = pd.concat(frames.values(), ignore_index=True)
+        train = frames["train"]
+        candidates = [c for c in columns if c not in (item, schema.label)]
+        constant = train.groupby(item)[[c for c in candidates if train[c].map(_hashable).nunique() > 0]] \
+            .agg(lambda s: s.map(_hashable).nunique() <= 1).all()
+        self.item_columns = [item] + [c for c, ok in constant.items() if ok]
+        first = everything.drop_duplicates(item).set_index(item, drop=False)
+        self.items = first.index.to_numpy()
+        self.values = first[self.item_columns].reset_index(drop=True)
+        self.rows = vocab.lookup(item, pa.array(self.items))
+        self.cold = self.rows == 0
+        self.texts = first[text_feature].fillna("").astype(str).tolist()
+        self.position = {v: i for i, v in enumerate(self.items)}
+        self.frames = frames
+
+
+def _hashable(value):  # noqa: ANN001, ANN202
+    return tuple(value) if isinstance(value, (list, np.ndarray)) else value
+
+
+class Queries:
+    """Users with a click in ``split``: template row, positives, and train items to exclude."""
+
+    def __init__(self, catalogue: Catalogue, split: str, user: str, item: str, label: str) -> None:
+        frame = catalogue.frames[split]
+        train = catalogue.frames["train"]
+        clicked = frame[frame[label] > 0.5]
+        users = clicked[user].unique()
+        self.templates = frame[frame[user].isin(users)].drop_duplicates(user).set_index(user).loc[users].reset_index()
+        positives = clicked.groupby(user)[item].agg(lambda s: {catalogue.position[i] for i in s})
+        seen = train.groupby(user)[item].agg(lambda s: {catalogue.position[i] for i in s})
+        self.positives = [positives[u] for u in users]
+        self.seen = [seen.get(u, set()) for u in users]
+        train_clicks = train[train[label] > 0.5].groupby(user)[item].agg(lambda s: [catalogue.position[i] for i in s])
+        self.train_clicks = [train_clicks.get(u, []) for u in users]
+        self.users = users
+        self.cold_positives = [{p for p in ps if catalogue.cold[p]} for ps in self.positives]
+
+
+def _encode(vocab: Vocabulary, frame: pd.DataFrame):  # noqa: ANN202
+    schema = vocab.schema
+    frame = frame.copy()
+    frame[schema.label] = 0
+    batch = pa.RecordBatch.from_pandas(frame[[c for c in schema.columns() if c in frame]], preserve_index=False)
+    return ChunkEncoder(schema, vocab).encode(batch, Path("<retrieval>"), 0).to_batch()
+
+
+def _rank(scores: np.ndarray, exclude: list[set], k: int) -> list[list[int]]:
+    """Top-k catalogue positions per user of a dense ``[U, N]`` score matrix, excluding seen items."""
+    scores = scores.copy()
+    for u, seen in enumerate(exclude):
+        scores[u, list(seen)] = -np.inf
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[int(i) for i in row if np.isfinite(scores[u, i])] for u, row in enumerate(top)]
+
+
+def _metrics(ranked: list[list[int]], queries: Queries, k: int) -> dict[str, float]:
+    return {f"recall@{k}": recall_at_k(ranked, queries.positives, k), f"ndcg@{k}": ndcg_at_k(ranked, queries.positives, k),
+            f"cold_recall@{k}": recall_at_k(ranked, queries.cold_positives, k),
+            "cold_users": int(sum(1 for c in queries.cold_positives if c))}
+
+
+class Retriever:
+    def __init__(self, two_tower, data_dir: Path, text_feature: str, pooling: str = "mean",  # noqa: ANN001
+                 text_head: torch.nn.Module | None = None, model_path: str | None = None) -> None:
+        from recsys.text.encoder import TextEncoder
+        from recsys.text.pooling import make_pooling
+
+        self.tt = two_tower.eval()
+        self.vocab = Vocabulary.load_or_build(data_dir)
+        schema = self.vocab.schema
+        self.user, self.item, self.label = two_tower.user, two_tower.item, schema.label
+        self.catalogue = Catalogue(data_dir, self.vocab, self.item, text_feature)
+        encoder = TextEncoder(model_path)
+        states, mask = encoder.encode_cached(self.catalogue.texts, cache_dir=data_dir / "text_cache")
+        head = text_head or make_pooling(pooling, encoder.dim, num_layers=encoder.num_layers)
+        with torch.no_grad():
+            chunks = []
+            for start in range(0, states.shape[1], 512):  # bounded memory for big catalogues
+                s = states[:, start:start + 512].float()
+                chunks.append(head(s if pooling == "multilayer" else s[-1], mask[start:start + 512]))
+            self.text_items = F.normalize(torch.cat(chunks), dim=1).numpy()
+            self.id_items = two_tower.item_vectors(torch.from_numpy(self.catalogue.rows)).numpy()
+        self.index_id = VectorIndex(self.id_items)
+        self.index_text = VectorIndex(self.text_items)
+
+    def scores(self, queries: Queries) -> tuple[np.ndarray, np.ndarray]:
+        """Dense ``[U, N]`` cosine scores: ID (two-tower) and text (content)."""
+        with torch.no_grad():
+            users = self.tt.user_vectors(_encode(self.vocab, queries.templates)).numpy()
+        text_users = np.stack([self.text_items[c].mean(0) if c else np.zeros(self.text_items.shape[1], np.float32)
+                               for c in queries.train_clicks])
+        text_users /= np.linalg.norm(text_users, axis=1, keepdims=True).clip(min=1e-8)
+        return users @ self.id_items.T, text_users @ self.text_items.T
+
+    def alpha(self, queries: Queries, k: int) -> float:
+        s_id, s_text = self.scores(queries)
+        grid = np.linspace(0, 1, 11)
+        recalls = [recall_at_k(_rank(a * s_id + (1 - a) * s_text, queries.seen, k), queries.positives, k) for a in grid]
+        return float(grid[int(np.argmax(recalls))])
+
+    def rerank(self, din, queries: Queries, ranked: list[list[int]]) -> list[list[int]]:  # noqa: ANN001
+        """Each user's candidates re-ordered by DIN's click probability."""
+        out = []
+        din.eval()
+        for u in tqdm(range(len(ranked)), desc="DIN re-rank", unit="user", leave=False):
+            if not ranked[u]:
+                out.append([])
+                continue
+            rows = pd.DataFrame([queries.templates.iloc[u]] * len(ranked[u])).reset_index(drop=True)
+            items = self.catalogue.values.iloc[ranked[u]].reset_index(drop=True)
+            for column in self.catalogue.item_columns:
+                rows[column] = items[column].to_numpy()
+            with torch.no_grad():
+                probs = torch.sigmoid(din(_encode(self.vocab, rows))).numpy()
+            out.append([ranked[u][i] for i in np.argsort(-probs, kind="stable")])
+        return out
+
+    def evaluate(self, din=None, k: int = 50, rerank_depth: int = 100, split: str = "test") -> dict:  # noqa: ANN001
+        queries = Queries(self.catalogue, split, self.user, self.item, self.label)
+        val = Queries(self.catalogue, "val", self.user, self.item, self.label)
+        alpha = self.alpha(val, k)
+        s_id, s_text = self.scores(queries)
+        depth = max(k, rerank_depth)
+        ids, _ = self.index_id.search(self._user_id_vectors(queries), depth, queries.seen)
+        texts, _ = self.index_text.search(self._user_text_vectors(queries), depth, queries.seen)
+        id_ranked = [[int(i) for i in row if i >= 0] for row in ids]
+        text_ranked = [[int(i) for i in row if i >= 0] for row in texts]
+        fused = []
+        for a, b in zip(id_ranked, text_ranked, strict=True):
+            score: dict[int, float] = {}
+            for ranking in (a, b):
+                for r, item in enumerate(ranking):
+                    score[item] = score.get(item, 0.0) + 1.0 / (60 + r + 1)
+            fused.append(sorted(score, key=lambda i: -score[i])[:depth])
+        learned = _rank(alpha * s_id + (1 - alpha) * s_text, queries.seen, depth)
+        results = {
+            "id": _metrics(id_ranked, queries, k),
+            "text": _metrics(text_ranked, queries, k),
+            "hybrid_rrf": _metrics(fused, queries, k),
+            "hybrid_learned": _metrics(learned, queries, k),
+        }
+        if din is not None:
+            reranked = self.rerank(din, queries, [r[:rerank_depth] for r in learned])
+            results["hybrid_learned+din"] = _metrics(reranked, queries, k)
+        return {"split": split, "k": k, "alpha": alpha, "users": len(queries.users),
+                "catalogue": len(self.catalogue.items), "cold_items": int(self.catalogue.cold.sum()),
+                "rerank_depth": rerank_depth, "index": self.index_id.kind, "results": results}
+
+    def _user_id_vectors(self, queries: Queries) -> np.ndarray:
+        with torch.no_grad():
+            return self.tt.user_vectors(_encode(self.vocab, queries.templates)).numpy()
+
+    def _user_text_vectors(self, queries: Queries) -> np.ndarray:
+        vectors = np.stack([self.text_items[c].mean(0) if c else np.zeros(self.text_items.shape[1], np.float32)
+                            for c in queries.train_clicks])
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-8)
+
+
+def markdown(report: dict) -> str:
+    k = report["k"]
+    lines = [f"| retrieval | Recall@{k} | NDCG@{k} | cold-item Recall@{k} |", "|---|---:|---:|---:|"]
+    for name, m in report["results"].items():
+        lines.append(f"| {name} | {m[f'recall@{k}']:.4f} | {m[f'ndcg@{k}']:.4f} | {m[f'cold_recall@{k}']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="recsys retrieve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--two-tower", required=True, help="TwoTower checkpoint (recsys fit --config configs/movielens/two_tower.yaml)")
+    parser.add_argument("--din", help="DIN checkpoint for re-ranking (optional)")
+    parser.add_argument("--data", help="dataset directory (default: the two-tower's)")
+    parser.add_argument("--text-feature", default="movie_title")
+    parser.add_argument("--pooling", default="mean", help="pooling head for content vectors (parameter-free unless --text-head)")
+    parser.add_argument("--text-head", help="a DIN checkpoint with text features whose trained pooling head to use")
+    parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--rerank-depth", type=int, default=100)
+    parser.add_argument("--split", default="test", choices=["val", "test"])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from recsys.train.module import load_model
+
+    tt = load_model(args.two_tower)
+    data = Path(args.data or tt.info.path)
+    head, pooling = None, args.pooling
+    if args.text_head:
+        text_model = load_model(args.text_head)
+        head, pooling = text_model.item_text.head, text_model.item_text.spec.pooling
+    retriever = Retriever(tt, data, args.text_feature, pooling, head)
+    report = retriever.evaluate(load_model(args.din) if args.din else None, args.k, args.rerank_depth, args.split)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report) + "\n")
+    print(markdown(report))
+    print(f"α (val) = {report['alpha']:.1f}; {report['users']} users, {report['catalogue']} items "
+          f"({report['cold_items']} cold); wrote {out}/report.json")
+    return 0

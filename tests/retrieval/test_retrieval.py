@@ -1,0 +1,125 @@
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recsys.data.datamodule import CTRDataModule
+from recsys.eval.metrics import ndcg_at_k, recall_at_k
+from recsys.models.two_tower import TwoTower
+from recsys.retrieval.index import VectorIndex
+from tests.conftest import write_dataset
+
+SCHEMA = """\
+label: click
+group: user
+features:
+  - {name: user, type: categorical}
+  - {name: item, type: categorical}
+  - {name: price, type: numeric}
+  - {name: hist_item, type: sequence, target: item, max_len: 4}
+  - {name: title, type: text}
+"""
+
+
+def test_exact_index_matches_brute_force_and_approximate_ones_mostly_agree() -> None:
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(3000, 16)).astype(np.float32)
+    queries = rng.normal(size=(20, 16)).astype(np.float32)
+    truth = np.argsort(-(queries @ items.T), axis=1)[:, :10]
+    ids, scores = VectorIndex(items, kind="exact").search(queries, 10)
+    assert np.array_equal(ids, truth)
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ items.T, truth, 1), rtol=1e-5)
+    for kind in ("hnsw", "ivf"):
+        approx, _ = VectorIndex(items, kind=kind, nprobe=32).search(queries, 10)
+        overlap = np.mean([len(set(a) & set(t)) / 10 for a, t in zip(approx, truth, strict=True)])
+        assert overlap >= 0.8, (kind, overlap)
+    excluded, _ = VectorIndex(items, ids=np.arange(3000) + 100).search(queries[:2], 5, exclude=[{truth[0, 0] + 100}, set()])
+    assert truth[0, 0] + 100 not in excluded[0] and excluded[1][0] == truth[1, 0] + 100
+
+
+def test_recall_and_ndcg_by_hand() -> None:
+    ranked = [[3, 1, 7], [5, 6, 2]]
+    positives = [{1, 9}, {2}]
+    assert recall_at_k(ranked, positives, 2) == pytest.approx((1 / 2 + 0) / 2)
+    assert recall_at_k(ranked, positives, 3) == pytest.approx((1 / 2 + 1) / 2)
+    # user 1: hit at rank 2 → (1/log2 3) / (1/log2 2 + 1/log2 3); user 2: hit at rank 3 → (1/log2 4) / 1
+    expected = ((1 / np.log2(3)) / (1 + 1 / np.log2(3)) + 0.5) / 2
+    assert ndcg_at_k(ranked, positives, 3) == pytest.approx(expected)
+    assert recall_at_k([[1]], [set()], 1) != recall_at_k([[1]], [set()], 1)  # no user with positives: NaN
+
+
+def test_in_batch_softmax_with_log_q_matches_a_plain_reference(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "d", schema=SCHEMA)
+    dm = CTRDataModule(str(data), batch_size=64)
+    torch.manual_seed(0)
+    model = TwoTower(dm.dataset_info, user="user", item="item", history="hist_item", embedding_dim=8,
+                     tower_hidden_units=[8], output_dim=4, temperature=0.5)
+    batch = next(iter(dm.stream("train")))
+    loss = model.training_step(batch, 0)
+    clicked = (batch.labels > 0.5).nonzero().flatten().tolist()
+    users = model.user_vectors(batch)
+    items_all = batch.sparse["item"].values()
+    total = 0.0
+    for i in clicked:
+        logits = []
+        for j in clicked:
+            if j != i and items_all[j] == items_all[i]:
+                continue  # the same item clicked by another row is no negative
+            v = model.item_vectors(items_all[j:j + 1])[0]
+            logits.append(float(users[i] @ v) / 0.5 - float(model.log_q[items_all[j]]))
+        own = float(users[i] @ model.item_vectors(items_all[i:i + 1])[0]) / 0.5 - float(model.log_q[items_all[i]])
+        total += -(own - np.log(np.exp(logits).sum()))
+    assert float(loss) == pytest.approx(total / len(clicked), rel=1e-4)
+    loss.backward()
+    assert model.user_tower.layers[0].weight.grad.abs().sum() > 0
+
+
+def test_vectors_are_normalized_and_history_matters(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "d", schema=SCHEMA)
+    dm = CTRDataModule(str(data), batch_size=32, eval_batch_size=32)
+    model = TwoTower(dm.dataset_info, user="user", item="item", history="hist_item", embedding_dim=8, output_dim=4)
+    batch = next(iter(dm.stream("val")))
+    users = model.user_vectors(batch)
+    torch.testing.assert_close(users.norm(dim=1), torch.ones(32))
+    torch.testing.assert_close(model.item_vectors(torch.tensor([1, 2, 3])).norm(dim=1), torch.ones(3))
+    assert model(batch).shape == (32,)
+    with pytest.raises(ValueError, match="must be a sequence of 'user'"):
+        TwoTower(dm.dataset_info, user="user", item="user", history="hist_item")
+
+
+def test_retrieve_end_to_end_excludes_seen_items_and_scores_cold_items(tmp_path: Path) -> None:
+    from recsys.retrieval.evaluate import Queries, Retriever
+
+    data = write_dataset(tmp_path / "d", schema=SCHEMA)
+    test_file = data / "test" / "part-0.parquet"
+    table = pq.read_table(test_file)
+    items = table.column("item").to_numpy().copy()
+    items[:40] = 1000 + np.arange(40) % 5  # five items no train row has: cold
+    pq.write_table(table.set_column(table.schema.get_field_index("item"), "item", pa.array(items)), test_file)
+    dm = CTRDataModule(str(data), batch_size=128)
+    model = TwoTower(dm.dataset_info, user="user", item="item", history="hist_item", embedding_dim=8, output_dim=4)
+    retriever = Retriever(model, data, "title")
+    assert retriever.catalogue.cold.sum() == 5
+    report = retriever.evaluate(din=None, k=10, rerank_depth=20)
+    queries = Queries(retriever.catalogue, "test", "user", "item", "click")
+    assert report["cold_items"] == 5 and report["users"] == len(queries.users) > 0
+    for name, metrics in report["results"].items():
+        assert 0 <= metrics["recall@10"] <= 1 and 0 <= metrics["ndcg@10"] <= 1, name
+    # every user has seen most of the 60 train items: what remains are the unseen ones
+    s_id, s_text = retriever.scores(queries)
+    assert s_id.shape == s_text.shape == (len(queries.users), len(retriever.catalogue.items))
+    assert np.allclose(np.linalg.norm(retriever.text_items, axis=1), 1, atol=1e-5)
+    ranked, _ = retriever.index_text.search(retriever._user_text_vectors(queries), 10, queries.seen)
+    for row, seen in zip(ranked, queries.seen, strict=True):
+        assert not (set(int(i) for i in row if i >= 0) & seen)
+    # DIN re-ranking reorders each user's candidates, dropping and adding none
+    from recsys.models.din import DIN
+
+    din = DIN(dm.dataset_info, embedding_dim=8, dnn_hidden_units=[8])
+    candidates = [list(r[:7]) for r in retriever.index_id.search(retriever._user_id_vectors(queries), 7, queries.seen)[0]]
+    reranked = retriever.rerank(din, queries, candidates)
+    assert all(sorted(a) == sorted(b) for a, b in zip(reranked, candidates, strict=True))
+    assert "hybrid_learned+din" in retriever.evaluate(din=din, k=10, rerank_depth=20)["results"]
