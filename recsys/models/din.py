@@ -168,7 +168,7 @@ class DIN(CTRModule):
 
     def _with_text(self, jagged: dict, sequence_ids: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         """Looked-up rows per feature, with the item text vectors joined (concat or sum)."""
-        values = {f: jagged[f].values() for f in jagged}
+        values = {f: jagged[f].values() for f in sequence_ids.keys()}  # (a sharded output cannot be iterated)
         if self.item_text is None or self.text_combine == "init":
             return values
         ids = [sequence_ids[f].values() for f in self.text_features]
