@@ -141,12 +141,7 @@ class Retriever:
 
     def scores(self, queries: Queries) -> tuple[np.ndarray, np.ndarray]:
         """Dense ``[U, N]`` cosine scores: ID (two-tower) and text (content)."""
-        with torch.no_grad():
-            users = self.tt.user_vectors(_encode(self.vocab, queries.templates)).numpy()
-        text_users = np.stack([self.text_items[c].mean(0) if c else np.zeros(self.text_items.shape[1], np.float32)
-                               for c in queries.train_clicks])
-        text_users /= np.linalg.norm(text_users, axis=1, keepdims=True).clip(min=1e-8)
-        return users @ self.id_items.T, text_users @ self.text_items.T
+        return self._user_id_vectors(queries) @ self.id_items.T, self._user_text_vectors(queries) @ self.text_items.T
 
     def alpha(self, queries: Queries, k: int) -> float:
         s_id, s_text = self.scores(queries)
