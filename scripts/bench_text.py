@@ -28,6 +28,7 @@ from recsys.text.pooling import POOLINGS
 from recsys.train.cli import run
 
 OUT = Path("runs/bench_text")
+TEXT_WITH = ["--text-with", "genres"]  # content retrieval reads "title. genres: ..." (title alone: see docs)
 
 
 def fit(version: str, seed: int, configs: list[str], extra: list[str] | None = None) -> Path:
@@ -78,9 +79,9 @@ def main() -> None:
     best_din = OUT / f"din_text_{best}_s{args.seeds[0]}" / "checkpoints" / "best.ckpt"
     for head in args.heads:
         trained = OUT / f"din_text_{head}_s{args.seeds[0]}" / "checkpoints" / "best.ckpt"
-        report = retrieve(f"text_{head}", two_tower, ["--text-head", str(trained)])
+        report = retrieve(f"text_{head}", two_tower, ["--text-head", str(trained), *TEXT_WITH])
         results["heads"][head]["text_retrieval"] = report["results"]["text"]
-    main_report = retrieve("hybrid", two_tower, ["--text-head", str(best_din), "--din", str(best_din)])
+    main_report = retrieve("hybrid", two_tower, ["--text-head", str(best_din), "--din", str(best_din), *TEXT_WITH])
     results["retrieval"] = main_report
     results["best_head"] = best
     OUT.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,8 @@ def main() -> None:
         "`configs/movielens/din_text.yaml` (title vector projected to 4 and concatenated to the item ID embedding "
         "of the target and of every behavior). Test AUC mean ± std over seeds "
         f"{args.seeds} for no text and `mean` (other heads: seed {args.seeds[0]}). Content retrieval: the head's vector "
-        "of each title (a trainable head as its DIN run learned it), user = mean of their train clicks' vectors, "
+        "of each item's \"title. genres: …\" text (a trainable head as its DIN run learned it), user = mean of their "
+        "train clicks' vectors, "
         f"cosine, items seen in train excluded; Recall/NDCG@{k} over {main_report['users']} test users.",
         "",
         f"| item text in DIN | DIN test AUC | Δ vs no text | content retrieval Recall@{k} | NDCG@{k} |",

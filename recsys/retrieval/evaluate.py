@@ -13,7 +13,8 @@ too. Rankings:
   pooling head (``--pooling``; a trained head can come from a DIN checkpoint with text features,
   ``--text-head``), the user's vector the mean of their train clicks' text vectors;
 - **hybrid (RRF)**: reciprocal rank fusion ``Σ 1/(60 + rank)`` of the two lists;
-- **hybrid (learned)**: ``α·s_id + (1 − α)·s_text`` with ``α`` chosen on the val split;
+- **hybrid (learned)**: ``α·z(s_id) + (1 − α)·z(s_text)``, each score standardized per user (the two
+  cosines live on different scales), ``α`` chosen on the val split;
 - **hybrid + DIN**: the learned hybrid's top ``--rerank-depth`` re-ordered by DIN's click
   probability for (user, candidate), with the user's features and history as of that row.
 
@@ -49,7 +50,8 @@ def _read(data_dir: Path, split: str, columns: list[str]) -> pd.DataFrame:
 class Catalogue:
     """Every item of every split, with its item-level columns (those constant per item in train)."""
 
-    def __init__(self, data_dir: Path, vocab: Vocabulary, item: str, text_feature: str) -> None:
+    def __init__(self, data_dir: Path, vocab: Vocabulary, item: str, text_feature: str,
+                 text_with: list[str] | None = None) -> None:
         schema = vocab.schema
         columns = schema.columns()
         frames = {s: _read(data_dir, s, columns) for s in ("train", "val", "test")}
@@ -65,6 +67,11 @@ class Catalogue:
         self.rows = vocab.lookup(item, pa.array(self.items))
         self.cold = self.rows == 0
         self.texts = first[text_feature].fillna("").astype(str).tolist()
+        for column in text_with or []:  # more item content, e.g. "Heat (1995). genres: Action, Crime, Thriller"
+            if column not in self.item_columns:
+                raise ValueError(f"--text-with {column!r} is not an item-level column (item columns: {self.item_columns})")
+            values = [", ".join(map(str, v)) if isinstance(v, (list, np.ndarray)) else str(v) for v in first[column]]
+            self.texts = [f"{t}. {column}: {v}" for t, v in zip(self.texts, values, strict=True)]
         self.position = {v: i for i, v in enumerate(self.items)}
         self.frames = frames
 
@@ -109,6 +116,11 @@ def _rank(scores: np.ndarray, exclude: list[set], k: int) -> list[list[int]]:
     return [[int(i) for i in row if np.isfinite(scores[u, i])] for u, row in enumerate(top)]
 
 
+def _standardize(scores: np.ndarray) -> np.ndarray:
+    """Per-user z-scores of a ``[U, N]`` score matrix."""
+    return (scores - scores.mean(1, keepdims=True)) / scores.std(1, keepdims=True).clip(min=1e-8)
+
+
 def _metrics(ranked: list[list[int]], queries: Queries, k: int) -> dict[str, float]:
     return {f"recall@{k}": recall_at_k(ranked, queries.positives, k), f"ndcg@{k}": ndcg_at_k(ranked, queries.positives, k),
             f"cold_recall@{k}": recall_at_k(ranked, queries.cold_positives, k),
@@ -117,7 +129,8 @@ def _metrics(ranked: list[list[int]], queries: Queries, k: int) -> dict[str, flo
 
 class Retriever:
     def __init__(self, two_tower, data_dir: Path, text_feature: str, pooling: str = "mean",  # noqa: ANN001
-                 text_head: torch.nn.Module | None = None, model_path: str | None = None) -> None:
+                 text_head: torch.nn.Module | None = None, model_path: str | None = None,
+                 text_with: list[str] | None = None) -> None:
         from recsys.text.encoder import TextEncoder
         from recsys.text.pooling import make_pooling
 
@@ -125,7 +138,7 @@ class Retriever:
         self.vocab = Vocabulary.load_or_build(data_dir)
         schema = self.vocab.schema
         self.user, self.item, self.label = two_tower.user, two_tower.item, schema.label
-        self.catalogue = Catalogue(data_dir, self.vocab, self.item, text_feature)
+        self.catalogue = Catalogue(data_dir, self.vocab, self.item, text_feature, text_with)
         encoder = TextEncoder(model_path)
         states, mask = encoder.encode_cached(self.catalogue.texts, cache_dir=data_dir / "text_cache")
         head = text_head or make_pooling(pooling, encoder.dim, num_layers=encoder.num_layers)
@@ -146,6 +159,7 @@ class Retriever:
     def alpha(self, queries: Queries, k: int) -> float:
         s_id, s_text = self.scores(queries)
         grid = np.linspace(0, 1, 11)
+        s_id, s_text = _standardize(s_id), _standardize(s_text)
         recalls = [recall_at_k(_rank(a * s_id + (1 - a) * s_text, queries.seen, k), queries.positives, k) for a in grid]
         return float(grid[int(np.argmax(recalls))])
 
@@ -183,7 +197,7 @@ class Retriever:
                 for r, item in enumerate(ranking):
                     score[item] = score.get(item, 0.0) + 1.0 / (60 + r + 1)
             fused.append(sorted(score, key=lambda i: -score[i])[:depth])
-        learned = _rank(alpha * s_id + (1 - alpha) * s_text, queries.seen, depth)
+        learned = _rank(alpha * _standardize(s_id) + (1 - alpha) * _standardize(s_text), queries.seen, depth)
         results = {
             "id": _metrics(id_ranked, queries, k),
             "text": _metrics(text_ranked, queries, k),
@@ -223,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-feature", default="movie_title")
     parser.add_argument("--pooling", default="mean", help="pooling head for content vectors (parameter-free unless --text-head)")
     parser.add_argument("--text-head", help="a DIN checkpoint with text features whose trained pooling head to use")
+    parser.add_argument("--text-with", nargs="*", default=[],
+                        help="item-level columns appended to the item text for content retrieval (e.g. genres)")
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--rerank-depth", type=int, default=100)
     parser.add_argument("--split", default="test", choices=["val", "test"])
@@ -236,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.text_head:
         text_model = load_model(args.text_head)
         head, pooling = text_model.item_text.head, text_model.item_text.spec.pooling
-    retriever = Retriever(tt, data, args.text_feature, pooling, head)
+    retriever = Retriever(tt, data, args.text_feature, pooling, head, text_with=args.text_with)
     report = retriever.evaluate(load_model(args.din) if args.din else None, args.k, args.rerank_depth, args.split)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

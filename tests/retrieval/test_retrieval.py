@@ -123,3 +123,18 @@ def test_retrieve_end_to_end_excludes_seen_items_and_scores_cold_items(tmp_path:
     reranked = retriever.rerank(din, queries, candidates)
     assert all(sorted(a) == sorted(b) for a, b in zip(reranked, candidates, strict=True))
     assert "hybrid_learned+din" in retriever.evaluate(din=din, k=10, rerank_depth=20)["results"]
+
+
+def test_item_text_can_carry_more_item_columns(tmp_path: Path) -> None:
+    from recsys.data.vocab import Vocabulary
+    from recsys.retrieval.evaluate import Catalogue, _standardize
+
+    data = write_dataset(tmp_path / "d", schema=SCHEMA)
+    vocab = Vocabulary.load_or_build(data)
+    catalogue = Catalogue(data, vocab, "item", "title", text_with=["title"])
+    assert catalogue.texts[0].startswith("item ") and ". title: item " in catalogue.texts[0]
+    with pytest.raises(ValueError, match="'price' is not an item-level column"):
+        Catalogue(data, vocab, "item", "title", text_with=["price"])
+    z = _standardize(np.array([[1.0, 2.0, 3.0], [10.0, 10.0, 40.0]]))
+    np.testing.assert_allclose(z.mean(1), 0, atol=1e-12)
+    np.testing.assert_allclose(z.std(1), 1, atol=1e-12)
