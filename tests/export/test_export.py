@@ -93,8 +93,10 @@ def test_quantized_tables_hold_only_their_bits_on_disk_and_in_memory(trained: di
     on_disk = sum(manifest["files"][t["file"]]["bytes"] for t in manifest["tables"])
     assert expected <= on_disk <= expected + 200 * len(manifest["tables"])
     assert expected <= scorer.table_bytes_in_memory <= expected + 64 * len(manifest["tables"])
-    assert not any(isinstance(p, torch.Tensor) and p.is_floating_point() and p.dim() == 2 and p.shape[0] > 1000
-                   for p in scorer.model.state_dict().values())
+    # no float copy of any table anywhere in the loaded model
+    table_shapes = {(t["rows"], t["dim"]) for t in manifest["tables"]}
+    tensors = list(scorer.model.state_dict().values()) + list(scorer.model.buffers())
+    assert not [tuple(t.shape) for t in tensors if t.is_floating_point() and tuple(t.shape) in table_shapes]
     dm = CTRDataModule(str(trained["data"]), eval_batch_size=600)
     batch = next(iter(dm.stream("test")))
     reference = torch.sigmoid(load_model(trained["base"])(batch)).detach().numpy()
