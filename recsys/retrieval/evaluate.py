@@ -14,7 +14,8 @@ too. Rankings:
   ``--text-head``), the user's vector the mean of their train clicks' text vectors;
 - **hybrid (RRF)**: reciprocal rank fusion ``Σ 1/(60 + rank)`` of the two lists;
 - **hybrid (learned)**: ``α·z(s_id) + (1 − α)·z(s_text)``, each score standardized per user (the two
-  cosines live on different scales), ``α`` chosen on the val split;
+  cosines live on different scales), ``α`` chosen on the val split; a cold item has no trained ID
+  row, so its missing ID score is replaced by its content score (back-off to content);
 - **hybrid + DIN**: the learned hybrid's top ``--rerank-depth`` re-ordered by DIN's click
   probability for (user, candidate), with the user's features and history as of that row.
 
@@ -156,11 +157,16 @@ class Retriever:
         """Dense ``[U, N]`` cosine scores: ID (two-tower) and text (content)."""
         return self._user_id_vectors(queries) @ self.id_items.T, self._user_text_vectors(queries) @ self.text_items.T
 
+    def fused(self, s_id: np.ndarray, s_text: np.ndarray, alpha: float) -> np.ndarray:
+        """``α·z(s_id) + (1 − α)·z(s_text)``; cold items take their content z-score as ID score."""
+        z_id, z_text = _standardize(s_id), _standardize(s_text)
+        z_id[:, self.catalogue.cold] = z_text[:, self.catalogue.cold]
+        return alpha * z_id + (1 - alpha) * z_text
+
     def alpha(self, queries: Queries, k: int) -> float:
         s_id, s_text = self.scores(queries)
         grid = np.linspace(0, 1, 11)
-        s_id, s_text = _standardize(s_id), _standardize(s_text)
-        recalls = [recall_at_k(_rank(a * s_id + (1 - a) * s_text, queries.seen, k), queries.positives, k) for a in grid]
+        recalls = [recall_at_k(_rank(self.fused(s_id, s_text, a), queries.seen, k), queries.positives, k) for a in grid]
         return float(grid[int(np.argmax(recalls))])
 
     def rerank(self, din, queries: Queries, ranked: list[list[int]]) -> list[list[int]]:  # noqa: ANN001
@@ -197,7 +203,7 @@ class Retriever:
                 for r, item in enumerate(ranking):
                     score[item] = score.get(item, 0.0) + 1.0 / (60 + r + 1)
             fused.append(sorted(score, key=lambda i: -score[i])[:depth])
-        learned = _rank(alpha * _standardize(s_id) + (1 - alpha) * _standardize(s_text), queries.seen, depth)
+        learned = _rank(self.fused(s_id, s_text, alpha), queries.seen, depth)
         results = {
             "id": _metrics(id_ranked, queries, k),
             "text": _metrics(text_ranked, queries, k),

@@ -108,6 +108,15 @@ def test_retrieve_end_to_end_excludes_seen_items_and_scores_cold_items(tmp_path:
     assert report["cold_items"] == 5 and report["users"] == len(queries.users) > 0
     for name, metrics in report["results"].items():
         assert 0 <= metrics["recall@10"] <= 1 and 0 <= metrics["ndcg@10"] <= 1, name
+    # the fused score: a cold item's ID score is its content score (it has no trained ID row)
+    s_id, s_text = retriever.scores(queries)
+    fused = retriever.fused(s_id, s_text, 0.7)
+    cold = retriever.catalogue.cold
+    from recsys.retrieval.evaluate import _standardize
+
+    np.testing.assert_allclose(fused[:, cold], _standardize(s_text)[:, cold], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fused[:, ~cold], (0.7 * _standardize(s_id) + 0.3 * _standardize(s_text))[:, ~cold],
+                               rtol=1e-5, atol=1e-5)
     # every user has seen most of the 60 train items: what remains are the unseen ones
     s_id, s_text = retriever.scores(queries)
     assert s_id.shape == s_text.shape == (len(queries.users), len(retriever.catalogue.items))
