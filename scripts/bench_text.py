@@ -95,7 +95,8 @@ def main() -> None:
     none = np.array(results["din"]["none"])
     lines = [
         f"`python scripts/bench_text.py` — {machine()}; ml100k-ctr, item text = movie title through all-MiniLM-L6-v2 "
-        f"(frozen, offline), {time.perf_counter() - start:.0f} s. DIN = `configs/movielens/din.yaml`; with text: "
+        f"(frozen, offline); this invocation took {time.perf_counter() - start:.0f} s (finished runs under runs/bench_text "
+        "are reused, so only what was missing ran). DIN = `configs/movielens/din.yaml`; with text: "
         "`configs/movielens/din_text.yaml` (title vector projected to 4 and concatenated to the item ID embedding "
         "of the target and of every behavior). Test AUC mean ± std over seeds "
         f"{args.seeds} for no text and `mean` (other heads: seed {args.seeds[0]}). Content retrieval: the head's vector "
