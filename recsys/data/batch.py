@@ -63,6 +63,12 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def all_ids(self) -> KeyedJaggedTensor:
+        """Pooled id features and behavior sequences in one KJT (sparse keys first)."""
+        if not self.sequences.keys():
+            return self.sparse
+        return KeyedJaggedTensor.concat([self.sparse, self.sequences])
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return replace(
             self,

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchrec import EmbeddingCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import Batch
 from recsys.data.vocab import DatasetInfo
@@ -106,9 +105,7 @@ class EmbeddingMLP(CTRModule):
 
     def pooled(self, batch: Batch) -> torch.Tensor:
         """``[B, Σ D_f]``: every id feature's pooled embedding, in ``pooled_order``."""
-        ids = batch.sparse
-        if batch.sequences.keys():
-            ids = KeyedJaggedTensor.concat([batch.sparse, batch.sequences])
+        ids = batch.all_ids()
         return concat_pooled(self.tables(self.guard(ids)), self.pooled_order)
 
     def head(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:

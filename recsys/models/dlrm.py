@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import Batch
 from recsys.data.vocab import DatasetInfo
@@ -74,9 +73,7 @@ class DLRM(CTRModule):
         self.top = MLP(top_in, top_hidden_units, 1, "relu")
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        ids = batch.sparse
-        if batch.sequences.keys():
-            ids = KeyedJaggedTensor.concat([batch.sparse, batch.sequences])
+        ids = batch.all_ids()
         pooled = concat_pooled(self.tables(self.guard(ids)), self.pooled_order)  # [B, F·D]
         vectors = pooled.view(pooled.shape[0], -1, self.dim)
         parts = []

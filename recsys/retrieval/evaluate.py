@@ -59,8 +59,7 @@ class Catalogue:
         everything = pd.concat(frames.values(), ignore_index=True)
         train = frames["train"]
         candidates = [c for c in columns if c not in (item, schema.label)]
-        constant = train.groupby(item)[[c for c in candidates if train[c].map(_hashable).nunique() > 0]] \
-            .agg(lambda s: s.map(_hashable).nunique() <= 1).all()
+        constant = train.groupby(item)[candidates].agg(lambda s: s.map(_hashable).nunique() <= 1).all()
         self.item_columns = [item] + [c for c, ok in constant.items() if ok]
         first = everything.drop_duplicates(item).set_index(item, drop=False)
         self.items = first.index.to_numpy()
@@ -153,9 +152,19 @@ class Retriever:
         self.index_id = VectorIndex(self.id_items)
         self.index_text = VectorIndex(self.text_items)
 
+    def user_vectors(self, queries: Queries) -> tuple[np.ndarray, np.ndarray]:
+        """``[U, E]`` two-tower user vectors and ``[U, D]`` content user vectors (mean of the user's
+        train clicks' text vectors), both L2-normalized."""
+        with torch.no_grad():
+            ids = self.tt.user_vectors(_encode(self.vocab, queries.templates)).numpy()
+        texts = np.stack([self.text_items[c].mean(0) if c else np.zeros(self.text_items.shape[1], np.float32)
+                          for c in queries.train_clicks])
+        return ids, texts / np.linalg.norm(texts, axis=1, keepdims=True).clip(min=1e-8)
+
     def scores(self, queries: Queries) -> tuple[np.ndarray, np.ndarray]:
         """Dense ``[U, N]`` cosine scores: ID (two-tower) and text (content)."""
-        return self._user_id_vectors(queries) @ self.id_items.T, self._user_text_vectors(queries) @ self.text_items.T
+        users_id, users_text = self.user_vectors(queries)
+        return users_id @ self.id_items.T, users_text @ self.text_items.T
 
     def fused(self, s_id: np.ndarray, s_text: np.ndarray, alpha: float) -> np.ndarray:
         """``α·z(s_id) + (1 − α)·z(s_text)``; cold items take their content z-score as ID score."""
@@ -190,10 +199,11 @@ class Retriever:
         queries = Queries(self.catalogue, split, self.user, self.item, self.label)
         val = Queries(self.catalogue, "val", self.user, self.item, self.label)
         alpha = self.alpha(val, k)
-        s_id, s_text = self.scores(queries)
+        users_id, users_text = self.user_vectors(queries)
+        s_id, s_text = users_id @ self.id_items.T, users_text @ self.text_items.T
         depth = max(k, rerank_depth)
-        ids, _ = self.index_id.search(self._user_id_vectors(queries), depth, queries.seen)
-        texts, _ = self.index_text.search(self._user_text_vectors(queries), depth, queries.seen)
+        ids, _ = self.index_id.search(users_id, depth, queries.seen)
+        texts, _ = self.index_text.search(users_text, depth, queries.seen)
         id_ranked = [[int(i) for i in row if i >= 0] for row in ids]
         text_ranked = [[int(i) for i in row if i >= 0] for row in texts]
         fused = []
@@ -216,15 +226,6 @@ class Retriever:
         return {"split": split, "k": k, "alpha": alpha, "users": len(queries.users),
                 "catalogue": len(self.catalogue.items), "cold_items": int(self.catalogue.cold.sum()),
                 "rerank_depth": rerank_depth, "index": self.index_id.kind, "results": results}
-
-    def _user_id_vectors(self, queries: Queries) -> np.ndarray:
-        with torch.no_grad():
-            return self.tt.user_vectors(_encode(self.vocab, queries.templates)).numpy()
-
-    def _user_text_vectors(self, queries: Queries) -> np.ndarray:
-        vectors = np.stack([self.text_items[c].mean(0) if c else np.zeros(self.text_items.shape[1], np.float32)
-                            for c in queries.train_clicks])
-        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-8)
 
 
 def markdown(report: dict) -> str:

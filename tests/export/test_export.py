@@ -1,5 +1,4 @@
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -224,4 +223,3 @@ def test_export_cli(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture
     assert "serve with: recsys serve" in capsys.readouterr().out
     assert main(["export", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x")]) == 1
     assert "missing.ckpt: checkpoint not found" in capsys.readouterr().err
-    shutil.rmtree(tmp_path / "e")

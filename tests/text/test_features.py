@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ def test_item_texts_follow_the_item_table_rows(tiny_dataset: Path) -> None:
     vocab = Vocabulary.load_or_build(tiny_dataset)
     texts = item_texts(tiny_dataset, vocab, "title", "item")
     assert len(texts) == vocab.num_embeddings("item") and texts[0] == ""
-    rows = vocab.lookup("item", __import__("pyarrow").array([3, 17, 42]))
+    rows = vocab.lookup("item", pa.array([3, 17, 42]))
     assert [texts[r] for r in rows] == ["item 3", "item 17", "item 42"]  # the tiny data's title is "item <id>"
     with pytest.raises(ValueError, match="not a text feature"):
         item_texts(tiny_dataset, vocab, "item", "item")
