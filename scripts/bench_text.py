@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys.eval.report import evaluate, machine, write_doc_section
-from recsys.text.pooling import POOLINGS
+from recsys.text.pooling import HEADS
 from recsys.train.cli import run
 
 OUT = Path("runs/bench_text")
@@ -61,7 +61,7 @@ def retrieve(name: str, two_tower: Path, extra: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heads", nargs="+", default=list(POOLINGS), choices=list(POOLINGS))
+    parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()

@@ -58,7 +58,7 @@ features:
   - {name: zip_prefix, type: categorical}       # first character of the zip code
   - {name: hist_item_id, type: sequence, target: item_id, max_len: 50}
   - {name: hist_genre, type: sequence, target: genre, max_len: 50}
-  - {name: movie_title, type: text}
+  - {name: movie_title, type: text, item: item_id}  # the title describes the item
 """
 
 
@@ -195,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     marker = args.out / "PREPARED.json"
     if marker.exists() and not args.force and json.loads(marker.read_text()).get("protocol") == PROTOCOL:
         print(f"[movielens] {args.out} already prepared ({PROTOCOL}); --force rebuilds it")
+        schema = args.out / "schema.yaml"
+        if schema.read_text() != SCHEMA:  # same rows; the schema gained keys (e.g. the item a text describes)
+            schema.write_text(SCHEMA)
+            print(f"[movielens] updated {schema}")
         return 0
     try:
         frames = read_directory(args.source) if args.source else read_wheel(args.cache)

@@ -47,7 +47,8 @@ class Batch:
         sequences: behavior-sequence ids, jagged (no padding), most recent last.
         labels: ``[B]`` float 0/1.
         groups: ``[B]`` int64 group ids (users) for GAUC.
-        text: optional ``[B, ...]`` text inputs (filled by the text feature path).
+        text: row-level text columns (schema ``text`` features without ``item:``), ``{name: [B] strings}``;
+            None when the schema has none. Item text does not travel here: it belongs to the item's table row.
         positions: ``[B]`` int64 row positions in the split, ``file_index · 2**40 + row_in_file``
             (which rows a step trained on: ``recsys.train.callbacks.RowLedger``).
     """
@@ -57,7 +58,7 @@ class Batch:
     sequences: KeyedJaggedTensor
     labels: torch.Tensor
     groups: torch.Tensor
-    text: torch.Tensor | None = None
+    text: dict[str, list[str]] | None = None
     positions: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -77,7 +78,6 @@ class Batch:
             sequences=self.sequences.to(device, non_blocking=non_blocking),
             labels=self.labels.to(device, non_blocking=non_blocking),
             groups=self.groups.to(device, non_blocking=non_blocking),
-            text=None if self.text is None else self.text.to(device, non_blocking=non_blocking),
         )
 
     def pin_memory(self) -> Batch:
@@ -88,7 +88,6 @@ class Batch:
             sequences=self.sequences.pin_memory(),
             labels=self.labels.pin_memory(),
             groups=self.groups.pin_memory(),
-            text=None if self.text is None else self.text.pin_memory(),
         )
 
     def record_stream(self, stream: torch.cuda.Stream) -> None:

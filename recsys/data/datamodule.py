@@ -19,6 +19,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from recsys.data.parquet import SPLITS, DataError, ParquetStream, release_freed_memory
+from recsys.data.resources import DatasetResources
 from recsys.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -103,9 +104,9 @@ class CTRDataModule(L.LightningDataModule):
         self.seed = seed
         self.predict_split = predict_split
         self.vocab = Vocabulary.load_or_build(self.path)
-        for spec in self.vocab.schema.text:
-            log.info("text feature %r is validated but not used by id-only models", spec.name)
         self.dataset_info = self.vocab.info().to_dict()
+        # train counts, item texts, encoders: what models build from beyond the dataset info
+        self.resources = DatasetResources(self.vocab)
         self._streams: dict[str, ParquetStream] = {}
 
     def stream(self, split: str) -> ParquetStream:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -158,6 +158,7 @@ class Chunk:
     sparse: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (values, lengths)
     sequences: dict[str, tuple[np.ndarray, np.ndarray]]
     positions: np.ndarray  # [N] int64: file_index << 40 | row in file
+    text: dict[str, np.ndarray] = field(default_factory=dict)  # row-level text columns: name -> [N] str objects
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -170,6 +171,7 @@ class Chunk:
             sparse={k: jagged_take(v, ln, rows) for k, (v, ln) in self.sparse.items()},
             sequences={k: jagged_take(v, ln, rows) for k, (v, ln) in self.sequences.items()},
             positions=self.positions[rows],
+            text={k: v[rows] for k, v in self.text.items()},
         )
 
     @staticmethod
@@ -189,6 +191,7 @@ class Chunk:
             sparse={k: cat_jagged(k, "sparse") for k in first.sparse},
             sequences={k: cat_jagged(k, "sequences") for k in first.sequences},
             positions=np.concatenate([c.positions for c in chunks]),
+            text={k: np.concatenate([c.text[k] for c in chunks]) for k in first.text},
         )
 
     def to_batch(self) -> Batch:
@@ -199,6 +202,7 @@ class Chunk:
             labels=torch.from_numpy(self.labels),
             groups=torch.from_numpy(self.groups),
             positions=torch.from_numpy(self.positions),
+            text={k: v.tolist() for k, v in self.text.items()} or None,
         )
 
 
@@ -254,7 +258,9 @@ class ChunkEncoder:
         sparse = {s.name: self._ids(s, batch.column(s.name)) for s in schema.sparse}
         sequences = {s.name: self._ids(s, batch.column(s.name)) for s in schema.sequences}
         positions = (np.int64(file_index) << np.int64(POSITION_BITS)) + np.arange(first_row, first_row + len(labels), dtype=np.int64)
-        return Chunk(labels, groups, dense, sparse, sequences, positions)
+        text = {s.name: pc.fill_null(batch.column(s.name), "").to_numpy(zero_copy_only=False).astype(object)
+                for s in schema.row_text}
+        return Chunk(labels, groups, dense, sparse, sequences, positions, text)
 
 
 @dataclass(frozen=True)

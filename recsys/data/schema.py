@@ -33,7 +33,7 @@ class FeatureType(StrEnum):
 
 
 ID_TYPES = (FeatureType.CATEGORICAL, FeatureType.CATEGORICAL_LIST, FeatureType.SEQUENCE)
-_KNOWN_KEYS = {"name", "type", "target", "max_len", "min_count", "num_buckets", "embedding_dim", "missing"}
+_KNOWN_KEYS = {"name", "type", "target", "max_len", "min_count", "num_buckets", "embedding_dim", "missing", "item"}
 MISSING_POLICIES = ("error", "mean", "zero")
 
 
@@ -49,6 +49,7 @@ class FeatureSpec:
     num_buckets: int | None = None  # hash ids into this many rows instead of a vocabulary
     embedding_dim: int | None = None  # overrides the model's default dimension
     missing: str = "error"  # numeric only: a null/NaN/inf value stops the run ("error") or becomes the train mean or 0
+    item: str | None = None  # text only: the categorical feature the text describes (item text); none: row-level text
 
     @property
     def table(self) -> str:
@@ -98,6 +99,16 @@ class Schema:
     @property
     def text(self) -> list[FeatureSpec]:
         return self.of_type(FeatureType.TEXT)
+
+    @property
+    def item_text(self) -> list[FeatureSpec]:
+        """Text columns that describe an item (``item: <categorical feature>``): one text per table row."""
+        return [f for f in self.text if f.item is not None]
+
+    @property
+    def row_text(self) -> list[FeatureSpec]:
+        """Text columns of the row itself (no ``item:``): the keys of ``Batch.text``."""
+        return [f for f in self.text if f.item is None]
 
     @property
     def tables(self) -> list[FeatureSpec]:
@@ -174,6 +185,10 @@ def parse_schema(raw: Any, source: str = "<schema>") -> Schema:
         else:
             if "target" in item or "max_len" in item:
                 raise SchemaError(f"{where}: 'target'/'max_len' are only for sequence features")
+        if "item" in item:
+            if ftype is not FeatureType.TEXT:
+                raise SchemaError(f"{where}: 'item' applies to text features only (the item the text describes)")
+            kwargs["item"] = str(item["item"])
         if "missing" in item:
             if ftype is not FeatureType.NUMERIC:
                 raise SchemaError(f"{where}: 'missing' applies to numeric features only")
@@ -195,6 +210,10 @@ def parse_schema(raw: Any, source: str = "<schema>") -> Schema:
                     f"{source}: feature {f.name!r}: sequence target {f.target!r} must be a "
                     f"declared categorical feature"
                 )
+        if f.type is FeatureType.TEXT and f.item is not None:
+            described = by_name.get(f.item)
+            if described is None or described.type is not FeatureType.CATEGORICAL:
+                raise SchemaError(f"{source}: feature {f.name!r}: item {f.item!r} must be a declared categorical feature")
     label = str(raw["label"])
     if label in by_name:
         raise SchemaError(f"{source}: label column {label!r} is also declared as a feature")

@@ -42,3 +42,11 @@ def mba_penalty_from_lookups(embeddings: Tensor, ids: Tensor, inverse_counts: Te
 def inverse_counts(counts: Tensor) -> Tensor:
     """1 / max(n_j, 1): the OOV row and ids missing from train count as seen once."""
     return 1.0 / counts.clamp(min=1).to(torch.float32)
+
+
+def table_counts(vocab_counts: Tensor, transform, remap: Tensor | None, rows: int) -> Tensor:  # noqa: ANN001
+    """Train occurrences of each table row: the vocabulary rows' counts summed into the rows their
+    ids map to (``transform``: a ``recsys.embedding.transforms.Transform``), so a shared (hashed or
+    unified) row counts every id that lands in it, and a compact OptEmbed row its kept id."""
+    ids = torch.arange(len(vocab_counts))
+    return torch.bincount(transform(ids, remap), weights=vocab_counts.to(torch.float64), minlength=rows).float()

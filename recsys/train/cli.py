@@ -7,12 +7,18 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
 
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from recsys.data.datamodule import CTRDataModule
+from recsys.embedding.spec import EmbeddingConfigError, legacy_keys_message
 from recsys.embedding.tables import tables_on
+from recsys.text.features import TextConfigError
 from recsys.train.callbacks import PredictionWriter, RunSummary, Throughput
 from recsys.train.module import CTRModule
 from recsys.train.strategy import TorchrecStrategy  # noqa: F401  (registers --trainer.strategy torchrec)
@@ -22,9 +28,16 @@ class RecsysCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # the model's tables and inputs come from the dataset (schema + vocabulary sizes)
         parser.link_arguments("data.dataset_info", "model.init_args.features", apply_on="instantiate")
+        parser.link_arguments("data.resources", "model.init_args.resources", apply_on="instantiate")
         parser.add_argument("--nonfinite", choices=["stop", "skip"], default="stop",
                             help="a NaN/inf loss or gradient: stop (save a checkpoint, then fail naming the step and "
                                  "batch) or skip the batch")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        message = legacy_keys_message(_model_keys(args if args is not None else sys.argv[1:]))
+        if message:
+            parser.error(message)
+        super().parse_arguments(parser, args)
 
     def before_fit(self) -> None:
         self.model.nonfinite_policy = self.config[self.subcommand]["nonfinite"]
@@ -34,8 +47,32 @@ class RecsysCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         strategy = config.get("trainer", {}).get("strategy")
         init_args = strategy.get("init_args", {}) if hasattr(strategy, "get") else {}
-        with tables_on("meta") if init_args.get("init_tables_on_meta") else nullcontext():
-            super().instantiate_classes()
+        try:
+            with tables_on("meta") if init_args.get("init_tables_on_meta") else nullcontext():
+                super().instantiate_classes()
+        except (EmbeddingConfigError, TextConfigError) as err:  # a bad block: one message, no traceback
+            self.parser.error(str(err))
+
+
+def _model_keys(args: list[str] | dict) -> list[str]:
+    """The ``model.init_args`` keys that ``--config`` files and ``--model.init_args.KEY`` options set."""
+    if isinstance(args, dict):
+        return list(((args.get("model") or {}).get("init_args") or {}))
+    keys: list[str] = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args) and Path(args[i + 1]).is_file():
+            try:
+                config = yaml.safe_load(Path(args[i + 1]).read_text()) or {}
+            except yaml.YAMLError:
+                continue  # LightningCLI reports it
+            for section in (config, *(v for v in config.values() if isinstance(v, dict) and "model" in v)):
+                model = section.get("model") if isinstance(section, dict) else None
+                if isinstance(model, dict):
+                    keys += list(model.get("init_args") or {})
+        for prefix in ("--model.init_args.", "--model."):
+            if arg.startswith(prefix):
+                keys.append(arg[len(prefix):].split("=", 1)[0].split(".", 1)[0])
+    return keys
 
 
 def run(args: list[str] | None = None, subcommand: bool = True) -> RecsysCLI:
@@ -51,3 +88,19 @@ def run(args: list[str] | None = None, subcommand: bool = True) -> RecsysCLI:
         auto_configure_optimizers=False,
         run=subcommand,
     )
+
+
+class _ParseOnly(RecsysCLI):
+    def instantiate_classes(self) -> None:
+        pass  # the resolved config is all that is wanted
+
+
+def resolved_config(args: list[str]) -> dict:
+    """The config ``recsys fit ARGS`` would run (every ``--config`` and option applied), as a plain
+    dict without the logger (run directories) and ``ckpt_path``: what a run's identity depends on."""
+    cli = _ParseOnly(CTRModule, CTRDataModule, subclass_mode_model=True, args=args, run=False,
+                     auto_configure_optimizers=False, save_config_callback=None)
+    config = yaml.safe_load(cli.parser.dump(cli.config, skip_check=True, skip_none=False))
+    config.get("trainer", {}).pop("logger", None)
+    config.pop("ckpt_path", None)
+    return config

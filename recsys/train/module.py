@@ -1,9 +1,12 @@
 """``CTRModule``: the LightningModule every CTR model extends.
 
-A model subclass builds its layers in ``__init__`` from ``features`` (the dataset info that
-``CTRDataModule`` provides; LightningCLI links it) and implements ``forward(batch) -> logits [B]``.
-This class owns the rest: binary cross-entropy, an optional ``regularization()`` term,
-optimizers, exact epoch-level AUC/GAUC/logloss on val and test, and predictions.
+A model subclass takes ``features`` (the dataset info that ``CTRDataModule`` provides; LightningCLI
+links it) and passes its other keyword arguments on (``**kwargs``): the ``embedding`` and ``text``
+blocks, ``mba_lambda``, the optimizer and the ``resources``. It builds its embedding layer with
+``self.embedding_layer(jagged=...)`` and implements ``head(embedded, dense) -> logits [B]``; the
+forward is the layer followed by the head. This class owns the rest: binary cross-entropy plus the
+layer's regularization (mini-batch aware L2, OptEmbed's threshold term), optimizer groups, exact
+epoch-level AUC/GAUC/logloss on val and test, and predictions.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from recsys.data.batch import Batch
 from recsys.data.vocab import DatasetInfo
+from recsys.embedding.layer import Embedded, EmbeddingLayer
 from recsys.eval.metrics import ctr_metrics
 
 # every rank scores the whole val/test split, so epoch metrics are equal on all ranks without syncing
@@ -36,39 +40,73 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
 
 
 class CTRModule(L.LightningModule):
-    """Base of all models. Subclasses call ``super().__init__(features, optimizer)`` first."""
+    """Base of all models (see the module docstring).
 
-    def __init__(self, features: DatasetInfo | dict, optimizer: OptimizerCallable = default_optimizer) -> None:
+    Args:
+        features: dataset info (linked from the data module by the CLI).
+        embedding: the table kinds and sizes (``recsys.embedding.spec``); default one plain table per
+            feature, 16 wide.
+        text: text columns as features (``recsys.text.features.TextSpec``); default none.
+        mba_lambda: mini-batch aware L2 on the embedding rows a training batch reads (0: off).
+        optimizer: optimizer factory over the parameter groups.
+        resources: what the layer builds from beyond these arguments (train counts, texts, an
+            OptEmbed search result; ``recsys.data.resources``); not a hyperparameter.
+    """
+
+    def __init__(self, features: DatasetInfo | dict, embedding: dict | None = None, text: dict | None = None,
+                 mba_lambda: float = 0.0, optimizer: OptimizerCallable = default_optimizer,
+                 resources: Any = None) -> None:
         super().__init__()
         # collects the subclass's __init__ arguments too; they are the model's config
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer", "resources"])
         self.info = DatasetInfo.from_any(features)
         self.schema = self.info.parsed_schema
         self.optimizer_factory = optimizer
-        self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
+        self.resources = resources
+        self._outputs: dict[str, list[dict[str, np.ndarray]]] = {}
+
+    def embedding_layer(self, features: list[str] | None = None, jagged: list[str] | tuple = ()) -> EmbeddingLayer:
+        """The model's embedding layer over ``features`` (default all id features), keeping ``jagged``
+        ones row by row. What it resolved from the resources (searched OptEmbed widths, the text
+        encoder's width) goes back into the hyperparameters, so a checkpoint rebuilds it alone."""
+        hp = self.hparams
+        layer = EmbeddingLayer(self.info, hp.get("embedding"), hp.get("text"), features, jagged,
+                               float(hp.get("mba_lambda", 0.0)), self.resources)
+        hp["embedding"] = layer.spec.to_dict()
+        if layer.text_spec is not None:
+            hp["text"] = layer.text_spec.to_dict()
+        return layer
 
     # -- to implement ----------------------------------------------------------------------
-    def forward(self, batch: Batch) -> torch.Tensor:  # pragma: no cover - abstract
-        """Click logits ``[B]``."""
+    def head(self, embedded: Embedded, dense: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Click logits ``[B]`` from the layer's output and the numeric features ``[B, n_dense]``."""
         raise NotImplementedError
 
-    def regularization(self, batch: Batch) -> torch.Tensor | float:
-        """Extra loss term added in training (0 by default)."""
-        return 0.0
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Click logits ``[B]``."""
+        return self.head(self.embedding(batch), batch.dense)
+
+    def training_loss(self, batch: Batch) -> torch.Tensor | None:
+        """The data term of the training loss (None: nothing to learn from this batch)."""
+        return F.binary_cross_entropy_with_logits(self(batch), batch.labels)
 
     # -- training --------------------------------------------------------------------------
     def optimizer_groups(self) -> list[dict[str, Any]]:
-        """Parameter groups of the optimizer; a subclass may split them (own learning rates)."""
+        """Parameter groups of the optimizer: the layer's own groups (OptEmbed thresholds), then the rest."""
+        own = self.embedding.parameter_groups() if isinstance(getattr(self, "embedding", None), EmbeddingLayer) else []
+        taken = {id(p) for group in own for p in group["params"]}
         # tables sharded by the torchrec strategy carry their own fused optimizer
-        return [{"params": [p for p in self.parameters() if not hasattr(p, "_in_backward_optimizers")]}]
+        rest = [p for p in self.parameters() if not hasattr(p, "_in_backward_optimizers") and id(p) not in taken]
+        return [{"params": rest}, *own]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.optimizer_groups())
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
-        logits = self(batch)
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-        reg = self.regularization(batch)
+        loss = self.training_loss(batch)
+        if loss is None:
+            return None
+        reg = self.embedding.regularization()
         total = loss + reg
         if not self._all_finite([total], "loss", batch, batch_idx):
             return None  # skipped: no backward, no optimizer step, tables untouched
@@ -76,6 +114,10 @@ class CTRModule(L.LightningModule):
         if isinstance(reg, torch.Tensor):
             self.log("train/reg", reg, batch_size=len(batch))
         return total
+
+    def on_train_epoch_end(self) -> None:
+        for name, value in self.embedding.epoch_metrics().items():
+            self.log(name, value)
 
     # -- non-finite guard ---------------------------------------------------------------------
     #: "stop": save a checkpoint and raise NonFiniteError; "skip": drop the batch and go on.
@@ -169,9 +211,39 @@ class CTRModule(L.LightningModule):
         checkpoint["recsys"] = {"model_class": f"{cls.__module__}.{cls.__qualname__}", "features": self.info.to_dict()}
 
 
-def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> CTRModule:
+def model_class(name: str) -> type[CTRModule]:
+    """The model class a checkpoint or manifest names, if it is a ``CTRModule`` defined under
+    ``recsys.models`` (found by name among that package's modules); anything else is refused, so a
+    received file never makes recsys import or call other code."""
+    import pkgutil
+
+    import recsys.models
+
+    module_name, _, class_name = str(name).rpartition(".")
+    modules = {f"recsys.models.{m.name}" for m in pkgutil.iter_modules(recsys.models.__path__)}
+    if module_name not in modules:
+        raise ValueError(f"model class {name!r} is not a recsys model (models live in {sorted(modules)})")
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, CTRModule) and cls.__module__ == module_name):
+        raise ValueError(f"model class {name!r} is not a recsys model (a CTRModule defined in {module_name})")
+    return cls
+
+
+def model_hparams(hparams: dict[str, Any], where: str) -> dict[str, Any]:
+    """A checkpoint's or manifest's hyperparameters as constructor arguments; old-style keys stop with
+    their new spelling."""
+    from recsys.embedding.spec import legacy_keys_message
+
+    message = legacy_keys_message(list(hparams), where=f"{where}: hyperparameter")
+    if message:
+        raise ValueError(f"{message}; this checkpoint predates the embedding block: retrain it with this recsys")
+    return {k: v for k, v in hparams.items() if not k.startswith("_")}
+
+
+def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu", resources: Any = None) -> CTRModule:
     """Loads any recsys model, unsharded, from a checkpoint: a Lightning ``.ckpt`` file, or the
-    directory the torchrec strategy writes with ``torch.distributed.checkpoint`` at any world size."""
+    directory the torchrec strategy writes with ``torch.distributed.checkpoint`` at any world size.
+    ``resources`` are only needed by models that run a text encoder on row-level text."""
     path = Path(ckpt_path)
     sharded = path.is_dir()
     meta_file = path / "lightning.pt" if sharded else path
@@ -180,16 +252,15 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu") 
     checkpoint = torch.load(meta_file, map_location=map_location, weights_only=False)
     if "recsys" not in checkpoint:
         raise ValueError(f"{path}: not a recsys checkpoint (no 'recsys' entry)")
-    module_name, _, class_name = checkpoint["recsys"]["model_class"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    if not sharded:
-        model = cls.load_from_checkpoint(path, map_location=map_location, weights_only=False)
-    else:
+    cls = model_class(checkpoint["recsys"]["model_class"])
+    model = cls(**model_hparams(checkpoint["hyper_parameters"], str(path)), resources=resources)
+    if sharded:
         import torch.distributed.checkpoint as dcp
 
-        model = cls(**{k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")})
         state = {"state_dict": model.state_dict()}
         dcp.load(state, checkpoint_id=str(path))  # reassembles every table from its shards
         model.load_state_dict(state["state_dict"])
+    else:
+        model.load_state_dict(checkpoint["state_dict"])
     model.eval()
     return model

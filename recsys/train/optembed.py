@@ -1,19 +1,23 @@
-"""``recsys optembed search``: OptEmbed's evolutionary search of per-table embedding dims.
+"""``recsys optembed search``: OptEmbed's evolutionary search of per-table embedding widths, for any model.
 
-    recsys optembed search --ckpt runs/optembed/supernet/checkpoints/last.ckpt --out runs/optembed/search
+    recsys optembed search --ckpt runs/optembed/supernet/run/checkpoints/best.ckpt --out runs/optembed/search
     recsys optembed search --ckpt ... --out ... --budget 0.5      # at most half the full tables' parameters
 
+(``recsys optembed run`` runs supernet → search → compact retrain in one command: ``recsys.train.optembed_run``.)
+
 A candidate is one width per table, a multiple of ``--dim-step`` (4: FBGEMM's table-batched
-kernels, which sharded training uses, need widths that are multiples of 4). Its fitness is the validation AUC of the supernet with the
-candidate's dims and the supernet's learned row masks. The val split is embedded once (all
-``D`` columns, rows masked); a candidate then costs one MLP pass over those cached vectors with
-the columns beyond its dims zeroed, which is exactly the supernet's forward with ``eval_dims``.
+kernels, which sharded training uses, need widths that are multiples of 4). Its fitness is the
+validation AUC of the supernet with the candidate's widths and the supernet's learned row masks.
+The val split goes through the embedding layer once (full widths, rows masked); a candidate then
+costs one pass of the model's head over those cached outputs with the columns beyond its widths
+zeroed, which is exactly the supernet's forward with ``eval_dims`` (for DIN too: its attention is
+part of the head).
 
 Search (as in the paper, after SPOS): a random initial population, then ``--generations``
 rounds of ``--mutations`` mutants (each table's dim redrawn with probability ``--mutation-prob``)
 and ``--crossovers`` children (each table's dim taken from either parent: crossover over
 *tables*), parents drawn from the ``--keep`` best so far. With ``--budget B`` every candidate
-has at most ``B · Σ_t rows_t · D`` parameters (kept rows × dims); over-budget draws are repaired by
+has at most ``B · Σ_t rows_t · D_t`` parameters (kept rows × dims); over-budget draws are repaired by
 narrowing random tables. Deterministic under ``--seed``.
 
 Writes into ``--out``: ``optembed.pt`` (dims + row masks; the retrain stage's input),
@@ -36,7 +40,7 @@ from tqdm.auto import tqdm
 
 from recsys.data.parquet import ParquetStream
 from recsys.data.vocab import Vocabulary
-from recsys.embedding.optembed import ARTIFACT, OptEmbedBag, sparsity
+from recsys.embedding.optembed import ARTIFACT, sparsity
 from recsys.eval.metrics import auc
 
 
@@ -54,56 +58,60 @@ class SearchConfig:
 
 
 class ValCache:
-    """The val split embedded once by a supernet: pooled ``[N, ΣD]``, dense, labels."""
+    """The val split through a supernet once (full widths, learned row masks): the embedding layer's
+    outputs and the dense features of every batch. A candidate's fitness then narrows the cached
+    outputs to its widths and runs only the model's head, which is exactly the supernet's forward
+    with ``set_eval_dims(candidate)``, for any model."""
 
     def __init__(self, model: torch.nn.Module, stream: ParquetStream) -> None:
-        tables = model.tables
-        if not isinstance(tables, OptEmbedBag):
-            raise TypeError("the checkpoint is not an OptEmbed supernet (model.init_args.optembed.stage=supernet)")
+        layer = getattr(model, "embedding", None)
+        if layer is None or not getattr(layer, "supernet", None):
+            raise TypeError("the checkpoint is not an OptEmbed supernet (model.init_args.embedding: "
+                            "{kind: optembed, stage: supernet})")
         model.eval()
-        tables.set_eval_dims(None)
-        pooled, dense, labels = [], [], []
+        layer.set_eval_dims(None)
+        self.model, self.layer = model, layer
+        batches, labels = [], []
         with torch.inference_mode():
             for batch in tqdm(stream, desc="embedding val", unit="batch", leave=False):
-                pooled.append(model.pooled(batch))
-                dense.append(batch.dense)
+                batches.append((layer(batch), batch.dense))
                 labels.append(batch.labels)
-        self.model = model
-        self.pooled, self.dense = torch.cat(pooled), torch.cat(dense)
+        self.batches = batches
         self.labels = torch.cat(labels).numpy()
-        # the owning table of every pooled column
-        owners = [tables.owners[f] for f in model.pooled_order]
-        self.column_table = torch.tensor([tables.index[o] for o in owners]).repeat_interleave(tables.dim)
-        self.column_offset = torch.arange(tables.dim).repeat(len(owners))
 
     def score(self, dims: np.ndarray) -> float:
-        """Val AUC with per-table ``dims`` (in ``tables.table_owners`` order)."""
-        keep = self.column_offset < torch.as_tensor(dims)[self.column_table]
+        """Val AUC with per-table widths ``dims`` (in ``layer.supernet`` order)."""
+        widths = dict(zip(self.layer.supernet, (int(d) for d in dims), strict=True))
         with torch.inference_mode():
-            logits = self.model.head(self.pooled * keep, self.dense)
+            logits = torch.cat([self.model.head(self.layer.narrow(embedded, widths), dense)
+                                for embedded, dense in self.batches])
         return auc(self.labels, logits.float().numpy())
 
 
 class Search:
-    """The evolutionary loop over integer dims vectors; ``fitness`` maps dims → val AUC."""
+    """The evolutionary loop over integer widths per table; ``fitness`` maps widths → val AUC."""
 
-    def __init__(self, kept_rows: np.ndarray, total_rows: np.ndarray, dim: int, config: SearchConfig) -> None:
-        self.kept_rows, self.total_rows, self.dim, self.config = kept_rows, total_rows, dim, config
+    def __init__(self, kept_rows: np.ndarray, total_rows: np.ndarray, full_dims: np.ndarray, config: SearchConfig) -> None:
+        self.kept_rows, self.total_rows, self.full_dims, self.config = kept_rows, total_rows, full_dims, config
         self.rng = np.random.default_rng(config.seed)
-        if not 1 <= config.dim_step <= dim:
-            raise ValueError(f"dim_step must lie in 1..{dim}, got {config.dim_step}")
+        if not 1 <= config.dim_step <= int(full_dims.min()):
+            raise ValueError(f"dim_step must lie in 1..{int(full_dims.min())}, got {config.dim_step}")
         self.step = config.dim_step
-        self.choices = np.arange(dim, 0, -config.dim_step)[::-1]  # D and every step below it
-        self.limit = None if config.budget is None else config.budget * float(total_rows.sum()) * dim
+        # each table's candidates: its full width and every step below it
+        self.choices = [np.arange(int(d), 0, -config.dim_step)[::-1] for d in full_dims]
+        self.narrowest = np.array([c[0] for c in self.choices])
+        self.limit = None if config.budget is None else config.budget * float((total_rows * full_dims).sum())
         self.scored: dict[tuple[int, ...], float] = {}
-        smallest = self.params(np.full(len(kept_rows), self.choices[0]))
-        if self.limit is not None and smallest > self.limit:
+        if self.limit is not None and self.params(self.narrowest) > self.limit:
             raise ValueError(f"--budget {config.budget} allows {self.limit:,.0f} parameters, but the narrowest candidate "
-                             f"(every table {self.choices[0]} wide over its kept rows) has {smallest:,}; raise the budget "
-                             f"or lower --dim-step")
+                             f"(every table at its narrowest width over its kept rows) has "
+                             f"{self.params(self.narrowest):,}; raise the budget or lower --dim-step")
 
     def params(self, dims: np.ndarray) -> int:
         return int((self.kept_rows * dims).sum())
+
+    def _draw(self, tables: np.ndarray) -> np.ndarray:
+        return np.array([self.rng.choice(self.choices[t]) for t in tables], dtype=np.int64)
 
     def repair(self, dims: np.ndarray) -> np.ndarray | None:
         """Narrows random tables (weighted by their kept rows) until the candidate fits the budget."""
@@ -111,7 +119,7 @@ class Search:
         if self.limit is None:
             return dims
         while self.params(dims) > self.limit:
-            wide = np.flatnonzero((dims > self.choices[0]) & (self.kept_rows > 0))
+            wide = np.flatnonzero((dims > self.narrowest) & (self.kept_rows > 0))
             if wide.size == 0:
                 return None
             weights = self.kept_rows[wide] / self.kept_rows[wide].sum()
@@ -119,12 +127,12 @@ class Search:
         return dims
 
     def random(self) -> np.ndarray | None:
-        return self.repair(self.rng.choice(self.choices, size=len(self.kept_rows)))
+        return self.repair(self._draw(np.arange(len(self.kept_rows))))
 
     def mutate(self, parent: np.ndarray) -> np.ndarray | None:
         child = parent.copy()
-        redraw = self.rng.random(len(child)) < self.config.mutation_prob
-        child[redraw] = self.rng.choice(self.choices, size=int(redraw.sum()))
+        redraw = np.flatnonzero(self.rng.random(len(child)) < self.config.mutation_prob)
+        child[redraw] = self._draw(redraw)
         return self.repair(child)
 
     def crossover(self, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
@@ -138,7 +146,7 @@ class Search:
                 if c is not None and tuple(c) not in self.scored:
                     self.scored[tuple(int(x) for x in c)] = fitness(c)
 
-        add([np.full(len(self.kept_rows), self.dim)] if self.limit is None else [])
+        add([self.full_dims.copy()] if self.limit is None else [])
         add([self.random() for _ in range(cfg.population)])
         for _ in tqdm(range(cfg.generations), desc="evolution", unit="gen", disable=not progress):
             top = [np.array(k) for k, _ in sorted(self.scored.items(), key=lambda kv: -kv[1])[: cfg.keep]]
@@ -188,22 +196,25 @@ def search(ckpt: str | Path, out: str | Path, config: SearchConfig, data: str | 
     data_dir = Path(data) if data else Path(model.info.path)
     stream = ParquetStream(data_dir, "val", Vocabulary.load_or_build(data_dir), batch_size=batch_size)
     cache = ValCache(model, stream)
-    tables: OptEmbedBag = model.tables
-    owners = tables.table_owners
-    masks = tables.row_masks()
+    layer = model.embedding
+    owners = layer.supernet
+    masks = layer.row_masks()
     kept = np.array([int(masks[o].sum()) for o in owners])
-    rows = np.array([tables.rows[o] for o in owners])
-    engine = Search(kept, rows, tables.dim, config)
+    rows = np.array([layer.plans[o].vocab_rows for o in owners])
+    full_dims = np.array([layer.plans[o].dim for o in owners])
+    engine = Search(kept, rows, full_dims, config)
     best, best_auc = engine.run(cache.score, progress=progress)
     dims = {o: int(d) for o, d in zip(owners, best, strict=True)}
     kept_rows = {o: int(k) for o, k in zip(owners, kept, strict=True)}
-    full = int(rows.sum()) * tables.dim
+    table_rows = {o: int(r) for o, r in zip(owners, rows, strict=True)}
+    widths = {o: int(d) for o, d in zip(owners, full_dims, strict=True)}
+    full = int((rows * full_dims).sum())
     front = engine.pareto()
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"supernet": str(ckpt), "dim": tables.dim, "dims": dims, "kept": masks, "rows": dict(tables.rows),
-                "thresholds": {o: float(tables.threshold[i].detach()) for i, o in enumerate(owners)}}, out / ARTIFACT)
+    torch.save({"supernet": str(ckpt), "full_dims": widths, "dims": dims, "kept": masks, "rows": table_rows,
+                "thresholds": {o: float(layer.threshold[i].detach()) for i, o in enumerate(owners)}}, out / ARTIFACT)
     with open(out / "pareto.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["params", "fraction_of_full", "val_auc", *[f"dim_{o}" for o in owners]])
@@ -212,16 +223,17 @@ def search(ckpt: str | Path, out: str | Path, config: SearchConfig, data: str | 
     _plot(engine, front, out / "pareto.png", full)
     result = {
         "supernet": str(ckpt),
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "data": str(data_dir),
         "dims": dims,
         "kept_rows": kept_rows,
-        "rows": dict(tables.rows),
-        "dim": tables.dim,
+        "rows": table_rows,
+        "full_dims": widths,
         "val_auc": best_auc,
-        "full_dims_val_auc": cache.score(np.full(len(owners), tables.dim)),
+        "full_dims_val_auc": cache.score(full_dims),
         "params": engine.params(best),
         "full_params": full,
-        "sparsity": sparsity(kept_rows, dims, dict(tables.rows), tables.dim),
+        "sparsity": sparsity(kept_rows, dims, table_rows, widths),
         "row_sparsity": 1 - float(kept.sum() / rows.sum()),
         "candidates_scored": len(engine.scored),
         "config": asdict(config),
@@ -230,35 +242,56 @@ def search(ckpt: str | Path, out: str | Path, config: SearchConfig, data: str | 
     return result
 
 
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """The search's own flags (shared by ``recsys optembed search`` and ``recsys optembed run``)."""
+    parser.add_argument("--budget", type=float, help="max embedding parameters as a fraction of the full tables' (0-1]")
+    defaults = SearchConfig()
+    for name in ("population", "generations", "keep", "mutations", "crossovers", "seed", "dim_step"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--mutation-prob", type=float, default=defaults.mutation_prob)
+    parser.add_argument("--batch-size", type=int, default=8192, help="val rows per batch while embedding the split")
+
+
+def search_config(args: argparse.Namespace) -> SearchConfig:
+    if args.budget is not None and not 0 < args.budget <= 1:
+        raise ValueError(f"--budget must lie in (0, 1], got {args.budget}")
+    return SearchConfig(population=args.population, generations=args.generations, keep=args.keep,
+                        mutations=args.mutations, crossovers=args.crossovers, mutation_prob=args.mutation_prob,
+                        budget=args.budget, seed=args.seed, dim_step=args.dim_step)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys optembed search", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="supernet checkpoint (.ckpt file or sharded checkpoint dir)")
     parser.add_argument("--out", required=True, help="output directory (optembed.pt, search.json, pareto.csv/png)")
     parser.add_argument("--data", help="dataset directory (default: the one the supernet was trained on)")
-    parser.add_argument("--budget", type=float, help="max embedding parameters as a fraction of the full tables' (0-1]")
-    defaults = SearchConfig()
-    for name in ("population", "generations", "keep", "mutations", "crossovers", "seed", "dim_step"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--mutation-prob", type=float, default=defaults.mutation_prob)
-    parser.add_argument("--batch-size", type=int, default=8192)
+    add_search_arguments(parser)
     return parser
+
+
+USAGE = """usage: recsys optembed run --config MODEL.yaml --config configs/embedding/optembed_supernet.yaml --out DIR
+       recsys optembed search --ckpt SUPERNET --out DIR [--budget B]
+(recsys optembed run --help, recsys optembed search --help)"""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "search":
-        print("usage: recsys optembed search --ckpt SUPERNET --out DIR [--budget B] (see --help)", file=sys.stderr)
+    if not argv or argv[0] not in ("search", "run"):
+        print(USAGE, file=sys.stderr)
         return 2
+    if argv[0] == "run":
+        from recsys.train.optembed_run import main as run_main
+
+        return run_main(argv[1:])
     args = build_parser().parse_args(argv[1:])
-    if args.budget is not None and not 0 < args.budget <= 1:
-        print(f"recsys optembed search: --budget must lie in (0, 1], got {args.budget}", file=sys.stderr)
+    try:
+        config = search_config(args)
+    except ValueError as err:
+        print(f"recsys optembed search: {err}", file=sys.stderr)
         return 2
-    config = SearchConfig(population=args.population, generations=args.generations, keep=args.keep,
-                          mutations=args.mutations, crossovers=args.crossovers, mutation_prob=args.mutation_prob,
-                          budget=args.budget, seed=args.seed, dim_step=args.dim_step)
     result = search(args.ckpt, args.out, config, data=args.data, batch_size=args.batch_size)
     print(json.dumps({k: result[k] for k in ("dims", "kept_rows", "val_auc", "full_dims_val_auc", "sparsity")}, indent=2))
-    print(f"wrote {args.out}/{ARTIFACT}; retrain with --model.init_args.optembed.stage compact "
-          f"--model.init_args.optembed.artifact {args.out}")
+    print(f"wrote {args.out}/{ARTIFACT}; retrain with --config configs/embedding/optembed_retrain.yaml "
+          f"--model.init_args.embedding.artifact {args.out}")
     return 0

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from recsys.text.pooling import POOLINGS, make_pooling
+from recsys.text.pooling import HEADS, make_pooling
 
 D, L = 8, 3
 
@@ -73,7 +73,7 @@ def _head(name: str) -> torch.nn.Module:
     return make_pooling(name, D, num_layers=L, **kwargs).eval()
 
 
-@pytest.mark.parametrize("name", POOLINGS)
+@pytest.mark.parametrize("name", HEADS)
 def test_each_head_matches_a_plain_reference(name: str) -> None:
     head = _head(name)
     states, mask = _batch()  # right padding: [CLS] is position 0
@@ -84,7 +84,7 @@ def test_each_head_matches_a_plain_reference(name: str) -> None:
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", POOLINGS)
+@pytest.mark.parametrize("name", HEADS)
 def test_padding_never_changes_the_result(name: str) -> None:
     head = _head(name)
     states, mask = _batch(seed=2)

@@ -1,0 +1,479 @@
+"""``EmbeddingLayer``: the one embedding component of every model, whatever the table kind.
+
+::
+
+    Batch.sparse + Batch.sequences ──check ids──▶ id transforms per probe (identity | hash | remap)
+        ├─▶ torchrec EmbeddingBagCollection: tables whose readers are all pooled (FBGEMM pools them)
+        └─▶ torchrec EmbeddingCollection per width: tables some reader needs row by row (a feature the
+            model keeps jagged, OptEmbed's row masks, item text joined per id)
+    per feature: its probes concatenated ─▶ OptEmbed masks ─▶ ⊕ item text ─▶ pooled [B, W_f] or
+    jagged [N, W_f] (the features the model asked to keep)
+    Batch.text (row-level text) ─▶ RowText ─▶ one more pooled feature [B, W_t]
+
+The kinds (``recsys.embedding.spec``) differ only in the tables they declare, the transform of
+each probe and OptEmbed's masks; a model never sees which kind it got. All tables are torchrec
+collections, so ``DistributedModelParallel`` shards any of them and FBGEMM runs them; the export
+loader swaps them for torchrec's quantized twins and runs this same forward.
+
+Example::
+
+    layer = EmbeddingLayer(info, {"kind": "unified", "budget": 0.4}, jagged=["item_id", "hist_item_id"])
+    out = layer(batch)
+    out.pooled["user_id"]           # [B, W]
+    out.jagged["hist_item_id"]      # JaggedTensor: values [N, W], lengths [B]
+    layer.output_dims()             # {feature: W_f}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+)
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from recsys.data.batch import Batch
+from recsys.data.schema import FeatureType
+from recsys.data.vocab import DatasetInfo
+from recsys.embedding.hashing import feature_salt
+from recsys.embedding.optembed import compact_remap, prefix_mask, sample_dims, step_ste
+from recsys.embedding.regularization import inverse_counts, mba_penalty_from_lookups, table_counts
+from recsys.embedding.spec import WHERE, EmbeddingConfigError, EmbeddingSpec, TablePlan
+from recsys.embedding.tables import TORCHREC_POOLING, check_ids, pool_jagged, table_device
+from recsys.embedding.transforms import Lookup, Transform, transform_ids
+from recsys.text.features import ItemText, ItemTextTable, RowText, TextConfigError, TextSpec
+
+
+@dataclass
+class Embedded:
+    """The layer's output for one batch."""
+
+    pooled: dict[str, Tensor] = field(default_factory=dict)  # feature -> [B, W_f]
+    jagged: dict[str, JaggedTensor] = field(default_factory=dict)  # feature -> values [N, W_f], lengths [B]
+
+    def cat(self, features: list[str]) -> Tensor:
+        """``[B, Σ W_f]``: the pooled features in the given order."""
+        return torch.cat([self.pooled[f] for f in features], dim=1)
+
+
+def _table_name(plan: TablePlan, probe: int, num_tables: int) -> str:
+    if plan.kind == "unified":
+        return f"unified_{probe % num_tables}"
+    return f"h_{plan.owner}" if plan.kind == "hashed" else f"t_{plan.owner}"
+
+
+class EmbeddingLayer(nn.Module):
+    """Id features (and text) of a dataset → per-feature embeddings, for any table kind.
+
+    Args:
+        info: the dataset's schema and table sizes.
+        embedding: the ``embedding`` config block (``recsys.embedding.spec``).
+        text: the ``text`` config block (``recsys.text.features.TextSpec``), or None: no text.
+        features: the id features to embed (default: every categorical, list and sequence feature).
+        jagged: features returned row by row instead of pooled (DIN's targets and sequences).
+        mba_lambda: mini-batch aware L2 on the rows a training batch looks up (0: off).
+        resources: train counts, item texts, encoders and OptEmbed results
+            (``recsys.data.resources``); None when a state dict follows (a checkpoint or export).
+    """
+
+    def __init__(self, info: DatasetInfo, embedding: dict | EmbeddingSpec | None = None, text: dict | TextSpec | None = None,
+                 features: list[str] | None = None, jagged: list[str] | tuple = (), mba_lambda: float = 0.0,
+                 resources=None) -> None:  # noqa: ANN001 (recsys.data.resources.Resources)
+        super().__init__()
+        schema = info.parsed_schema
+        self.schema = schema
+        self.spec = EmbeddingSpec.parse(embedding, schema)
+        ids = [f.name for f in (*schema.sparse, *schema.sequences)]
+        self.id_features = ids if features is None else list(features)
+        unknown = [f for f in [*self.id_features, *jagged] if f not in ids]
+        if unknown:
+            raise EmbeddingConfigError(f"{WHERE}: {unknown[0]!r} is not an id feature of {schema.source} (id features: {ids})")
+        self.jagged_features = [f for f in self.id_features if f in set(jagged)]
+        self.owner = {f: schema[f].table for f in self.id_features}
+        owners = list(dict.fromkeys(self.owner.values()))
+        self._resolve_compact(owners, resources)
+        self.plans = {o: p for o, p in self.spec.plans(schema, info.num_embeddings).items() if o in owners}
+        self.vocab_rows = {f: info.num_embeddings[o] for f, o in self.owner.items()}
+        self.pooling = self.spec.pooling
+        self.mba_lambda = mba_lambda
+        self.text_spec = TextSpec.parse(text)
+        self._build_text(schema, resources)
+        self._build_lookups()
+        self._build_tables()
+        self._build_optembed(resources)
+        if mba_lambda > 0:
+            self._build_counts(resources)
+        self._mba_terms: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+        self.pooled_features = [f for f in self.id_features if f not in self.jagged_features] + list(self.row_text)
+
+    # -- construction --------------------------------------------------------------------------------
+    def _resolve_compact(self, owners: list[str], resources) -> None:  # noqa: ANN001
+        """Compact OptEmbed tables take their widths and kept rows from the search artifact (read by the
+        resources, once); they are then part of the spec, so a checkpoint rebuilds without it."""
+        self._kept = None
+        compact = [o for o in owners if self.spec.kind_of(o) == "optembed" and self.spec.stage == "compact"]
+        if not compact or all(o in self.spec.dims for o in compact):
+            return
+        if self.spec.artifact is None:
+            raise EmbeddingConfigError(f"{WHERE}.artifact: stage compact needs the OptEmbed search artifact "
+                                       f"(the `recsys optembed search --out` directory)")
+        result = resources.optembed_result(self.spec.artifact) if resources is not None else None
+        if result is None:
+            raise EmbeddingConfigError(f"{WHERE}.artifact: {self.spec.artifact} can only be read with the dataset's "
+                                       f"resources (recsys fit / recsys optembed run)")
+        missing = [o for o in compact if o not in result["dims"]]
+        if missing:
+            raise EmbeddingConfigError(f"{WHERE}.artifact: {self.spec.artifact} has no searched width for table "
+                                       f"{missing[0]!r} (searched: {sorted(result['dims'])})")
+        self._kept = {o: result["kept"][o] for o in compact}
+        self.spec.dims = {o: int(result["dims"][o]) for o in compact}
+        self.spec.kept_rows = {o: int(self._kept[o].sum()) for o in compact}
+
+    def _build_text(self, schema, resources) -> None:  # noqa: ANN001
+        self.item_text, self.row_text = nn.ModuleDict(), nn.ModuleDict()
+        self.text_dims: dict[str, int] = {}
+        spec = self.text_spec
+        if spec is None:
+            return
+        items = [t for t in schema.item_text if t.item in self.plans]
+        rows = [t for t in schema.row_text]
+        if not items and not rows:
+            raise TextConfigError(f"model.init_args.text: {schema.source} has no text column this model reads "
+                                  f"(item text of {sorted(self.plans)}, or row-level text)")
+        if spec.encoder_dim is None:
+            if resources is None or resources.text_encoder(spec.model_path, spec.max_length) is None:
+                raise TextConfigError("model.init_args.text: the encoder's width is unknown; build the model with its "
+                                      "dataset's resources")
+            encoder = resources.text_encoder(spec.model_path, spec.max_length)
+            spec.encoder_dim, spec.encoder_layers = encoder.dim, encoder.num_layers
+        for column in items:
+            plan = self.plans[column.item]
+            dim = spec.dim or plan.width
+            if spec.combine == "sum" and dim != plan.width:
+                raise TextConfigError(f"model.init_args.text.dim: combine sum needs the {column.item!r} table width "
+                                      f"{plan.width}, got {dim}")
+            if spec.combine == "init" and plan.kind != "plain":
+                raise TextConfigError(f"model.init_args.text.combine: init starts a plain item table from the texts; "
+                                      f"{column.item!r} is {plan.kind!r}")
+            if column.item in self.item_text:
+                raise TextConfigError(f"{schema.source}: two text columns describe {column.item!r}")
+            if resources is not None and resources.serving:
+                self.item_text[column.item] = ItemTextTable(column.item, plan.vocab_rows, dim)
+            else:
+                states = resources.item_text_states(column.name, column.item, spec.model_path, spec.max_length) \
+                    if resources is not None else None
+                self.item_text[column.item] = ItemText(spec, plan.vocab_rows, dim, *(states or (None, None)))
+            self.text_dims[column.item] = 0 if spec.combine in ("sum", "init") else dim
+        for column in rows:
+            encoder = resources.text_encoder(spec.model_path, spec.max_length) if resources is not None else None
+            self.row_text[column.name] = RowText(spec, spec.dim or self.spec.dim, encoder)
+
+    def _build_lookups(self) -> None:
+        self.lookups: dict[str, list[Lookup]] = {}
+        for f in self.id_features:
+            plan = self.plans[self.owner[f]]
+            probes = []
+            for i in range(plan.probes):
+                if plan.hash_rows is not None:
+                    transform = Transform("hash", feature_salt(plan.owner, i), plan.hash_rows)
+                elif plan.kind == "optembed" and self.spec.stage == "compact":
+                    transform = Transform("remap")
+                else:
+                    transform = Transform("identity")
+                key = f"{f}@{i}" if plan.kind in ("hashed", "unified") else f
+                probes.append(Lookup(key, f, plan.owner, i, _table_name(plan, i, self.spec.num_tables), plan.dim, transform))
+            self.lookups[f] = probes
+        self.all_lookups = [lookup for probes in self.lookups.values() for lookup in probes]
+
+    def _needs_rows(self, owner: str) -> bool:
+        """Pooled by recsys from looked-up rows (an EmbeddingCollection) rather than by FBGEMM."""
+        return (self.plans[owner].kind == "optembed" or owner in self.item_text
+                or any(self.owner[f] == owner for f in self.jagged_features))
+
+    def _build_tables(self) -> None:
+        tables: dict[str, dict] = {}
+        for lookup in self.all_lookups:
+            plan = self.plans[lookup.owner]
+            table = tables.setdefault(lookup.table, {"rows": plan.rows, "dim": plan.dim, "keys": [], "by_rows": False})
+            table["keys"].append(lookup.key)
+            table["by_rows"] |= self._needs_rows(lookup.owner)
+        # a feature reads all its probes one way: a shared table read row by row takes its other readers along
+        changed = True
+        while changed:
+            changed = False
+            for probes in self.lookups.values():
+                if any(tables[p.table]["by_rows"] for p in probes) and not all(tables[p.table]["by_rows"] for p in probes):
+                    for p in probes:
+                        tables[p.table]["by_rows"] = True
+                    changed = True
+        self.on_bags = {f: not tables[probes[0].table]["by_rows"] for f, probes in self.lookups.items()}
+        bags = [EmbeddingBagConfig(name=name, embedding_dim=t["dim"], num_embeddings=t["rows"], feature_names=t["keys"],
+                                   pooling=TORCHREC_POOLING[self.pooling]) for name, t in tables.items() if not t["by_rows"]]
+        self.bags = EmbeddingBagCollection(tables=bags, device=table_device()) if bags else None
+        self.bag_keys = [k for c in bags for k in c.feature_names]
+        by_width: dict[int, list[EmbeddingConfig]] = {}
+        for name, t in tables.items():
+            if t["by_rows"]:  # an EmbeddingCollection needs one width for all its tables
+                by_width.setdefault(t["dim"], []).append(
+                    EmbeddingConfig(name=name, embedding_dim=t["dim"], num_embeddings=t["rows"], feature_names=t["keys"]))
+        self.rows = nn.ModuleDict({f"d{d}": EmbeddingCollection(tables=c, device=table_device()) for d, c in by_width.items()})
+        self.row_keys = {group: [k for c in configs for k in c.feature_names]
+                         for group, configs in zip(self.rows, by_width.values(), strict=True)}
+        self.table_rows = {name: t["rows"] for name, t in tables.items()}
+
+    def _build_optembed(self, resources) -> None:  # noqa: ANN001
+        kind = {o: p.kind for o, p in self.plans.items()}
+        self.supernet = [o for o in self.plans if kind[o] == "optembed" and self.spec.stage == "supernet"]
+        self.compact = [o for o in self.plans if kind[o] == "optembed" and self.spec.stage == "compact"]
+        self.remaps = nn.Module()  # compact: vocabulary row -> kept row (0: pruned)
+        for o in self.compact:
+            remap = compact_remap(self._kept[o]) if self._kept is not None else torch.zeros(self.plans[o].vocab_rows, dtype=torch.int64)
+            self.remaps.register_buffer(o, remap)
+        if self.supernet:
+            self.threshold = nn.Parameter(torch.full((len(self.supernet),), float(self.spec.threshold_init)))
+            full = torch.tensor([self.plans[o].dim for o in self.supernet])
+            self.register_buffer("full_dims", full, persistent=False)
+            self.register_buffer("eval_dims", full.clone())
+            self.register_buffer("draws", torch.zeros((), dtype=torch.int64))  # training steps so far (dims draws)
+        self.supernet_index = {o: i for i, o in enumerate(self.supernet)}
+        if self.text_spec is not None and self.text_spec.combine == "init" and resources is not None and table_device() is None:
+            for owner, module in self.item_text.items():
+                if isinstance(module, ItemText):
+                    weight = self.table_weight(f"t_{owner}")
+                    with torch.no_grad():
+                        weight.copy_(module.initial_rows(float(weight.std())))
+
+    def _build_counts(self, resources) -> None:  # noqa: ANN001
+        """Per table row, its train occurrences mapped through the transforms (MBA's ``n_j``)."""
+        self.inverse_counts = nn.Module()
+        counts: dict[str, Tensor] = {}
+        remaps = self._remaps()
+        for lookup in self.all_lookups:
+            if lookup.feature != lookup.owner:
+                continue  # a sequence's ids are its target's: counted once, through the target
+            vocab = resources.train_counts(lookup.owner) if resources is not None else None
+            rows = self.table_rows[lookup.table]
+            if vocab is None:
+                counts.setdefault(lookup.table, torch.ones(rows))
+                continue
+            mapped = table_counts(torch.as_tensor(vocab), lookup.transform, remaps.get(lookup.owner), rows)
+            counts[lookup.table] = counts.get(lookup.table, torch.zeros(rows)) + mapped
+        for table, count in counts.items():
+            self.inverse_counts.register_buffer(table, inverse_counts(count))
+
+    # -- introspection -------------------------------------------------------------------------------
+    def output_dims(self) -> dict[str, int]:
+        """``{feature: W_f}`` of every output (id features, then row-level text)."""
+        dims = {f: self.plans[o].width + self.text_dims.get(o, 0) for f, o in self.owner.items()}
+        return dims | {f: m.dim for f, m in self.row_text.items()}
+
+    def table_weight(self, table: str) -> Tensor:
+        """The (unsharded) weight of a torchrec table of this layer."""
+        if self.bags is not None and table in self.bags.embedding_bags:
+            return self.bags.embedding_bags[table].weight
+        for collection in self.rows.values():
+            if table in collection.embeddings:
+                return collection.embeddings[table].weight
+        raise KeyError(f"no table {table!r} (tables: {sorted(self.table_rows)})")
+
+    def _remaps(self) -> dict[str, Tensor]:
+        return {o: getattr(self.remaps, o) for o in self.compact}
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> Embedded:
+        features = batch.sparse.to_dict() | (batch.sequences.to_dict() if batch.sequences.keys() else {})
+        return self.embed(features, len(batch), batch.positions, batch.text)
+
+    def embed(self, features: dict[str, JaggedTensor], batch_size: int, positions: Tensor | None = None,
+              texts: dict[str, list[str]] | None = None) -> Embedded:
+        """Embeds ``{feature: ids}`` (vocabulary rows); features left out read nothing."""
+        features = {f: features[f] for f in self.id_features if f in features}
+        check_ids(features, self.vocab_rows)
+        rows = transform_ids(features, self.all_lookups, self._remaps())
+        looked: dict[str, Tensor] = {}
+        if self.bags is not None:
+            looked |= self.bags(self._kjt(rows, self.bag_keys, batch_size)).to_dict()
+        for group, collection in self.rows.items():
+            out = collection(self._kjt(rows, self.row_keys[group], batch_size))
+            looked |= {k: out[k].values() for k in self.row_keys[group]}  # (a sharded output is indexed, not iterated)
+        if self.training and self.mba_lambda > 0:
+            self._remember(features, rows, looked)
+        widths = self._sample_widths(positions, batch_size) if self.supernet else None
+        result = Embedded()
+        for f, jagged in features.items():
+            owner, lookups = self.owner[f], self.lookups[f]
+            parts = [looked[lookup.key] for lookup in lookups]
+            if self.on_bags[f]:
+                result.pooled[f] = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+                continue
+            values = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [N, W_id]
+            values = self._mask_rows(owner, values, rows[lookups[0].key].values(), jagged.lengths(), widths)
+            if owner in self.item_text:
+                text = self.item_text[owner](jagged.values())
+                values = values + text if self.text_spec.combine == "sum" else \
+                    values if self.text_spec.combine == "init" else torch.cat([values, text], dim=1)
+            if f in self.jagged_features:
+                result.jagged[f] = JaggedTensor(values=values, lengths=jagged.lengths())
+            else:
+                result.pooled[f] = pool_jagged(values, jagged.lengths(), self.pooling)
+        if texts is not None:
+            for f, module in self.row_text.items():
+                result.pooled[f] = module(texts[f])
+        return result
+
+    def embed_ids(self, feature: str, ids: Tensor) -> Tensor:
+        """``[n]`` vocabulary rows of one feature → ``[n, W]`` (e.g. every item, for retrieval)."""
+        lengths = torch.ones_like(ids, dtype=torch.int32)
+        out = self.embed({feature: JaggedTensor(values=ids, lengths=lengths)}, len(ids))
+        return out.pooled[feature] if feature in out.pooled else out.jagged[feature].values()
+
+    def _kjt(self, rows: dict[str, JaggedTensor], keys: list[str], batch_size: int) -> KeyedJaggedTensor:
+        """One collection's input: its keys in its order; a feature not embedded now reads nothing."""
+        empty = None
+        values, lengths = [], []
+        for key in keys:
+            if key in rows:
+                values.append(rows[key].values())
+                lengths.append(rows[key].lengths().to(torch.int32))
+            else:
+                empty = empty if empty is not None else torch.zeros(batch_size, dtype=torch.int32)
+                values.append(torch.zeros(0, dtype=torch.int64))
+                lengths.append(empty)
+        return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=batch_size)
+
+    # -- OptEmbed -------------------------------------------------------------------------------------
+    def _sample_widths(self, positions: Tensor | None, batch_size: int) -> Tensor | None:
+        """``[B, T]`` widths per sample and supernet table (training: drawn; else ``eval_dims`` if narrowed)."""
+        if self.training and self.spec.sample_dims:
+            self.draws += 1
+            return sample_dims(positions, batch_size, self.full_dims, int(self.draws))
+        if bool((self.eval_dims < self.full_dims).any()):
+            return self.eval_dims.expand(batch_size, -1)
+        return None
+
+    def _mask_rows(self, owner: str, values: Tensor, rows: Tensor, lengths: Tensor, widths: Tensor | None) -> Tensor:
+        if owner in self.compact:  # pruned ids read row 0: a zero vector that gets no gradient
+            return values * (rows != 0).unsqueeze(1).to(values.dtype)
+        if owner not in self.supernet_index:
+            return values
+        i = self.supernet_index[owner]
+        if self.spec.prune_rows:
+            values = values * step_ste(values.abs().sum(1) - self.threshold[i]).unsqueeze(1)
+        if widths is not None:
+            per_row = torch.repeat_interleave(widths[:, i], lengths.long(), output_size=values.shape[0])
+            values = values * prefix_mask(per_row, values.shape[1])
+        return values
+
+    def set_eval_dims(self, dims: dict[str, int] | None) -> None:
+        """Widths used outside training (None: full); the dims search scores candidates with it."""
+        values = [int(self.full_dims[i]) if dims is None else int(dims[o]) for i, o in enumerate(self.supernet)]
+        if any(not 1 <= v <= int(d) for v, d in zip(values, self.full_dims.tolist(), strict=True)):
+            raise ValueError(f"dims must lie in 1..{self.full_dims.tolist()}, got {values}")
+        self.eval_dims.copy_(torch.tensor(values))
+
+    def narrow(self, embedded: Embedded, dims: dict[str, int]) -> Embedded:
+        """``embedded`` (computed at full widths) with supernet table ``o`` cut to its first ``dims[o]``
+        columns: exactly the forward under ``set_eval_dims(dims)``, from cached outputs."""
+        out = Embedded(dict(embedded.pooled), dict(embedded.jagged))
+        for f, owner in self.owner.items():
+            if owner not in self.supernet_index:
+                continue
+            width = self.output_dims()[f]
+            keep = torch.ones(width)
+            keep[int(dims[owner]):self.plans[owner].width] = 0
+            if f in out.pooled:
+                out.pooled[f] = out.pooled[f] * keep
+            elif f in out.jagged:
+                out.jagged[f] = JaggedTensor(values=out.jagged[f].values() * keep, lengths=out.jagged[f].lengths())
+        return out
+
+    @torch.no_grad()
+    def row_masks(self) -> dict[str, Tensor]:
+        """Supernet owner → bool ``[rows]``: the rows its learned threshold keeps (unsharded tables)."""
+        masks = {}
+        for o, i in self.supernet_index.items():
+            weight = self.table_weight(f"t_{o}")
+            masks[o] = (weight.abs().sum(1) - self.threshold[i] > 0).cpu() if self.spec.prune_rows \
+                else torch.ones(weight.shape[0], dtype=torch.bool)
+        return masks
+
+    # -- training hooks --------------------------------------------------------------------------------
+    def _remember(self, features: dict[str, JaggedTensor], rows: dict[str, JaggedTensor], looked: dict[str, Tensor]) -> None:
+        """This step's looked-up rows for MBA: every row read one by one, and pooled single-id features
+        (a pooled list is a mean of rows, not a row)."""
+        terms: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+        for lookup in self.all_lookups:
+            if lookup.feature not in features:
+                continue
+            single = self.schema[lookup.feature].type is FeatureType.CATEGORICAL
+            if self.on_bags[lookup.feature] and not single:
+                continue
+            table_rows, ids = terms.setdefault(lookup.table, ([], []))
+            table_rows.append(looked[lookup.key])
+            ids.append(rows[lookup.key].values())
+        self._mba_terms = terms
+
+    def regularization(self) -> Tensor | float:
+        """MBA over the rows the last training forward looked up, plus OptEmbed's threshold term."""
+        terms, self._mba_terms = self._mba_terms, {}
+        total: Tensor | float = 0.0
+        for table, (table_rows, ids) in terms.items():
+            total = total + mba_penalty_from_lookups(torch.cat(table_rows), torch.cat(ids),
+                                                     getattr(self.inverse_counts, table), self.mba_lambda)
+        if self.supernet and self.spec.prune_rows:
+            total = total + self.spec.alpha * torch.exp(-self.threshold).sum()
+        return total
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimizer groups with their own settings (OptEmbed's thresholds)."""
+        if not self.supernet:
+            return []
+        return [{"params": [self.threshold], "lr": self.spec.threshold_lr, "weight_decay": 0.0}]
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Scalars worth logging once per epoch (OptEmbed: share of rows kept, mean threshold)."""
+        if not self.supernet or not all(isinstance(c, EmbeddingCollection) for c in self.rows.values()):
+            return {}  # a sharded table's rows live on several ranks
+        masks = self.row_masks()
+        return {"optembed/rows_kept": sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()),
+                "optembed/threshold_mean": float(self.threshold.mean())}
+
+    # -- export --------------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        """The layer for an export manifest: per feature, its lookups (key, table, transform), masks, text."""
+        features = {}
+        for f, lookups in self.lookups.items():
+            owner = self.owner[f]
+            entry = {"owner": owner, "kind": self.plans[owner].kind, "width": self.output_dims()[f],
+                     "output": "jagged" if f in self.jagged_features else "pooled",
+                     "lookups": [{"key": lk.key, "table": lk.table, "probe": lk.probe, "transform": _describe(lk)}
+                                 for lk in lookups]}
+            if owner in self.compact:
+                entry["row_mask"] = "table row 0 is the zero vector of pruned ids"
+            if owner in self.supernet_index:
+                entry["row_mask"] = (f"rows with L1 norm <= embedding.threshold[{self.supernet_index[owner]}] "
+                                     f"read as zeros")
+            if owner in self.item_text:
+                entry["item_text"] = {"combine": self.text_spec.combine, "table": f"text_{owner}",
+                                      "by": "the feature's vocabulary row"}
+            features[f] = entry
+        for f, module in self.row_text.items():
+            features[f] = {"kind": "row_text", "width": module.dim, "output": "pooled",
+                           "text": self.text_spec.to_dict(), "encoder": "encoder/"}
+        return {"pooling": self.pooling, "order": {"pooled": self.pooled_features, "jagged": self.jagged_features},
+                "features": features}
+
+
+def _describe(lookup: Lookup) -> dict:
+    t = lookup.transform
+    if t.kind == "hash":
+        return {"kind": "hash", "hash": "splitmix64", "salt": t.salt, "rows": t.rows}
+    if t.kind == "remap":
+        return {"kind": "remap", "tensor": f"embedding.remaps.{lookup.owner}"}
+    return {"kind": "identity"}
