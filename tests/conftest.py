@@ -25,7 +25,7 @@ features:
   - {name: city, type: categorical, num_buckets: 7}
   - {name: price, type: numeric}
   - {name: hist_item, type: sequence, target: item, max_len: 4}
-  - {name: title, type: text}
+  - {name: title, type: text, item: item}
 """
 
 
@@ -65,6 +65,39 @@ def write_dataset(root: Path, rows: dict[str, int] | None = None, schema: str = 
         (root / split).mkdir(exist_ok=True)
         pq.write_table(make_rows(n, seed=i, row_offset=offset), root / split / "part-0.parquet", row_group_size=row_group_size)
         offset += n
+    return root
+
+
+WORDS = ("great", "quiet", "red", "fast", "local", "classic", "fresh", "simple", "bright", "old", "prime", "neat")
+TEXT_SCHEMA = """\
+label: click
+group: user
+features:
+  - {name: user, type: categorical}
+  - {name: query, type: text}
+"""
+
+
+def write_text_dataset(root: Path, rows: dict[str, int] | None = None, word: str = "bargain") -> Path:
+    """Row-level text whose click is planted in its words: the label is 1 exactly when the row's
+    text contains ``word`` (about half the rows); ids carry no signal. At most 400 distinct texts."""
+    rows = rows or {"train": 1200, "val": 300, "test": 300}
+    rng = np.random.default_rng(7)
+    texts = []
+    for i in range(400):
+        words = list(rng.choice(WORDS, size=3, replace=False))
+        if i % 2:
+            words.insert(int(rng.integers(0, 4)), word)
+        texts.append(" ".join(words))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "schema.yaml").write_text(TEXT_SCHEMA)
+    for i, (split, n) in enumerate(rows.items()):
+        (root / split).mkdir(exist_ok=True)
+        pick = np.random.default_rng(i).integers(0, len(texts), n)
+        query = [texts[j] for j in pick]
+        pq.write_table(pa.table({"click": np.array([int(word in q.split()) for q in query]),
+                                 "user": np.random.default_rng(i + 10).integers(0, 30, n), "query": query}),
+                       root / split / "part-0.parquet")
     return root
 
 

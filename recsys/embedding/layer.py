@@ -235,6 +235,9 @@ class EmbeddingLayer(nn.Module):
         for o in self.compact:
             remap = compact_remap(self._kept[o]) if self._kept is not None else torch.zeros(self.plans[o].vocab_rows, dtype=torch.int64)
             self.remaps.register_buffer(o, remap)
+            if table_device() is None:  # row 0, what pruned ids read, is stored as zeros (export readers rely on it)
+                with torch.no_grad():
+                    self.table_weight(f"t_{o}")[0].zero_()
         if self.supernet:
             self.threshold = nn.Parameter(torch.full((len(self.supernet),), float(self.spec.threshold_init)))
             full = torch.tensor([self.plans[o].dim for o in self.supernet])
@@ -405,14 +408,14 @@ class EmbeddingLayer(nn.Module):
 
     # -- training hooks --------------------------------------------------------------------------------
     def _remember(self, features: dict[str, JaggedTensor], rows: dict[str, JaggedTensor], looked: dict[str, Tensor]) -> None:
-        """This step's looked-up rows for MBA: every row read one by one, and pooled single-id features
-        (a pooled list is a mean of rows, not a row)."""
+        """This step's looked-up rows for MBA: every row of a feature kept jagged, and single-id features
+        (a pooled list is a mean of rows, whichever collection pools it: not penalised)."""
         terms: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
         for lookup in self.all_lookups:
             if lookup.feature not in features:
                 continue
             single = self.schema[lookup.feature].type is FeatureType.CATEGORICAL
-            if self.on_bags[lookup.feature] and not single:
+            if not single and lookup.feature not in self.jagged_features:
                 continue
             table_rows, ids = terms.setdefault(lookup.table, ([], []))
             table_rows.append(looked[lookup.key])
@@ -442,7 +445,7 @@ class EmbeddingLayer(nn.Module):
             return {}  # a sharded table's rows live on several ranks
         masks = self.row_masks()
         return {"optembed/rows_kept": sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()),
-                "optembed/threshold_mean": float(self.threshold.mean())}
+                "optembed/threshold_mean": float(self.threshold.detach().mean())}
 
     # -- export --------------------------------------------------------------------------------------
     def describe(self) -> dict:

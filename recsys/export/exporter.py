@@ -2,14 +2,18 @@
 
     recsys export --ckpt runs/.../checkpoints/best.ckpt --out exports/base-int8 --dtype int8
 
-Layout (specified in docs/export_format.md)::
+Layout (specified in docs/export_format.md, format version 2)::
 
-    manifest.json          format + version, model class and config, features and their id
-                           transforms, every table (rows, dim, dtype, row bytes, file), the dense
-                           tensors, and the SHA-256 and size of every other file
-    tables/<key>.safetensors   one file per embedding table: uint8 rows in the dtype's row format
-    dense.safetensors      every other tensor of the model (MLPs, attention, remaps, ...)
-    dense.pt2              EmbeddingMLP: the network after the lookups as a torch.export program
+    manifest.json          format + version, model class and config, features and their vocabularies,
+                           the embedding layer (per feature: lookups, id transforms, masks, text),
+                           every table (rows, dim, dtype, row bytes, file), the dense tensors, and the
+                           SHA-256 and size of every other file
+    tables/<key>.safetensors   one file per embedding table: uint8 rows in the dtype's row format;
+                           item text vectors are one more table (fp16/int8/int4 apply)
+    dense.safetensors      every other tensor of the model (MLPs, attention, remaps, thresholds, ...)
+    dense.pt2              models whose features are all pooled: the network after the lookups as a
+                           torch.export program
+    encoder/               models with row-level text: the text encoder's weights and tokenizer
     vocab/                 the dataset's vocabularies and numeric statistics (raw value → row)
     training_config.yaml   the run's resolved LightningCLI config, when it sits next to the run
 
@@ -21,8 +25,10 @@ The directory appears atomically (written under a temporary name, then renamed).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import shutil
 import sys
@@ -38,8 +44,9 @@ from tqdm.auto import tqdm
 from recsys.export.quantize import check_dtype, quantize_rows, row_bytes
 
 FORMAT = "recsys-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+ENCODER_DIR = "encoder"
 
 
 def sha256(path: Path) -> str:
@@ -104,37 +111,9 @@ def feature_entries(model: torch.nn.Module, vocab_meta: dict) -> dict[str, dict[
         elif spec.name in vocab_meta.get("numeric", {}):
             mean, std = vocab_meta["numeric"][spec.name]
             entry.update(mean=float(mean), std=float(std))
+        elif spec.type.value == "text":
+            entry["item"] = spec.item  # item text: a table; None: row-level text the encoder reads
         out[spec.name] = entry
-    return out
-
-
-def transform_entries(model: torch.nn.Module) -> list[dict[str, Any]]:
-    """Model-level id transforms between the vocabulary row and the table row."""
-    from recsys.embedding.hashing import feature_salt
-    from recsys.embedding.optembed import CompactEmbeddingBag, OptEmbedBag
-    from recsys.embedding.unified import UnifiedEmbeddingBag, UnifiedEmbeddingCollection, probe_name
-
-    out = []
-    for path, module in model.named_modules():
-        if isinstance(module, OptEmbedBag):
-            raise ValueError("this is an OptEmbed supernet; export the compact model retrained from its search "
-                             "(optembed.stage=compact, docs/optembed.md)")
-        if isinstance(module, (UnifiedEmbeddingBag, UnifiedEmbeddingCollection)):
-            spec = module.spec
-            out.append({
-                "kind": "unified_hash", "module": path, "hash": "splitmix64",
-                "features": {
-                    f: [{"probe_feature": probe_name(f, i), "salt": int(feature_salt(o, i)),
-                         "rows": spec.rows_of(o), "table": spec.table_of(o, i)} for i in range(spec.probes_of(o))]
-                    for f, o in module.owners.items()
-                },
-            })
-        if isinstance(module, CompactEmbeddingBag):
-            out.append({
-                "kind": "optembed_remap", "module": path, "zero_row": 0,
-                "remaps": {f: f"{path}.remaps.{o}" for f, o in module.owners.items()},
-                "dims": dict(module.dims), "kept_rows": dict(module.kept_rows),
-            })
     return out
 
 
@@ -166,21 +145,75 @@ class _StateSource:
         return request["state_dict"]
 
 
-def build_model(model_class: str, hparams: dict[str, Any]) -> torch.nn.Module:
-    """The model with its embedding tables on the meta device (nothing allocated for them)."""
-    import importlib
-
+def build_model(model_class: str, hparams: dict[str, Any], resources: Any = None, where: str = "") -> torch.nn.Module:
+    """A recsys model (only ``CTRModule`` subclasses under ``recsys.models``) with its embedding tables on
+    the meta device (nothing allocated for them)."""
     from recsys.embedding.tables import tables_on
+    from recsys.train.module import model_class as find_class
+    from recsys.train.module import model_hparams
 
-    module_name, _, class_name = model_class.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = find_class(model_class)
+    arguments = model_hparams(hparams, where)
+    try:
+        inspect.signature(cls.__init__).bind(None, **arguments)
+    except TypeError as err:
+        raise ValueError(f"{where}: hyperparameters do not fit {model_class} ({err})") from None
     with tables_on("meta"):
-        return cls(**{k: v for k, v in hparams.items() if not k.startswith("_")})
+        return cls(**arguments, resources=resources)
+
+
+class _PooledHead(torch.nn.Module):
+    """``(pooled [B, Σ W_f], numeric [B, n]) → logits [B]``: a model's head after the lookups, for
+    models whose embedding outputs are all pooled."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        head = copy.copy(model)  # shares every weight; the embedding tables are left out of the program
+        head._modules = {k: v for k, v in model._modules.items() if k != "embedding"}
+        self.head = head
+        self.order = list(model.embedding.pooled_features)
+        dims = model.embedding.output_dims()
+        self.widths = [dims[f] for f in self.order]
+
+    def forward(self, pooled: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        from recsys.embedding.layer import Embedded
+
+        parts = pooled.split(self.widths, dim=1)
+        return type(self.head).head(self.head, Embedded(pooled=dict(zip(self.order, parts, strict=True))), numeric)
+
+
+def dense_program(model: torch.nn.Module) -> torch.export.ExportedProgram | None:
+    """The network after the lookups as a ``torch.export`` program with a dynamic batch, or None when
+    the model keeps features jagged (DIN: variable-length attention) or reads row-level text."""
+    layer = model.embedding
+    if layer.jagged_features or len(layer.row_text):
+        return None
+    head = _PooledHead(model).eval()
+    width, numeric = sum(head.widths), len(model.schema.numeric)
+    batch = torch.export.Dim("batch", min=1)
+    return torch.export.export(head, (torch.zeros(2, width), torch.zeros(2, numeric)),
+                               dynamic_shapes=({0: batch}, {0: batch}))
+
+
+def _copy_encoder(model: torch.nn.Module, work: Path) -> dict | None:
+    """Row-level text runs the encoder at serving time: its files go into the export."""
+    layer = model.embedding
+    if not len(layer.row_text):
+        return None
+    from recsys.text.encoder import default_model_path
+
+    spec = layer.text_spec
+    source = Path(spec.model_path) if spec.model_path else default_model_path()
+    target = work / ENCODER_DIR
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+    return {"directory": ENCODER_DIR, "source": str(source), "max_length": spec.max_length}
 
 
 def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | Path | None = None,
            force: bool = False, progress: bool = True) -> Path:
     """Writes the export directory ``out``; returns it."""
+    from recsys.export.loader import ExportResources
+
     check_dtype(dtype)
     ckpt, out = Path(ckpt), Path(out)
     if out.exists() and not force:
@@ -188,39 +221,44 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | P
     source = _StateSource(ckpt)
     meta = source.checkpoint["recsys"]
     hparams = {k: v for k, v in source.checkpoint["hyper_parameters"].items() if not k.startswith("_")}
-    model = build_model(meta["model_class"], hparams)
-    tables = table_entries(model)
-    transforms = transform_entries(model)
-    data_dir = Path(data) if data else Path(model.info.path)
+    trained = build_model(meta["model_class"], hparams, where=str(ckpt))  # the training form (text heads)
+    served = build_model(meta["model_class"], hparams, ExportResources(), str(ckpt))  # the serving form
+    tables = table_entries(served)
+    data_dir = Path(data) if data else Path(served.info.path)
     vocab_meta_file = data_dir / "vocab" / "meta.json"
     if not vocab_meta_file.exists():
         raise FileNotFoundError(f"{vocab_meta_file}: the dataset's vocabulary is needed to map raw values; pass --data DIR")
     vocab_meta = json.loads(vocab_meta_file.read_text())
-    if vocab_meta.get("fingerprint") != model.info.fingerprint:
+    if vocab_meta.get("fingerprint") != served.info.fingerprint:
         raise ValueError(f"{data_dir}: vocabulary fingerprint {vocab_meta.get('fingerprint')!r} is not the one the model "
-                         f"was trained with ({model.info.fingerprint!r})")
+                         f"was trained with ({served.info.fingerprint!r})")
+    text_tables = _item_text_tables(trained, source)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (work / "tables").mkdir()
         for entry in tqdm(tables, desc=f"tables → {dtype}", unit="table", disable=not progress):
-            like = {entry["key"]: torch.empty(entry["rows"], entry["dim"])}
-            weight = source.load(like)[entry["key"]]
+            if entry["key"] in text_tables:
+                weight = text_tables[entry["key"]]
+                entry["source"] = "item text vectors (the trained text head over the encoder's states)"
+            else:
+                weight = source.load({entry["key"]: torch.empty(entry["rows"], entry["dim"])})[entry["key"]]
             rows = quantize_rows(weight, dtype)
             del weight
             entry.update(dtype=dtype, row_bytes=row_bytes(entry["dim"], dtype), file=f"tables/{entry['key']}.safetensors")
             save_file({"rows": rows}, work / entry["file"])
         table_keys = {e["key"] for e in tables}
-        dense_like = {k: v for k, v in model.state_dict().items() if k not in table_keys}
+        dense_like = {k: v for k, v in served.state_dict().items() if k not in table_keys}
         dense = {k: v.detach().clone().contiguous() for k, v in source.load(dense_like).items()}
         save_file(dense, work / "dense.safetensors")
-        program = None
-        if hasattr(model, "dense_program"):  # the network after the lookups as a torch.export program
-            model.load_state_dict(dense, strict=False)
-            torch.export.save(model.eval().dense_program(), work / "dense.pt2")
-            program = {"file": "dense.pt2", "inputs": ["pooled [B, sum of pooled widths, in table order]",
+        served.load_state_dict(dense, strict=False)
+        program = dense_program(served.eval())
+        if program is not None:
+            torch.export.save(program, work / "dense.pt2")
+            program = {"file": "dense.pt2", "inputs": ["pooled [B, Σ widths of embedding.order.pooled]",
                                                        "numeric [B, standardized numeric features]"], "output": "logits [B]"}
+        encoder = _copy_encoder(served, work)
         shutil.copytree(data_dir / "vocab", work / "vocab")
         config = ckpt.resolve().parent.parent / "config.yaml"
         if config.exists():
@@ -231,12 +269,13 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | P
             "format_version": FORMAT_VERSION,
             "dtype": dtype,
             "model": {"class": meta["model_class"], "hparams": hparams},
-            "label": model.schema.label,
-            "features": feature_entries(model, vocab_meta),
-            "transforms": transforms,
+            "label": served.schema.label,
+            "features": feature_entries(served, vocab_meta),
+            "embedding": served.embedding.describe(),
             "tables": tables,
             "dense": {"file": "dense.safetensors", "tensors": {k: list(v.shape) for k, v in dense.items()},
                       "program": program},
+            "encoder": encoder,
             "source_checkpoint": str(ckpt),
             "files": {str(p.relative_to(work)): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files},
         }
@@ -247,6 +286,17 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | P
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    return out
+
+
+def _item_text_tables(trained: torch.nn.Module, source: _StateSource) -> dict[str, torch.Tensor]:
+    """Serving-form table key → ``[rows, dim]`` item text vectors computed by the trained text head."""
+    out = {}
+    for owner, module in trained.embedding.item_text.items():
+        prefix = f"embedding.item_text.{owner}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in source.load(
+            {f"{prefix}{k}": v for k, v in module.state_dict().items()}).items()})
+        out[f"embedding.item_text.{owner}.table.embeddings.text_{owner}.weight"] = module.eval().all_vectors()
     return out
 
 

@@ -6,9 +6,12 @@
 
 Embedding lookups run in FBGEMM's inference kernels (``IntNBitTableBatchedEmbeddingBagsCodegen``,
 through torchrec's quantized collections) straight on the stored rows: an int8 table stays
-``D + 4`` bytes per row in memory, with no float copy. The model class is rebuilt from the
-manifest with its tables on the meta device, then each torchrec collection is swapped for its
-quantized twin; id transforms (vocabulary, hashing, OptEmbed remaps) run as in training.
+``D + 4`` bytes per row in memory, with no float copy. The model class (only a ``CTRModule`` under
+``recsys.models``) is rebuilt from the manifest with its tables on the meta device and item text
+as a table (the serving form), then each torchrec collection is swapped for its quantized twin;
+the embedding layer runs its id transforms (vocabulary, hashing, OptEmbed remaps) as in training.
+Nothing outside the export directory is read: every path in the manifest must stay inside it, and
+a model with row-level text runs the encoder stored in ``encoder/``.
 """
 
 from __future__ import annotations
@@ -28,9 +31,17 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
 
 from recsys.data.parquet import ChunkEncoder
+from recsys.data.resources import Resources
 from recsys.data.schema import FeatureType
 from recsys.data.vocab import Vocabulary
-from recsys.export.exporter import FORMAT, FORMAT_VERSION, MANIFEST, build_model, sha256
+from recsys.export.exporter import (
+    ENCODER_DIR,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    build_model,
+    sha256,
+)
 from recsys.export.quantize import DTYPES, row_bytes, split_scale_bias
 
 
@@ -46,6 +57,36 @@ class RowError(ValueError):
         self.field = field
 
 
+class ExportResources(Resources):
+    """What a model rebuilt from an export may use: the serving form (item text as a table) and, for
+    row-level text, the encoder stored in the export (``directory/encoder``)."""
+
+    serving = True
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory
+        self._encoder = None
+
+    def text_encoder(self, model_path: str | None, max_length: int) -> Any:
+        if self.directory is None or not (self.directory / ENCODER_DIR).is_dir():
+            return None
+        if self._encoder is None:
+            from recsys.text.encoder import TextEncoder
+
+            self._encoder = TextEncoder(self.directory / ENCODER_DIR, max_length)
+        return self._encoder
+
+
+def inside(directory: Path, name: str) -> Path:
+    """``directory / name``, refusing a name that could leave the directory (absolute, ``..``, a symlink out)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ExportError(f"{directory / MANIFEST}: file {name!r} is not a relative path inside the export")
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise ExportError(f"{path}: resolves to {path.resolve()}, outside the export directory {directory}")
+    return path
+
+
 def verify(directory: str | Path) -> dict[str, Any]:
     """The manifest, after checking the format version and the size and SHA-256 of every file."""
     directory = Path(directory)
@@ -58,6 +99,10 @@ def verify(directory: str | Path) -> dict[str, Any]:
         raise ExportError(f"{manifest_file}: corrupt manifest ({err})") from err
     if manifest.get("format") != FORMAT:
         raise ExportError(f"{manifest_file}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    if manifest.get("format_version") == 1:
+        raise ExportError(f"{manifest_file}: format version 1 (written before the embedding layer); re-export the "
+                          f"checkpoint with this recsys: recsys export --ckpt {manifest.get('source_checkpoint', 'CKPT')} "
+                          f"--out DIR")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{manifest_file}: format version {manifest.get('format_version')!r}; "
                           f"this recsys reads version {FORMAT_VERSION}")
@@ -67,7 +112,7 @@ def verify(directory: str | Path) -> dict[str, Any]:
     if unlisted:
         raise ExportError(f"{manifest_file}: {unlisted} have no checksum in the manifest")
     for name, info in files.items():
-        path = directory / name
+        path = inside(directory, name)
         if not path.is_file():
             raise ExportError(f"{path}: missing from the export")
         size = path.stat().st_size
@@ -90,7 +135,7 @@ def _quantized_collection(entries: list[dict[str, Any]], directory: Path) -> tor
     weights, configs = {}, []
     for entry in entries:
         dtype = entry["dtype"]
-        rows = _read_tensors(directory / entry["file"])["rows"]
+        rows = _read_tensors(inside(directory, entry["file"]))["rows"]
         if tuple(rows.shape) != (entry["rows"], row_bytes(entry["dim"], dtype)) or rows.dtype != torch.uint8:
             raise ExportError(f"{directory / entry['file']}: rows {tuple(rows.shape)} {rows.dtype}, expected "
                               f"({entry['rows']}, {row_bytes(entry['dim'], dtype)}) uint8")
@@ -118,10 +163,14 @@ class Scorer:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.manifest = verify(self.directory)
-        model = build_model(self.manifest["model"]["class"], self.manifest["model"]["hparams"])
+        try:
+            model = build_model(self.manifest["model"]["class"], self.manifest["model"]["hparams"],
+                                ExportResources(self.directory), str(self.directory / MANIFEST))
+        except ValueError as err:
+            raise ExportError(str(err)) from err
         tables = self.manifest["tables"]
         table_keys = {t["key"] for t in tables}
-        dense = _read_tensors(self.directory / self.manifest["dense"]["file"])
+        dense = _read_tensors(inside(self.directory, self.manifest["dense"]["file"]))
         expected = {k for k in model.state_dict() if k not in table_keys}
         if set(dense) != expected:
             raise ExportError(f"{self.directory}: dense tensors do not match the model "
@@ -138,7 +187,8 @@ class Scorer:
         self.schema = model.schema
         self.vocab = Vocabulary.load_saved(self.directory, self.schema)
         self.encoder = ChunkEncoder(self.schema, self.vocab)
-        used = [*self.schema.sparse, *self.schema.sequences, *self.schema.numeric]
+        row_text = [f for f in self.schema.row_text if f.name in model.embedding.row_text]
+        used = [*self.schema.sparse, *self.schema.sequences, *self.schema.numeric, *row_text]
         self.features = {f.name: self.manifest["features"][f.name] for f in used}
 
     @property
@@ -153,6 +203,11 @@ class Scorer:
     # -- raw rows → Batch ----------------------------------------------------------------------
     def _column(self, name: str, rows: list[dict[str, Any]]) -> pa.Array:
         info = self.features[name]
+        if info["type"] == FeatureType.TEXT.value:
+            for i, row in enumerate(rows):
+                if row[name] is not None and not isinstance(row[name], str):
+                    raise RowError(f"row {i}: feature {name!r} (text) must be a string, got {type(row[name]).__name__}", name)
+            return pa.array([row[name] for row in rows], type=pa.string())
         if info["type"] == FeatureType.NUMERIC.value:
             values = []
             for i, row in enumerate(rows):

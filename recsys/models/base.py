@@ -49,8 +49,9 @@ class EmbeddingMLP(CTRModule):
     ) -> None:
         super().__init__(features, **kwargs)
         self.embedding = self.embedding_layer()
-        width = sum(self.embedding.output_dims()[f] for f in self.embedding.pooled_features) + len(self.schema.numeric)
+        self.pooled = self.embedding.pooled_features
+        width = sum(self.embedding.output_dims()[f] for f in self.pooled) + len(self.schema.numeric)
         self.dnn = MLP(width, dnn_hidden_units, 1, dnn_activation, dnn_dropout, batch_norm)
 
     def head(self, embedded: Embedded, dense: torch.Tensor) -> torch.Tensor:
-        return self.dnn(torch.cat([embedded.cat(self.embedding.pooled_features), dense], dim=1)).squeeze(-1)
+        return self.dnn(torch.cat([embedded.cat(self.pooled), dense], dim=1)).squeeze(-1)

@@ -258,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     head, pooling = None, args.pooling
     if args.text_head:
         text_model = load_model(args.text_head)
-        head, pooling = text_model.item_text.head, text_model.item_text.spec.pooling
+        if not len(text_model.embedding.item_text):
+            parser.error(f"--text-head {args.text_head}: the model has no item text (train it with --config configs/text/<head>.yaml)")
+        head = next(iter(text_model.embedding.item_text.values())).head
+        pooling = text_model.embedding.text_spec.pooling
     retriever = Retriever(tt, data, args.text_feature, pooling, head, text_with=args.text_with)
     report = retriever.evaluate(load_model(args.din) if args.din else None, args.k, args.rerank_depth, args.split)
     out = Path(args.out)

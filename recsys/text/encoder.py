@@ -43,6 +43,10 @@ class TextEncoder(nn.Module):
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # no "Loading weights" bars or notes on every build
+        hf_logging.disable_progress_bar()
 
         self.model_path = Path(model_path) if model_path else default_model_path()
         if not (self.model_path / "config.json").exists():

@@ -57,7 +57,7 @@ class RecsysCLI(LightningCLI):
 def _model_keys(args: list[str] | dict) -> list[str]:
     """The ``model.init_args`` keys that ``--config`` files and ``--model.init_args.KEY`` options set."""
     if isinstance(args, dict):
-        return list(((args.get("model") or {}).get("init_args") or {}))
+        return list((args.get("model") or {}).get("init_args") or {})
     keys: list[str] = []
     for i, arg in enumerate(args):
         if arg in ("--config", "-c") and i + 1 < len(args) and Path(args[i + 1]).is_file():

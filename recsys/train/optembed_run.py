@@ -6,15 +6,17 @@
 The configs must give the model ``embedding: {kind: optembed, stage: supernet, ...}``; options after
 ``--`` go to both training runs. Each stage writes into ``--out``::
 
-    supernet/run/checkpoints/best.ckpt   stage 1: recsys fit with the configs (the supernet)
+    supernet/<fp>/checkpoints/best.ckpt  stage 1: recsys fit with the configs (the supernet)
     search/optembed.pt, search.json      stage 2: the evolutionary widths search on val (pareto.csv/png)
-    compact/run/checkpoints/best.ckpt    stage 3: recsys fit, embedding stage compact from search/
-    compact/eval_test/report.json        the compact model on the test split (read once)
+    compact/<fp>/checkpoints/best.ckpt   stage 3: recsys fit, embedding stage compact from search/
+    compact/<fp>/eval_test/report.json   the compact model on the test split (read once)
     result.json                          the summary printed at the end
 
-A stage is skipped when its directory records the fingerprint of the same resolved config (the
-LightningCLI config after every ``--config`` and option, logger paths left out) and search settings;
-anything else reruns it and the stages after it, so a rerun after a crash resumes where it stopped.
+``<fp>`` is the stage's fingerprint: a hash of the resolved config (the LightningCLI config after
+every ``--config`` and option, logger paths left out) and, from the search on, the search settings.
+A stage whose ``FINGERPRINT`` file holds the same one is skipped; anything else reruns it and the
+stages after it into a new ``<fp>`` directory (nothing is deleted), so a rerun after a crash
+resumes where it stopped and another budget reuses the supernet.
 """
 
 from __future__ import annotations
@@ -43,12 +45,16 @@ def _finish(directory: Path, fingerprint: str) -> None:
     (directory / "FINGERPRINT").write_text(fingerprint + "\n")
 
 
-def _fit(args: list[str], out: Path, stage: str) -> Path:
+def _best(out: Path, stage: str, fingerprint: str) -> Path:
+    return out / stage / fingerprint / "checkpoints" / "best.ckpt"
+
+
+def _fit(args: list[str], out: Path, stage: str, fingerprint: str) -> Path:
     from recsys.train.cli import run
 
     run(["fit", *args, "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(out),
-         "--trainer.logger.init_args.name", stage, "--trainer.logger.init_args.version", "run"])
-    best = out / stage / "run" / "checkpoints" / "best.ckpt"
+         "--trainer.logger.init_args.name", stage, "--trainer.logger.init_args.version", fingerprint])
+    best = _best(out, stage, fingerprint)
     if not best.exists():
         raise FileNotFoundError(f"{best}: the {stage} run wrote no best checkpoint (its config needs a ModelCheckpoint "
                                 f"with filename: best, as configs/movielens/*.yaml have)")
@@ -74,10 +80,10 @@ def pipeline(configs: list[str], out: Path, search_args: argparse.Namespace, ext
     printed = {"configs": configs, "out": str(out)}
 
     supernet_key = _fingerprint("supernet", resolved)
-    supernet = out / "supernet" / "run" / "checkpoints" / "best.ckpt"
+    supernet = _best(out, "supernet", supernet_key)
     if not _done(out / "supernet", supernet_key):
-        print(f"[optembed] stage 1/3: supernet → {out / 'supernet'}", flush=True)
-        supernet = _fit(fit_args, out, "supernet")
+        print(f"[optembed] stage 1/3: supernet → {supernet.parent.parent}", flush=True)
+        _fit(fit_args, out, "supernet", supernet_key)
         _finish(out / "supernet", supernet_key)
     search_key = _fingerprint(supernet_key, vars(config))
     if not _done(out / "search", search_key):
@@ -88,11 +94,11 @@ def pipeline(configs: list[str], out: Path, search_args: argparse.Namespace, ext
     compact_block = {**block, "stage": "compact", "artifact": str(out / "search")}
     EmbeddingSpec.parse(compact_block, _schema(resolved))  # a bad block stops here, not after training
     compact_key = _fingerprint(search_key, resolved)
-    compact = out / "compact" / "run" / "checkpoints" / "best.ckpt"
-    report_file = out / "compact" / "eval_test" / "report.json"
+    compact = _best(out, "compact", compact_key)
+    report_file = compact.parent.parent / "eval_test" / "report.json"
     if not _done(out / "compact", compact_key):
-        print(f"[optembed] stage 3/3: compact retrain → {out / 'compact'}", flush=True)
-        compact = _fit([*fit_args, "--model.init_args.embedding", json.dumps(compact_block)], out, "compact")
+        print(f"[optembed] stage 3/3: compact retrain → {compact.parent.parent}", flush=True)
+        _fit([*fit_args, "--model.init_args.embedding", json.dumps(compact_block)], out, "compact", compact_key)
         evaluate(compact, split="test", out=report_file.parent, bootstrap=0)
         _finish(out / "compact", compact_key)
     report = json.loads(report_file.read_text())

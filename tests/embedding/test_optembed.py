@@ -1,16 +1,18 @@
+"""OptEmbed inside the embedding layer: masks, sampled widths, search, compact tables, the 3-stage command."""
+
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from recsys.data.batch import make_kjt
+from recsys.data.batch import Batch, make_kjt
 from recsys.data.datamodule import CTRDataModule
+from recsys.data.resources import Resources
+from recsys.data.vocab import DatasetInfo
+from recsys.embedding.layer import EmbeddingLayer
 from recsys.embedding.optembed import (
-    OptEmbedBag,
-    OptEmbedSpec,
     compact_remap,
     prefix_mask,
     remap_ids,
@@ -18,22 +20,22 @@ from recsys.embedding.optembed import (
     sparsity,
     step_ste,
 )
-from recsys.models.base import EmbeddingMLP
 from recsys.train.module import load_model
 from recsys.train.optembed import Search, SearchConfig
 from recsys.train.optembed import main as optembed_main
 from tests.conftest import ROOT, write_dataset
 
-OWNERS = {"user": "user", "item": "item", "hist_item": "item"}
-ROWS = {"user": 10, "item": 12}
+
+def _batch(positions: torch.Tensor | None = None) -> Batch:
+    sparse = make_kjt({"user": (np.array([1, 2, 3]), np.array([1, 1, 1])), "item": (np.array([4, 5, 6]), np.array([1, 1, 1])),
+                       "tags": (np.array([1, 2]), np.array([1, 0, 1])), "city": (np.array([1, 2, 3]), np.array([1, 1, 1]))})
+    sequences = make_kjt({"hist_item": (np.array([1, 4, 7, 11, 0]), np.array([2, 0, 3]))})
+    return Batch(torch.zeros(3, 1), sparse, sequences, torch.zeros(3), torch.zeros(3), positions=positions)
 
 
-def _kjt():
-    return make_kjt({
-        "user": (np.array([1, 2, 3]), np.array([1, 1, 1])),
-        "item": (np.array([4, 5, 6]), np.array([1, 1, 1])),
-        "hist_item": (np.array([1, 4, 7, 11, 0]), np.array([2, 0, 3])),
-    })
+def _supernet(tiny_dataset: Path, **block) -> EmbeddingLayer:
+    info = DatasetInfo.from_any(CTRDataModule(str(tiny_dataset)).dataset_info)
+    return EmbeddingLayer(info, {"kind": "optembed", "dim": 4} | block, jagged=("item", "hist_item"))
 
 
 def test_step_ste_forward_and_official_backward() -> None:
@@ -45,65 +47,75 @@ def test_step_ste_forward_and_official_backward() -> None:
     torch.testing.assert_close(x.grad, expected)
 
 
-def test_threshold_regularizer_value_and_gradient() -> None:
-    bag = OptEmbedBag(OWNERS, ROWS, 4, "sum", OptEmbedSpec(alpha=0.3))
+def test_threshold_regularizer_value_and_gradient(tiny_dataset: Path) -> None:
+    layer = _supernet(tiny_dataset, alpha=0.3)
+    t = torch.tensor([0.5, -1.0, 0.0, 2.0])
     with torch.no_grad():
-        bag.threshold.copy_(torch.tensor([0.5, -1.0]))
-    reg = bag.regularization()
-    torch.testing.assert_close(reg, torch.tensor(0.3 * (np.exp(-0.5) + np.exp(1.0)), dtype=torch.float32))
+        layer.threshold.copy_(t)
+    reg = layer.regularization()
+    torch.testing.assert_close(reg, (0.3 * np.exp(-t.numpy()).sum()).astype(np.float32) * torch.ones(()))
     reg.backward()
-    torch.testing.assert_close(bag.threshold.grad, -0.3 * torch.exp(-torch.tensor([0.5, -1.0])))
+    torch.testing.assert_close(layer.threshold.grad, -0.3 * torch.exp(-t))
 
 
-def test_masks_apply_to_rows_before_pooling_against_a_plain_reference() -> None:
+def test_masks_apply_to_rows_before_pooling_against_a_plain_reference(tiny_dataset: Path) -> None:
     torch.manual_seed(0)
-    bag = OptEmbedBag(OWNERS, ROWS, 4, "mean", OptEmbedSpec()).eval()
+    layer = _supernet(tiny_dataset).eval()
     with torch.no_grad():
-        for o in ("user", "item"):
-            bag.weight(o).normal_()
-        bag.threshold.copy_(torch.tensor([2.5, 3.0]))
-    dims = {"user": 3, "item": 2}
-    bag.set_eval_dims(dims)
-    out = bag(_kjt()).to_dict()
-    # reference: python loops over bags, a row counts as zero when its L1 norm is under the threshold
-    kjt = _kjt().to_dict()
-    for feature, jagged in kjt.items():
-        owner = OWNERS[feature]
-        weight, t = bag.weight(owner).detach(), float(bag.threshold[bag.index[owner]])
-        ids = jagged.values().tolist()
-        start = 0
-        for b, n in enumerate(jagged.lengths().tolist()):
+        for o in layer.supernet:
+            layer.table_weight(f"t_{o}").normal_()
+        layer.threshold.copy_(torch.tensor([2.5, 3.0, 2.0, 2.8]))
+    dims = {"user": 3, "item": 2, "tags": 1, "city": 4}
+    layer.set_eval_dims(dims)
+    out = layer(_batch())
+    # reference: loops over bags; a row is zero when its L1 norm is at most its table's threshold
+    batch = _batch()
+    for feature, jagged in (batch.sparse.to_dict() | batch.sequences.to_dict()).items():
+        owner = layer.owner[feature]
+        weight = layer.table_weight(f"t_{owner}").detach()
+        t = float(layer.threshold[layer.supernet.index(owner)])
+        ids, start = jagged.values().tolist(), 0
+        rows_out = []
+        for n in jagged.lengths().tolist():
             rows = [weight[i] if float(weight[i].abs().sum()) > t else torch.zeros(4) for i in ids[start:start + n]]
             start += n
-            expected = torch.stack(rows).mean(0) if rows else torch.zeros(4)
-            expected[dims[owner]:] = 0
-            torch.testing.assert_close(out[feature][b], expected)
-    masks = bag.row_masks()
-    assert 0 < int(masks["item"].sum()) < 12  # the thresholds prune some rows, not all
+            rows = [torch.cat([r[:dims[owner]], torch.zeros(4 - dims[owner])]) for r in rows]
+            rows_out.append(rows)
+        if feature in layer.jagged_features:
+            torch.testing.assert_close(out.jagged[feature].values(), torch.stack([r for rows in rows_out for r in rows]))
+        else:
+            expected = torch.stack([torch.stack(r).mean(0) if r else torch.zeros(4) for r in rows_out])
+            torch.testing.assert_close(out.pooled[feature], expected)
+    masks = layer.row_masks()
+    assert 0 < int(masks["item"].sum()) < masks["item"].numel()  # the thresholds prune some rows, not all
 
 
-def test_sampled_dims_are_uniform_and_prefix_masks_exact() -> None:
-    torch.manual_seed(0)
-    dims = sample_dims(40_000, 3, 8)
-    assert dims.shape == (40_000, 3) and int(dims.min()) == 1 and int(dims.max()) == 8
-    freq = torch.bincount(dims.flatten(), minlength=9)[1:].float() / dims.numel()
-    assert torch.all((freq - 1 / 8).abs() < 0.01), freq
-    mask = prefix_mask(torch.tensor([[1, 3]]), 4)
-    assert mask.tolist() == [[[1, 0, 0, 0], [1, 1, 1, 0]]]
+def test_sampled_widths_are_uniform_per_position_and_prefix_masks_exact() -> None:
+    full = torch.tensor([8, 4, 16])
+    positions = torch.arange(30_000)
+    dims = sample_dims(positions, 30_000, full, step=3)
+    assert dims.shape == (30_000, 3)
+    for t, d in enumerate(full.tolist()):
+        freq = torch.bincount(dims[:, t], minlength=d + 1)[1:].float() / 30_000
+        assert int(dims[:, t].min()) == 1 and int(dims[:, t].max()) == d
+        assert torch.all((freq - 1 / d).abs() < 0.012), freq
+    # a sample's draw depends on its position and the step, not on the batch it is in
+    assert torch.equal(sample_dims(positions[100:200], 100, full, 3), dims[100:200])
+    assert not torch.equal(sample_dims(positions[:100], 100, full, 4), dims[:100])
+    assert prefix_mask(torch.tensor([1, 3]), 4).tolist() == [[1, 0, 0, 0], [1, 1, 1, 0]]
 
 
-def test_training_samples_a_dim_per_sample_and_table() -> None:
-    torch.manual_seed(1)
-    bag = OptEmbedBag(OWNERS, ROWS, 16, "sum", OptEmbedSpec(prune_rows=False)).train()
+def test_training_draws_a_width_per_sample_and_table_shared_by_a_sequence_and_its_target(tiny_dataset: Path) -> None:
+    layer = _supernet(tiny_dataset, dim=16, prune_rows=False).train()
     with torch.no_grad():
-        bag.weight("user").fill_(1.0)
-        bag.weight("item").fill_(1.0)
-    out = bag(_kjt()).to_dict()
-    widths = (out["user"] != 0).sum(1)
-    assert torch.all(out["user"][:, 0] == 1) and len(set(widths.tolist())) > 1  # prefixes of random widths
-    # a sample's sequence and target share their table's draw (sample 1 has an empty sequence)
-    for b in (0, 2):
-        assert int((out["hist_item"][b] != 0).sum()) == int((out["item"][b] != 0).sum())
+        for o in layer.supernet:
+            layer.table_weight(f"t_{o}").fill_(1.0)
+    out = layer(_batch(positions=torch.tensor([10, 11, 12])))
+    widths = (out.pooled["user"] != 0).sum(1)
+    assert torch.all(out.pooled["user"][:, 0] == 1) and len(set(widths.tolist())) > 1  # prefixes of random widths
+    item = (out.jagged["item"].values() != 0).sum(1).tolist()
+    history = (out.jagged["hist_item"].values() != 0).sum(1).tolist()
+    assert history == [item[0], item[0], item[2], item[2], item[2]]  # rows 0 and 2 (row 1 has no history)
 
 
 def test_remap_ids_and_sparsity_formula() -> None:
@@ -114,8 +126,8 @@ def test_remap_ids_and_sparsity_formula() -> None:
     out = remap_ids(kjt, {"a": remap, "b": remap}).to_dict()
     assert out["a"].values().tolist() == [1, 0, 0, 3] and out["a"].lengths().tolist() == [2, 2]
     assert out["b"].values().tolist() == [2]
-    # 1 - (3·4 + 10·2) / (5·16 + 20·16)
-    assert sparsity({"x": 3, "y": 10}, {"x": 4, "y": 2}, {"x": 5, "y": 20}, 16) == pytest.approx(1 - 32 / 400)
+    # 1 - (3·4 + 10·2) / (5·16 + 20·8)
+    assert sparsity({"x": 3, "y": 10}, {"x": 4, "y": 2}, {"x": 5, "y": 20}, {"x": 16, "y": 8}) == pytest.approx(1 - 32 / 240)
 
 
 def test_search_is_deterministic_respects_the_budget_and_crosses_over_tables() -> None:
@@ -126,85 +138,103 @@ def test_search_is_deterministic_respects_the_budget_and_crosses_over_tables() -
         return -float(np.abs(dims - target).sum())
 
     config = SearchConfig(population=10, generations=8, budget=0.5, seed=4)
-    first, second = Search(kept, rows, 8, config), Search(kept, rows, 8, config)
+    full = np.full(4, 8)
+    first, second = Search(kept, rows, full, config), Search(kept, rows, full, config)
     best1, _ = first.run(fitness, progress=False)
     best2, _ = second.run(fitness, progress=False)
     assert np.array_equal(best1, best2) and list(first.scored.items()) == list(second.scored.items())
     limit = 0.5 * rows.sum() * 8
     assert all(first.params(np.array(d)) <= limit for d in first.scored)
     assert {x for d in first.scored for x in d} <= {4, 8}  # multiples of dim_step (4)
-    fine = Search(kept, rows, 8, SearchConfig(population=10, generations=8, budget=0.5, seed=4, dim_step=1))
+    fine = Search(kept, rows, full, SearchConfig(population=10, generations=8, budget=0.5, seed=4, dim_step=1))
     fine.run(fitness, progress=False)
     assert len({x for d in fine.scored for x in d}) > 2
-    third = Search(kept, rows, 8, SearchConfig(population=10, generations=8, budget=0.5, seed=5))
+    third = Search(kept, rows, full, SearchConfig(population=10, generations=8, budget=0.5, seed=5))
     third.run(fitness, progress=False)
     assert list(third.scored) != list(first.scored)  # the seed matters (the order candidates were drawn)
     with pytest.raises(ValueError, match="narrowest candidate"):
-        Search(kept, rows, 8, SearchConfig(budget=0.3))
+        Search(kept, rows, full, SearchConfig(budget=0.3))
     a, b = np.array([1, 2, 3, 4]), np.array([5, 6, 7, 8])
-    child = Search(kept, rows, 8, SearchConfig(seed=0)).crossover(a, b)
+    child = Search(kept, rows, full, SearchConfig(seed=0)).crossover(a, b)
     assert all(c in (x, y) for c, x, y in zip(child, a, b, strict=True))
     front = first.pareto()
     assert [p for p, _, _ in front] == sorted(p for p, _, _ in front)
     assert all(s1 < s2 for (_, s1, _), (_, s2, _) in zip(front, front[1:], strict=False))
 
 
-def test_compact_tables_predict_exactly_what_the_masked_supernet_does(tiny_dataset: Path) -> None:
+class _Artifact(Resources):
+    def __init__(self, result: dict) -> None:
+        self.result = result
+
+    def optembed_result(self, artifact: str) -> dict:
+        return self.result
+
+
+def test_compact_tables_give_exactly_the_narrowed_supernet_outputs(tiny_dataset: Path) -> None:
     torch.manual_seed(0)
-    dm = CTRDataModule(str(tiny_dataset), batch_size=256)
-    supernet = EmbeddingMLP(dm.dataset_info, embedding_dim=8, dnn_hidden_units=[16], optembed=OptEmbedSpec()).eval()
+    supernet = _supernet(tiny_dataset, dim=8).eval()
     with torch.no_grad():
-        for owner in supernet.tables.table_owners:
-            supernet.tables.weight(owner).normal_()
-        supernet.tables.threshold.fill_(6.0)
-    masks = supernet.tables.row_masks()
-    dims = {o: i % 8 + 1 for i, o in enumerate(supernet.tables.table_owners)}
-    supernet.tables.set_eval_dims(dims)
-    compact = supernet.to_compact({"dim": 8, "dims": dims, "kept": masks})
-    batch = next(iter(dm.stream("val")))
-    torch.testing.assert_close(compact(batch), supernet(batch), atol=1e-6, rtol=0)
+        for o in supernet.supernet:
+            supernet.table_weight(f"t_{o}").normal_()
+        supernet.threshold.fill_(6.0)
+    masks = supernet.row_masks()
+    dims = {o: 4 * (i % 2 + 1) for i, o in enumerate(supernet.supernet)}
+    info = DatasetInfo.from_any(CTRDataModule(str(tiny_dataset)).dataset_info)
+    compact = EmbeddingLayer(info, {"kind": "optembed", "stage": "compact", "artifact": "search", "dim": 8},
+                             jagged=("item", "hist_item"), resources=_Artifact({"dims": dims, "kept": masks})).eval()
+    with torch.no_grad():  # the kept rows' first dims columns, in order, after the zero row
+        for o, mask in masks.items():
+            compact.table_weight(f"t_{o}")[1:] = supernet.table_weight(f"t_{o}")[mask][:, : dims[o]]
+    supernet.set_eval_dims(dims)
+    wide, narrow = supernet(_batch()), compact(_batch())
+    for f in narrow.pooled:
+        d = dims[supernet.owner[f]]
+        torch.testing.assert_close(narrow.pooled[f], wide.pooled[f][:, :d])
+        assert float(wide.pooled[f][:, d:].abs().sum()) == 0
+    for f in narrow.jagged:
+        torch.testing.assert_close(narrow.jagged[f].values(), wide.jagged[f].values()[:, : dims[supernet.owner[f]]])
     kept_rows = {o: int(m.sum()) for o, m in masks.items()}
     assert 0 < sum(kept_rows.values()) < sum(m.numel() for m in masks.values())
-    assert compact.tables.num_parameters == sum((kept_rows[o] + 1) * dims[o] for o in dims)
-    full = {o: m.numel() for o, m in masks.items()}
-    assert sparsity(kept_rows, dims, full, 8) == pytest.approx(1 - (compact.tables.num_parameters - sum(dims.values())) / (8 * sum(full.values())))
+    assert {o: p.rows for o, p in compact.plans.items()} == {o: k + 1 for o, k in kept_rows.items()}
+    assert compact.spec.dims == dims and compact.spec.kept_rows == kept_rows  # into the hparams: no artifact to reload
     # a pruned id reads the zero row, and the zero row gets no gradient
     compact.train()
-    compact(batch).sum().backward()
-    for owner in dims:
-        assert compact.tables.weight(owner).grad is None or float(compact.tables.weight(owner).grad[0].abs().sum()) == 0.0
-        assert float(compact.tables.weight(owner)[0].abs().sum()) == 0.0
+    sum(v.sum() for v in compact(_batch()).pooled.values()).backward()
+    for o in dims:
+        weight = compact.table_weight(f"t_{o}")
+        assert weight.grad is None or float(weight.grad[0].abs().sum()) == 0.0
+        assert float(weight[0].abs().sum()) == 0.0
 
 
-def test_three_stages_from_the_cli_and_a_compact_checkpoint_loads_without_the_artifact(tmp_path: Path) -> None:
-    from recsys.train.cli import run
-
+def test_three_stages_in_one_command_and_a_compact_checkpoint_loads_without_the_artifact(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "tiny")
-    def fit(stage: str, *extra: str) -> None:
-        run(["fit", "--config", str(ROOT / "configs/movielens/base.yaml"), "--config", str(ROOT / f"configs/movielens/optembed_{stage}.yaml"),
-             "--data.path", str(data), "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
-             "--model.init_args.embedding_dim", "8", "--data.batch_size", "256",
-             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.name", stage, *extra])
-
-    fit("supernet", "--model.init_args.optembed.alpha", "0.05", "--model.init_args.optembed.threshold_lr", "0.05")
-    supernet = next((tmp_path / "runs").rglob("last.ckpt"))
-    search_dir = tmp_path / "search"
-    assert optembed_main(["search", "--ckpt", str(supernet), "--out", str(search_dir), "--budget", "0.5",
-                          "--population", "8", "--generations", "3"]) == 0
-    result = json.loads((search_dir / "search.json").read_text())
-    assert result["sparsity"] >= 0.5 and (search_dir / "pareto.png").exists()
+    out = tmp_path / "optembed"
+    head = ["run", "--config", str(ROOT / "configs/movielens/din.yaml"),
+            "--config", str(ROOT / "configs/embedding/optembed_supernet.yaml"), "--out", str(out),
+            "--population", "8", "--generations", "3"]
+    tail = ["--", "--data.path", str(data), "--trainer.max_epochs", "2", "--data.batch_size", "256",
+            "--model.init_args.mba_lambda", "0"]
+    args = head + tail
+    assert optembed_main(args) == 0
+    result = json.loads((out / "result.json").read_text())
+    search_dir = out / "search"
+    assert result["sparsity"] >= 0.5 and (search_dir / "pareto.png").exists()  # the overlay's budget 0.5
     assert (search_dir / "pareto.csv").read_text().startswith("params,fraction_of_full,val_auc")
-    fit("retrain", "--model.init_args.optembed.artifact", str(search_dir))
-    compact_ckpt = next((tmp_path / "runs" / "retrain").rglob("best.ckpt"))
-    # warm start: the compact model starts as the supernet with the searched dims
-    supernet_model = load_model(supernet)
-    supernet_model.tables.set_eval_dims(result["dims"])
-    warm = EmbeddingMLP(**{k: v for k, v in supernet_model.hparams.items() if not k.startswith("_")}
-                        | {"optembed": OptEmbedSpec(stage="compact", artifact=str(search_dir), warm_start=True)}).eval()
-    batch = next(iter(CTRDataModule(str(data)).stream("test")))
-    torch.testing.assert_close(warm(batch), supernet_model(batch), atol=1e-6, rtol=0)
+    assert 0.5 < result["test_auc"] <= 1
+    marks = {p: (out / p / "FINGERPRINT").stat().st_mtime_ns for p in ("supernet", "search", "compact")}
+    assert optembed_main(args) == 0  # the same command again: every stage is recorded as done
+    assert marks == {p: (out / p / "FINGERPRINT").stat().st_mtime_ns for p in marks}
+    assert optembed_main([*head, "--budget", "0.6", *tail]) == 0  # another budget: search + compact rerun
+    assert marks["supernet"] == (out / "supernet" / "FINGERPRINT").stat().st_mtime_ns
+    assert marks["search"] != (out / "search" / "FINGERPRINT").stat().st_mtime_ns
+    import shutil
+
     shutil.rmtree(search_dir)
-    model = load_model(compact_ckpt)
-    assert model.tables.dims == result["dims"] and model.tables.kept_rows == result["kept_rows"]
-    assert model.tables.num_parameters == result["params"] + sum(result["dims"].values())
+    found = json.loads((out / "result.json").read_text())
+    model = load_model(found["checkpoint"])
+    assert model.embedding.spec.dims == found["dims"] and model.embedding.spec.kept_rows == found["kept_rows"]
+    batch = next(iter(CTRDataModule(str(data)).stream("test")))
     assert torch.isfinite(model(batch)).all()
+    bad = ["run", "--config", str(ROOT / "configs/movielens/din.yaml"), "--out", str(tmp_path / "x"), "--",
+           "--data.path", str(data)]
+    assert optembed_main(bad) == 2  # no supernet block: refused before any training

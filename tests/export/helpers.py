@@ -16,29 +16,30 @@ from tests.conftest import ROOT, write_dataset
 CONFIGS = ROOT / "configs" / "movielens"
 
 
-def fit(data: Path, logs: Path, name: str, *extra: str) -> Path:
+def fit(data: Path, logs: Path, name: str, *extra: str, embedding: dict | None = None) -> Path:
     run(["fit", "--config", str(CONFIGS / "base.yaml"), *extra, "--data.path", str(data), "--trainer.max_epochs", "1",
-         "--trainer.enable_progress_bar", "false", "--model.init_args.embedding_dim", "8", "--data.batch_size", "256",
-         "--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.name", name])
+         "--trainer.enable_progress_bar", "false", "--model.init_args.embedding", json.dumps(embedding or {"dim": 8}),
+         "--data.batch_size", "256", "--trainer.logger.init_args.save_dir", str(logs),
+         "--trainer.logger.init_args.name", name])
     return next((logs / name).rglob("best.ckpt"))
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """{"data", "base", "din", "unified", "optembed"} → dataset dir and best checkpoints."""
+    """{"data", "base", "din", "unified", "optembed", "supernet", "text"} → dataset dir and best checkpoints."""
     root = tmp_path_factory.mktemp("export")
     data = write_dataset(root / "tiny")
     logs = root / "runs"
     out = {"data": data, "base": fit(data, logs, "base")}
     out["din"] = fit(data, logs, "din", "--config", str(CONFIGS / "din.yaml"))
-    out["unified"] = fit(data, logs, "unified", "--config", str(CONFIGS / "unified.yaml"),
-                         "--model.init_args.unified", json.dumps({"rows": 50, "dim": 4, "default_probes": 2}))
-    supernet = fit(data, logs, "supernet", "--config", str(CONFIGS / "optembed_supernet.yaml"))
-    assert optembed_main(["search", "--ckpt", str(supernet), "--out", str(root / "search"), "--budget", "0.5",
+    out["unified"] = fit(data, logs, "unified", embedding={"kind": "unified", "rows": 50, "dim": 4, "probes": 2})
+    out["supernet"] = fit(data, logs, "supernet", embedding={"kind": "optembed", "dim": 8})
+    assert optembed_main(["search", "--ckpt", str(out["supernet"]), "--out", str(root / "search"), "--budget", "0.5",
                           "--population", "6", "--generations", "2"]) == 0
-    out["optembed"] = fit(data, logs, "optembed", "--config", str(CONFIGS / "optembed_retrain.yaml"),
-                          "--model.init_args.optembed.artifact", str(root / "search"))
-    out["supernet"] = supernet
+    out["optembed"] = fit(data, logs, "optembed", embedding={"kind": "optembed", "stage": "compact", "dim": 8,
+                                                             "artifact": str(root / "search")})
+    out["text"] = fit(data, logs, "text", "--config", str(CONFIGS / "din.yaml"), "--config",
+                      str(ROOT / "configs" / "text" / "mean.yaml"))
     return out
 
 

@@ -56,7 +56,7 @@ def test_float_rows_round_trip_and_row_sizes() -> None:
 
 
 # -- export → load parity ------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["base", "din", "unified", "optembed"])
+@pytest.mark.parametrize("kind", ["base", "din", "unified", "optembed", "supernet", "text"])
 def test_fp32_export_scores_equal_the_trained_model(trained: dict, tmp_path: Path, kind: str) -> None:
     out = export(trained[kind], tmp_path / kind, "fp32", progress=False)
     scorer = load(out)
@@ -69,17 +69,28 @@ def test_fp32_export_scores_equal_the_trained_model(trained: dict, tmp_path: Pat
     raw = scorer.score(raw_rows(trained["data"], n=100))
     np.testing.assert_allclose(raw, reference["prob"][:100], atol=1e-5, rtol=0)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"]["class"].endswith({"base": "EmbeddingMLP", "din": "DIN", "unified": "EmbeddingMLP",
-                                                "optembed": "EmbeddingMLP"}[kind])
-    if kind != "din":  # EmbeddingMLP's network after the lookups, as a torch.export program
+    assert manifest["format_version"] == 2
+    assert manifest["model"]["class"].rsplit(".", 1)[1] == ("DIN" if kind in ("din", "text") else "EmbeddingMLP")
+    pooled_only = kind not in ("din", "text")
+    assert (manifest["dense"]["program"] is not None) == pooled_only
+    if pooled_only:  # the network after the lookups, as a torch.export program, is the model's head
         program = torch.export.load(out / manifest["dense"]["program"]["file"]).module()
-        pooled, numeric = torch.randn(7, scorer.model.dnn.layers[0].in_features - 1), torch.randn(7, 1)
-        torch.testing.assert_close(program(pooled, numeric), scorer.model.head(pooled, numeric))
+        widths = scorer.model.embedding.output_dims()
+        pooled = torch.randn(7, sum(widths[f] for f in scorer.model.pooled))
+        numeric = torch.randn(7, 1)
+        from recsys.embedding.layer import Embedded
+
+        parts = dict(zip(scorer.model.pooled, pooled.split([widths[f] for f in scorer.model.pooled], 1), strict=True))
+        torch.testing.assert_close(program(pooled, numeric), scorer.model.head(Embedded(pooled=parts), numeric))
+    lookups = manifest["embedding"]["features"]["user"]["lookups"]
     if kind == "unified":
-        assert manifest["transforms"][0]["kind"] == "unified_hash"
+        assert [lk["transform"]["kind"] for lk in lookups] == ["hash", "hash"]
+        assert lookups[0]["transform"]["salt"] != lookups[1]["transform"]["salt"]
     if kind == "optembed":
-        remap = manifest["transforms"][0]
-        assert remap["kind"] == "optembed_remap" and set(remap["dims"]) == {"user", "item", "tags", "city"}
+        assert lookups[0]["transform"] == {"kind": "remap", "tensor": "embedding.remaps.user"}
+    if kind == "text":  # item text vectors are one more table, checksummed like the others
+        table = next(t for t in manifest["tables"] if t["name"] == "text_item")
+        assert table["features"] == ["item#text"] and table["file"] in manifest["files"]
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8", "int4"])
@@ -115,7 +126,7 @@ def test_export_from_a_sharded_checkpoint_streams_one_table_at_a_time(trained: d
     logs = tmp_path / "runs"
     recsys = Path(sys.executable).parent / "recsys"
     subprocess.run([str(recsys), "fit", "--config", str(CONFIGS / "base.yaml"), "--data.path", str(trained["data"]),
-                    "--trainer.max_epochs", "1", "--model.init_args.embedding_dim", "8", "--data.batch_size", "256",
+                    "--trainer.max_epochs", "1", "--model.init_args.embedding", '{"dim": 8}', "--data.batch_size", "256",
                     "--trainer.strategy", "torchrec", "--trainer.devices", "2", "--trainer.enable_progress_bar", "false",
                     "--trainer.logger.init_args.save_dir", str(logs)], check=True, capture_output=True, cwd=tmp_path)
     ckpt = next(logs.rglob("last.ckpt"))
@@ -183,10 +194,10 @@ def test_unknown_format_version_and_missing_manifest(good_export: Path, tmp_path
         load(tmp_path / "nowhere")
 
 
-def test_export_refuses_a_supernet_and_an_existing_directory(trained: dict, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="supernet"):
-        export(trained["supernet"], tmp_path / "s", "fp32", progress=False)
-    assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.*"))  # nothing half-written left
+def test_export_refuses_an_existing_directory_and_leaves_nothing_half_written(trained: dict, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        export(trained["base"], tmp_path / "s", "fp32", data=tmp_path / "no-data", progress=False)
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.*"))
     out = export(trained["base"], tmp_path / "b", "fp32", progress=False)
     with pytest.raises(FileExistsError, match="--force"):
         export(trained["base"], out, "fp32", progress=False)

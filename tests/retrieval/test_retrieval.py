@@ -56,10 +56,10 @@ def test_in_batch_softmax_with_log_q_matches_a_plain_reference(tmp_path: Path) -
     data = write_dataset(tmp_path / "d", schema=SCHEMA)
     dm = CTRDataModule(str(data), batch_size=64)
     torch.manual_seed(0)
-    model = TwoTower(dm.dataset_info, user="user", item="item", history="hist_item", embedding_dim=8,
+    model = TwoTower(dm.dataset_info, user="user", item="item", history="hist_item", embedding={"dim": 8},
                      tower_hidden_units=[8], output_dim=4, temperature=0.5)
     batch = next(iter(dm.stream("train")))
-    loss = model.training_step(batch, 0)
+    loss = model.training_loss(batch)
     clicked = (batch.labels > 0.5).nonzero().flatten().tolist()
     users = model.user_vectors(batch)
     items_all = batch.sparse["item"].values()
@@ -81,7 +81,7 @@ def test_in_batch_softmax_with_log_q_matches_a_plain_reference(tmp_path: Path) -
 def test_vectors_are_normalized_and_history_matters(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "d", schema=SCHEMA)
     dm = CTRDataModule(str(data), batch_size=32, eval_batch_size=32)
-    model = TwoTower(dm.dataset_info, user="user", item="item", history="hist_item", embedding_dim=8, output_dim=4)
+    model = TwoTower(dm.dataset_info, user="user", item="item", history="hist_item", embedding={"dim": 8}, output_dim=4)
     batch = next(iter(dm.stream("val")))
     users = model.user_vectors(batch)
     torch.testing.assert_close(users.norm(dim=1), torch.ones(32))
@@ -101,7 +101,7 @@ def test_retrieve_end_to_end_excludes_seen_items_and_scores_cold_items(tmp_path:
     items[:40] = 1000 + np.arange(40) % 5  # five items no train row has: cold
     pq.write_table(table.set_column(table.schema.get_field_index("item"), "item", pa.array(items)), test_file)
     dm = CTRDataModule(str(data), batch_size=128)
-    model = TwoTower(dm.dataset_info, user="user", item="item", history="hist_item", embedding_dim=8, output_dim=4)
+    model = TwoTower(dm.dataset_info, user="user", item="item", history="hist_item", embedding={"dim": 8}, output_dim=4)
     retriever = Retriever(model, data, "title")
     assert retriever.catalogue.cold.sum() == 5
     report = retriever.evaluate(din=None, k=10, rerank_depth=20)
@@ -128,7 +128,7 @@ def test_retrieve_end_to_end_excludes_seen_items_and_scores_cold_items(tmp_path:
     # DIN re-ranking reorders each user's candidates, dropping and adding none
     from recsys.models.din import DIN
 
-    din = DIN(dm.dataset_info, embedding_dim=8, dnn_hidden_units=[8])
+    din = DIN(dm.dataset_info, embedding={"dim": 8}, dnn_hidden_units=[8])
     candidates = [list(r[:7]) for r in retriever.index_id.search(retriever.user_vectors(queries)[0], 7, queries.seen)[0]]
     reranked = retriever.rerank(din, queries, candidates)
     assert all(sorted(a) == sorted(b) for a, b in zip(reranked, candidates, strict=True))

@@ -19,7 +19,7 @@ CONFIG = ROOT / "configs" / "movielens" / "base.yaml"
 def _fit(data: Path, logs: Path, *extra: str) -> Path:
     run(["fit", "--config", str(CONFIG), "--data.path", str(data), "--trainer.max_epochs", "2",
          "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false",
-         "--model.init_args.embedding_dim", "8", "--data.batch_size", "256",
+         "--model.init_args.embedding", '{"dim": 8}', "--data.batch_size", "256",
          "--model.init_args.optimizer.init_args.lr", "0.01", *extra])
     ckpts = sorted(logs.rglob("best.ckpt"))
     assert len(ckpts) == 1
@@ -32,7 +32,7 @@ def test_fit_then_eval_on_any_dataset_in_the_contract(tmp_path: Path, capsys: py
     run_dir = ckpt.parent.parent
     config = yaml.safe_load((run_dir / "config.yaml").read_text())  # resolved config saved with the logs
     assert config["seed_everything"] == 7 and config["trainer"]["max_epochs"] == 2
-    assert config["model"]["init_args"]["embedding_dim"] == 8
+    assert config["model"]["init_args"]["embedding"] == {"dim": 8}
     assert list(run_dir.glob("events.out.tfevents.*"))  # TensorBoard
 
     baseline = tmp_path / "baseline.json"
@@ -68,14 +68,14 @@ features:
     from recsys.train.module import load_model
 
     model = load_model(str(ckpt))
-    assert [c.name for c in model.tables.embedding_bag_configs()] == ["t_item"]
+    assert [c.name for c in model.embedding.bags.embedding_bag_configs()] == ["t_item"]
     assert model.dnn.layers[0].in_features == 8 + 1
 
 
 def test_validate_test_and_predict_from_a_checkpoint(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "tiny")
     ckpt = _fit(data, tmp_path / "runs")
-    common = ["--config", str(CONFIG), "--data.path", str(data), "--model.init_args.embedding_dim", "8",
+    common = ["--config", str(CONFIG), "--data.path", str(data), "--model.init_args.embedding", '{"dim": 8}',
               "--trainer.logger.init_args.save_dir", str(tmp_path / "runs2"), "--trainer.enable_progress_bar", "false",
               "--ckpt_path", str(ckpt)]
     cli = run(["test", *common])

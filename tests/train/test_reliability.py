@@ -26,7 +26,7 @@ def _config(path: Path, data: Path, runs: Path, version: str, callbacks: list[di
         "seed_everything": 42,
         "ckpt_path": "last",
         "model": {"class_path": "recsys.models.base.EmbeddingMLP",
-                  "init_args": {"embedding_dim": 8, "dnn_hidden_units": [32],
+                  "init_args": {"embedding": {"dim": 8}, "dnn_hidden_units": [32],
                                 "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}}}},
         "data": {"path": str(data), "batch_size": 60, "num_workers": workers},
         "trainer": {

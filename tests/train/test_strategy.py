@@ -54,7 +54,7 @@ def spawn_ranks(worker, world: int, *args) -> None:
 def _build(data: str) -> tuple[DIN, list[Batch], Batch]:
     torch.manual_seed(0)
     dm = CTRDataModule(data)
-    model = DIN(dm.dataset_info, embedding_dim=8, attention_activation="prelu", dnn_activation="relu")
+    model = DIN(dm.dataset_info, embedding={"dim": 8}, attention_activation="prelu", dnn_activation="relu")
     stream = ParquetStream(data, "train", dm.vocab, batch_size=GLOBAL_BATCH, shuffle=True, rank=0, world_size=1)
     batches = [b for _, b in zip(range(STEPS), stream, strict=False)]
     val = next(iter(ParquetStream(data, "val", dm.vocab, batch_size=200, rank=0, world_size=1)))
@@ -156,8 +156,8 @@ def test_two_ranks_match_one_process(tiny: str, tmp_path: Path, sharding: str) -
 def test_tables_are_the_sparse_parameters(tiny: str) -> None:
     model, _, _ = _build(tiny)
     names = {n for n, p in model.named_parameters() if any(p is q for q in table_parameters(model))}
-    assert names == {"sequence_tables.embeddings.t_item.weight", "pooled_tables.embedding_bags.t_user.weight",
-                     "pooled_tables.embedding_bags.t_tags.weight", "pooled_tables.embedding_bags.t_city.weight"}
+    assert names == {"embedding.rows.d8.embeddings.t_item.weight", "embedding.bags.embedding_bags.t_user.weight",
+                     "embedding.bags.embedding_bags.t_tags.weight", "embedding.bags.embedding_bags.t_city.weight"}
 
 
 def test_unsupported_choices_are_refused_clearly(tiny: str) -> None:
@@ -258,7 +258,7 @@ def test_plan_dry_run(tiny: str, capsys: pytest.CaptureFixture) -> None:
     config = str(ROOT / "configs/movielens/din.yaml")
     assert plan_main(["--config", config, "--world-size", "4", "--", "--data.path", tiny]) == 0
     out = capsys.readouterr().out
-    assert "| sequence_tables.t_item | 61 × 16 | row_wise | fused | [0, 1, 2, 3] |" in out
+    assert "| embedding.rows.d16.t_item | 61 × 16 | row_wise | fused | [0, 1, 2, 3] |" in out
     assert sum(line.startswith("| 3 |") for line in out.splitlines()) == 1  # a memory line per rank
     assert plan_main(["--config", config, "--world-size", "2", "--sharding-types", "t_item=table_wise",
                       "--", "--data.path", tiny]) == 2
@@ -325,37 +325,3 @@ def test_cli_builds_tables_on_meta_when_the_strategy_asks(tiny: str, tmp_path: P
     assert not any(p.is_meta for p in meta.model.dnn.parameters())  # dense layers are real
     plain = run(args, subcommand=False)
     assert not any(p.is_meta for p in table_parameters(plain.model))
-
-
-def test_optembed_supernet_and_compact_tables_train_sharded_on_two_ranks(tiny: str, tmp_path: Path) -> None:
-    from recsys.eval.report import predict_split
-    from recsys.train.module import load_model
-    from recsys.train.optembed import main as optembed_main
-
-    logs = tmp_path / "runs"
-
-    def fit(stage: str, *extra: str) -> Path:
-        _recsys("fit", "--config", str(ROOT / "configs/movielens/base.yaml"),
-                "--config", str(ROOT / f"configs/movielens/optembed_{stage}.yaml"), "--data.path", tiny,
-                "--data.batch_size", "256", "--model.init_args.embedding_dim", "8", "--trainer.max_epochs", "1",
-                "--trainer.strategy", "torchrec", "--trainer.devices", "2", "--trainer.enable_progress_bar", "false",
-                "--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.name", stage, *extra, cwd=tmp_path)
-        return next((logs / stage).rglob("last.ckpt"))
-
-    supernet = fit("supernet")
-    assert len(list(supernet.glob("*.distcp"))) == 2  # sharded checkpoint
-    assert optembed_main(["search", "--ckpt", str(supernet), "--out", str(tmp_path / "search"), "--budget", "0.5",
-                          "--population", "6", "--generations", "2"]) == 0
-    compact = fit("retrain", "--model.init_args.optembed.artifact", str(tmp_path / "search"))
-    # the 2-rank compact checkpoint, read unsharded, predicts what the 2 ranks predict
-    _recsys("predict", "--config", str(ROOT / "configs/movielens/base.yaml"),
-            "--config", str(ROOT / "configs/movielens/optembed_retrain.yaml"), "--data.path", tiny,
-            "--model.init_args.embedding_dim", "8", "--model.init_args.optembed.artifact", str(tmp_path / "search"),
-            "--trainer.strategy", "torchrec", "--trainer.devices", "2", "--trainer.enable_progress_bar", "false",
-            "--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.name", "predict",
-            "--ckpt_path", str(compact), cwd=tmp_path)
-    sharded = pq.read_table(next((logs / "predict").rglob("predictions.parquet"))).to_pandas()
-    model = load_model(compact)
-    assert sum(model.tables.kept_rows.values()) > 0
-    unsharded = predict_split(model, CTRDataModule(tiny).stream("test"))
-    np.testing.assert_allclose(unsharded["prob"], sharded["prob"].to_numpy(), atol=1e-6)
