@@ -21,10 +21,11 @@ Scaling out:
   plan       dry-run the sharding planner: recsys plan --config ... --world-size 8 [--device cuda]
   (train sharded with --trainer.strategy torchrec --trainer.devices N; see docs/architecture.md)
 
-Embedding search:
-  optembed   OptEmbed's evolutionary dims search on a trained supernet:
-             recsys optembed search --ckpt SUPERNET --out DIR [--budget 0.5]
-             (the whole pipeline: python scripts/optembed_pipeline.py; see docs/optembed.md)
+Embedding tables (any model; the kind is the model.init_args.embedding block, docs/configs.md):
+  optembed   OptEmbed end to end (supernet → widths search → compact retrain → test report):
+             recsys optembed run --config configs/movielens/din.yaml
+                 --config configs/embedding/optembed_supernet.yaml --out DIR [--budget 0.5]
+             or the search alone: recsys optembed search --ckpt SUPERNET --out DIR (docs/optembed.md)
 
 Serving:
   export     a checkpoint → a self-describing directory (manifest, tables fp32/fp16/int8/int4, vocab):

@@ -4,7 +4,7 @@
     python scripts/bench_optembed.py --datasets ml100k --budgets 0.5 --seeds 1
 
 Per dataset and seed: the full per-feature tables (Embedding&MLP, ``configs/movielens/base.yaml``);
-one OptEmbed supernet, then search + compact retrain per budget (``scripts/optembed_pipeline.py``);
+one OptEmbed supernet, then search + compact retrain per budget (``recsys optembed run``);
 Unified Embedding (one shared table, 2 probes × 8 dims, width 16 per feature as in
 ``scripts/sweep_memory.py``) with as many parameters as that seed's compact tables.
 Writes runs/optembed/results.csv, docs/optembed_pareto.png (the ml100k seed-1 search) and the
@@ -17,23 +17,40 @@ import argparse
 import csv
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from optembed_pipeline import fit, pipeline  # noqa: E402
-
-from recsys.eval.report import evaluate, machine, write_doc_section  # noqa: E402
+from recsys.eval.report import evaluate, machine, write_doc_section
+from recsys.train.cli import run
+from recsys.train.optembed_run import pipeline as optembed_pipeline
 
 DATASETS = {
     "ml100k": {"path": "data/ml100k-ctr", "extra": []},
     "synthetic": {"path": "data/synthetic-sweep", "extra": ["--trainer.max_epochs", "2", "--data.batch_size", "2048"]},
 }
 OUT = Path("runs/optembed")
+
+
+BASE = "configs/movielens/base.yaml"
+
+
+def fit(data: str, root: Path, version: str, seed: int, extra: list[str]) -> Path:
+    """The base model (``configs/movielens/base.yaml``) into ``root/version``; its best checkpoint."""
+    run(["fit", "--config", BASE, "--data.path", data, "--seed_everything", str(seed), "--trainer.enable_progress_bar",
+         "false", "--trainer.logger.init_args.save_dir", str(root), "--trainer.logger.init_args.name", "",
+         "--trainer.logger.init_args.version", version, *extra])
+    return root / version / "checkpoints" / "best.ckpt"
+
+
+def pipeline(data: str, root: Path, seed: int, budget: float, extra: list[str]) -> dict:
+    """``recsys optembed run`` on the base model: one supernet per seed, a search and a compact retrain per budget."""
+    search = argparse.Namespace(budget=budget, population=50, generations=30, keep=15, mutations=10, crossovers=10,
+                                mutation_prob=0.1, seed=seed, dim_step=4, batch_size=8192)
+    configs = [BASE, "configs/embedding/optembed_supernet.yaml"]
+    return optembed_pipeline(configs, root / "optembed", search, ["--data.path", data, "--seed_everything", str(seed), *extra])
 
 
 def test_auc(ckpt: Path) -> float:
@@ -47,7 +64,7 @@ def run_seed(name: str, seed: int, budgets: list[float]) -> list[dict]:
     full_ckpt = root / "full" / "checkpoints" / "best.ckpt"
     if not (root / "full" / "eval_test" / "report.json").exists():
         shutil.rmtree(root / "full", ignore_errors=True)
-        fit(data, root, "full", seed, [], extra)
+        fit(data, root, "full", seed, extra)
         test_auc(full_ckpt)
     full = json.loads((root / "full" / "eval_test" / "report.json").read_text())
     for budget in budgets:
@@ -59,8 +76,8 @@ def run_seed(name: str, seed: int, budgets: list[float]) -> list[dict]:
         report = root / version / "eval_test" / "report.json"
         if not report.exists():
             shutil.rmtree(root / version, ignore_errors=True)
-            spec = {"rows": unified_rows, "dim": 8, "num_tables": 1, "default_probes": 2}
-            test_auc(fit(data, root, version, seed, [], ["--model.init_args.unified", json.dumps(spec), *extra]))
+            block = {"kind": "unified", "rows": unified_rows, "dim": 8, "num_tables": 1, "probes": 2}
+            test_auc(fit(data, root, version, seed, ["--model.init_args.embedding", json.dumps(block), *extra]))
         rows.append({"dataset": name, "method": "unified", "budget": budget, "seed": seed, "params": unified_rows * 8,
                      "full_params": result["full_params"], "sparsity": 1 - unified_rows * 8 / result["full_params"],
                      "test_auc": json.loads(report.read_text())["auc"]})

@@ -67,13 +67,12 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     din = "configs/movielens/din.yaml"
-    text = "configs/movielens/din_text.yaml"
     results: dict = {"din": {}, "heads": {}}
     results["din"]["none"] = [test_auc(fit(f"din_s{s}", s, [din])) for s in args.seeds]
     for head in args.heads:
         seeds = args.seeds if head == "mean" else args.seeds[:1]
-        results["heads"][head] = {"auc": [test_auc(fit(f"din_text_{head}_s{s}", s, [din, text],
-                                                       ["--model.init_args.text.pooling", head])) for s in seeds]}
+        results["heads"][head] = {"auc": [test_auc(fit(f"din_text_{head}_s{s}", s, [din, f"configs/text/{head}.yaml"]))
+                                          for s in seeds]}
     two_tower = fit("two_tower", args.seeds[0], ["configs/movielens/two_tower.yaml"])
     # DIN re-ranker: the text model with the best test AUC above; content head: the best on *val* retrieval
     best = max(results["heads"], key=lambda h: np.mean(results["heads"][h]["auc"]))
@@ -97,7 +96,7 @@ def main() -> None:
         f"`python scripts/bench_text.py` — {machine()}; ml100k-ctr, item text = movie title through all-MiniLM-L6-v2 "
         f"(frozen, offline); this invocation took {time.perf_counter() - start:.0f} s (finished runs under runs/bench_text "
         "are reused, so only what was missing ran). DIN = `configs/movielens/din.yaml`; with text: "
-        "`configs/movielens/din_text.yaml` (title vector projected to 4 and concatenated to the item ID embedding "
+        "`configs/text/<head>.yaml` (title vector projected to 4 and concatenated to the item ID embedding "
         "of the target and of every behavior). Test AUC mean ± std over seeds "
         f"{args.seeds} for no text and `mean` (other heads: seed {args.seeds[0]}). Content retrieval: the head's vector "
         "of each item's \"title. genres: …\" text (a trainable head as its DIN run learned it), user = mean of their "

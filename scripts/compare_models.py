@@ -1,10 +1,15 @@
 """Trains configs over several seeds on one dataset, scores the test split, writes a comparison table.
 
     python scripts/compare_models.py --configs configs/movielens/base.yaml --seeds 1 2 3
+    python scripts/compare_models.py --configs configs/movielens/{base,din,dlrm}.yaml \
+        --kinds plain hashed unified optembed --section model_kinds          # every model × table kind
 
 Model selection uses val only (best val AUC checkpoint); test is read once per run. The table
 (AUC, GAUC, logloss as mean ± std over seeds; RelaImpr and a paired bootstrap p-value on GAUC
-against the first config) goes to docs/benchmarks.md and runs/compare/results.json.
+against the first config) goes to docs/benchmarks.md and runs/compare/results.json. With
+``--kinds``, every config runs with every table kind (``configs/embedding/<kind>.yaml``; ``optembed``
+is the whole ``recsys optembed run`` pipeline, its compact model scored) and the table gives test
+AUC / GAUC, embedding parameters and the training samples/s the run logged.
 """
 
 from __future__ import annotations
@@ -23,19 +28,83 @@ from recsys.eval.metrics import paired_bootstrap_pvalue, rela_impr
 from recsys.eval.report import evaluate, machine, write_doc_section
 from recsys.train.cli import run
 
+KIND_OVERLAYS = {"plain": [], "hashed": ["configs/embedding/hashed.yaml"], "unified": ["configs/embedding/unified.yaml"],
+                 "optembed": ["configs/embedding/optembed_supernet.yaml"]}
 
-def train_and_score(config: str, seed: int, out: Path, extra: list[str]) -> dict:
-    name = Path(config).stem
+
+def logged_rate(run_dir: Path) -> float:
+    """Mean of the ``train/samples_per_s`` the run logged (one per epoch)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    values = [e.value for e in events.Scalars("train/samples_per_s")] if "train/samples_per_s" in events.Tags()["scalars"] else []
+    return float(np.mean(values)) if values else float("nan")
+
+
+def embedding_parameters(ckpt: str | Path) -> int:
+    from recsys.train.module import load_model
+    from recsys.train.strategy import table_parameters
+
+    return sum(p.numel() for p in table_parameters(load_model(ckpt)))
+
+
+def train_and_score(config: str, seed: int, out: Path, extra: list[str], kind: str | None = None) -> dict:
+    name = Path(config).stem + (f"/{kind}" if kind else "")
     shutil.rmtree(out / name / f"seed{seed}", ignore_errors=True)  # a stale best.ckpt must not be scored
-    cli = run(["fit", "--config", config, "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false",
-         "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", name,
-         "--trainer.logger.init_args.version", f"seed{seed}", *extra])
-    ckpt = cli.trainer.checkpoint_callback.best_model_path
+    overlays = [a for o in KIND_OVERLAYS[kind or "plain"] for a in ("--config", o)]
+    if kind == "optembed":
+        from argparse import Namespace
+
+        from recsys.train.optembed_run import pipeline
+
+        search = Namespace(budget=None, population=50, generations=30, keep=15, mutations=10, crossovers=10,
+                           mutation_prob=0.1, seed=seed, dim_step=4, batch_size=8192)
+        ckpt = pipeline([config, *KIND_OVERLAYS[kind]], out / name / f"seed{seed}", search,
+                        ["--seed_everything", str(seed), *extra])["checkpoint"]
+    else:
+        cli = run(["fit", "--config", config, *overlays, "--seed_everything", str(seed), "--trainer.enable_progress_bar",
+                   "false", "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", name,
+                   "--trainer.logger.init_args.version", f"seed{seed}", *extra])
+        ckpt = cli.trainer.checkpoint_callback.best_model_path
     report = evaluate(ckpt, split="test", bootstrap=0)
     predictions = pq.read_table(Path(report["out"]) / "predictions.parquet").to_pandas()
     return {"seed": seed, **{k: report[k] for k in ("auc", "gauc", "logloss", "rows", "data")},
             "prob": predictions["prob"].to_numpy(), "label": predictions["label"].to_numpy(),
-            "group": predictions["group"].to_numpy()}
+            "group": predictions["group"].to_numpy(), "samples_per_s": logged_rate(Path(ckpt).parent.parent),
+            "embedding_params": embedding_parameters(ckpt)}
+
+
+def kinds_table(args: argparse.Namespace, extra: list[str], started: float) -> str:
+    results = {(c, k): [train_and_score(c, s, args.out, extra, k) for s in args.seeds] for c in args.configs for k in args.kinds}
+    rows, summary = [], {}
+    for (config, kind), runs in results.items():
+        stats = {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
+                 for k in ("auc", "gauc", "logloss", "samples_per_s", "embedding_params")}
+        summary[f"{config} × {kind}"] = {"per_seed": [{k: r[k] for k in ("seed", "auc", "gauc", "logloss", "samples_per_s",
+                                                                           "embedding_params")} for r in runs], **stats}
+        rows.append(f"| `{Path(config).stem}` | {kind} | {stats['auc'][0]:.4f} ± {stats['auc'][1]:.4f} | "
+                    f"{stats['gauc'][0]:.4f} ± {stats['gauc'][1]:.4f} | {stats['embedding_params'][0]:,.0f} | "
+                    f"{stats['samples_per_s'][0]:,.0f} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kinds.json").write_text(json.dumps(summary, indent=2))
+    seeds = " ".join(map(str, args.seeds))
+    data = Path(next(iter(results.values()))[0]["data"]).name
+    return "\n".join([
+        f"## Every model × table kind on `{data}` (`scripts/compare_models.py --kinds`)",
+        "",
+        f"Command: `python scripts/compare_models.py --configs {' '.join(args.configs)} --kinds {' '.join(args.kinds)} "
+        f"--seeds {seeds} --section {args.section}" + (f" -- {' '.join(extra)}" if extra else "") + "`  ",
+        f"Machine: {machine()}, {args.threads} torch threads; seeds {seeds}; best-val-AUC checkpoint of each run, test "
+        f"read once per run; {time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s in all. Kinds are the overlays "
+        "in `configs/embedding/` (hashed and unified at 40% of the full tables' parameters; `optembed` = `recsys "
+        "optembed run`: supernet, widths search on val at budget 0.5, compact retrain — its parameters and samples/s "
+        "are the compact model's). Samples/s: the training epochs' mean as the run logged it (data loading included).",
+        "",
+        "| model | kind | test AUC | test GAUC | embedding parameters | training samples/s |",
+        "|---|---|---|---|---:|---:|",
+        *rows,
+    ])
 
 
 def main() -> None:
@@ -46,11 +115,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--doc", default="docs/benchmarks.md")
     parser.add_argument("--section", default="compare_models", help="block of the doc to (re)write")
+    parser.add_argument("--kinds", nargs="+", choices=list(KIND_OVERLAYS),
+                        help="run every config with each table kind (a model × kind table)")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more LightningCLI options after --")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     extra = [a for a in args.extra if a != "--"]
     started = time.time()
+    if args.kinds:
+        md = kinds_table(args, extra, started)
+        write_doc_section(Path(args.doc), args.section, md)
+        print(md)
+        return
     results = {c: [train_and_score(c, s, args.out, extra) for s in args.seeds] for c in args.configs}
 
     base = args.configs[0]

@@ -5,8 +5,10 @@ Embedding (one shared table, 2 probes per feature), over seeds, on ml100k-ctr an
     python scripts/sweep_memory.py --datasets ml100k --budgets 0.05 0.1 0.25 0.5 --seeds 1 2 3
 
 At budget b the embedding parameters are b × the full tables' (Σ_f rows_f × 16):
-hashing trick: each feature hashes into its own table of max(1, b·rows_f) rows × 16;
-unified: one table of b·Σ rows_f × 2 rows × 8 dims, each feature concatenating 2 probes (width 16).
+hashing trick: ``embedding: {kind: hashed, dim: 16, budget: b}``, the embedding layer's one
+allocation rule (max-min fair: a table smaller than the common cap keeps every row, the big ones
+share the rest; recsys.embedding.spec); unified: one shared table of 2·b·Σ rows_f rows × 8 dims,
+each feature concatenating 2 probes (width 16).
 Writes runs/sweep_memory/results.csv, docs/sweep_memory.png and a block of docs/benchmarks.md.
 """
 
@@ -41,18 +43,29 @@ def ensure_synthetic(path: Path) -> None:
                         "--max-cardinality", "50000", "--seed", "0"], check=True)
 
 
-def fit_and_score(data: str, method: str, spec: dict | None, seed: int, out: Path, extra: list[str]) -> float:
+def fit_and_score(data: str, method: str, block: dict, seed: int, out: Path, extra: list[str]) -> float:
     version = f"{method}_s{seed}"
     shutil.rmtree(out / version, ignore_errors=True)
     args = ["fit", "--config", "configs/movielens/base.yaml", "--data.path", data, "--seed_everything", str(seed),
-            "--model.init_args.embedding_dim", str(DIM), "--trainer.enable_progress_bar", "false",
+            "--model.init_args.embedding", json.dumps(block), "--trainer.enable_progress_bar", "false",
             "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", "",
             "--trainer.logger.init_args.version", version, *extra]
-    if spec is not None:
-        args += ["--model.init_args.unified", json.dumps(spec)]
     cli = run(args)
     report = evaluate(cli.trainer.checkpoint_callback.best_model_path, split="test", bootstrap=0)
     return float(report["auc"])
+
+
+def embedding_parameters(block: dict, vocab) -> int:  # noqa: ANN001
+    """Table parameters of an embedding block on a dataset (shared tables counted once)."""
+    from recsys.embedding.spec import EmbeddingSpec
+
+    plans = EmbeddingSpec.parse(block, vocab.schema).plans(vocab.schema, vocab.table_sizes())
+    tables = {}
+    for owner, plan in plans.items():
+        for probe in range(plan.probes):
+            name = f"unified_{probe % EmbeddingSpec.parse(block, vocab.schema).num_tables}" if plan.kind == "unified" else owner
+            tables[name] = plan.rows * plan.dim
+    return sum(tables.values())
 
 
 def main() -> None:
@@ -87,15 +100,14 @@ def main() -> None:
         full_rows = sum(sizes.values())
         extra = DATASETS[name]["extra"]
         for seed in args.seeds:
-            auc = fit_and_score(str(path), "full", None, seed, args.out / name, extra)
+            auc = fit_and_score(str(path), "full", {"dim": DIM}, seed, args.out / name, extra)
             results.append((name, "full", 1.0, full_rows * DIM, seed, auc))
         for budget in args.budgets:
-            hashed = {"rows": 1, "dim": DIM, "shared": False,
-                      "feature_rows": {f: max(1, round(budget * n)) for f, n in sizes.items()}}
-            unified = {"rows": max(1, round(budget * full_rows * DIM / (DIM // PROBES))), "dim": DIM // PROBES,
-                       "default_probes": PROBES}
+            hashed = {"kind": "hashed", "dim": DIM, "budget": budget}
+            unified = {"kind": "unified", "rows": max(1, round(budget * full_rows * DIM / (DIM // PROBES))),
+                       "dim": DIM // PROBES, "probes": PROBES}
             for method, spec in (("hashing", hashed), ("unified", unified)):
-                params = (sum(spec["feature_rows"].values()) * DIM) if method == "hashing" else spec["rows"] * spec["dim"]
+                params = embedding_parameters(spec, vocab)
                 for seed in args.seeds:
                     auc = fit_and_score(str(path), f"{method}_{budget}", spec, seed, args.out / name, extra)
                     results.append((name, method, budget, params, seed, auc))
