@@ -17,7 +17,7 @@ notes (handled as the schema says)
 
 Exit status 1 when there is an error, 0 otherwise. Ids can never fall outside a table here: the
 vocabulary maps unseen values to the OOV row; a model additionally bounds-checks every id before
-the FBGEMM kernels see it (``recsys.embedding.tables.IdGuard``).
+the FBGEMM kernels see it (``recsys.embedding.tables.check_ids``).
 """
 
 from __future__ import annotations

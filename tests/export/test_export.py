@@ -234,3 +234,60 @@ def test_export_cli(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture
     assert "serve with: recsys serve" in capsys.readouterr().out
     assert main(["export", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x")]) == 1
     assert "missing.ckpt: checkpoint not found" in capsys.readouterr().err
+
+
+# -- a loader needs nothing but the export ---------------------------------------------------------
+def _moved_away(data: Path):  # noqa: ANN202
+    """A context in which the dataset directory does not exist (renamed, then put back)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def moved():
+        hidden = data.with_name(data.name + ".away")
+        data.rename(hidden)
+        try:
+            yield
+        finally:
+            hidden.rename(data)
+
+    return moved()
+
+
+def test_every_export_serves_with_the_dataset_directory_moved_away(trained: dict, tmp_path: Path) -> None:
+    rows = raw_rows(trained["data"], n=50)
+    for kind in ("base", "din", "unified", "optembed", "supernet", "text"):
+        out = export(trained[kind], tmp_path / kind, "int8", progress=False)
+        expected = load(out).score(rows)
+        with _moved_away(trained["data"]):
+            np.testing.assert_allclose(load(out).score(rows), expected, atol=1e-7, err_msg=kind)
+
+
+def test_row_level_text_exports_its_encoder_and_serves_without_the_dataset(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from recsys.models.base import EmbeddingMLP
+    from tests.conftest import write_text_dataset
+    from tests.test_composition import save_checkpoint
+
+    data = write_text_dataset(tmp_path / "words", rows={"train": 400, "val": 100, "test": 100})
+    dm = CTRDataModule(str(data), eval_batch_size=100)
+    torch.manual_seed(0)
+    model = EmbeddingMLP(dm.dataset_info, embedding={"dim": 8}, text={"pooling": "attention", "dim": 8},
+                         dnn_hidden_units=[8], resources=dm.resources).eval()
+    batch = next(iter(dm.stream("test")))
+    with torch.no_grad():
+        expected = torch.sigmoid(model(batch)).numpy()
+    out = export(save_checkpoint(model, tmp_path / "text.ckpt"), tmp_path / "export", "fp32", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["encoder"]["directory"] == "encoder" and "encoder/config.json" in manifest["files"]
+    assert manifest["embedding"]["features"]["query"]["kind"] == "row_text"
+    rows = pq.read_table(data / "test" / "part-0.parquet").to_pylist()
+    with _moved_away(data):
+        scorer = load(out)
+        np.testing.assert_allclose(scorer.score(rows), expected, atol=1e-5)
+        with pytest.raises(RowError, match="'query' \\(text\\) must be a string"):
+            scorer.score([rows[0] | {"query": 3}])
+    weights = next(f for f in manifest["files"] if f.startswith("encoder/") and f.endswith(".safetensors"))
+    (out / weights).write_bytes(b"tampered")
+    with pytest.raises(ExportError, match="bytes, the manifest says"):
+        load(out)

@@ -6,8 +6,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
+from recsys.data.datamodule import CTRDataModule
 from recsys.eval.metrics import ctr_metrics, rela_impr
 from recsys.eval.report import main as eval_main
 from recsys.train.cli import run
@@ -103,3 +105,36 @@ def test_console_script_help_and_print_config() -> None:
     assert printed["model"]["class_path"] == "recsys.models.base.EmbeddingMLP"
     assert "features" not in printed["model"]["init_args"]  # linked from the data module
     assert np.isclose(printed["model"]["init_args"]["optimizer"]["init_args"]["lr"], 0.003)
+
+
+@pytest.mark.parametrize("model", ["base", "din", "dlrm"])
+def test_every_kind_overlay_composes_with_every_model_config(tmp_path: Path, model: str) -> None:
+    """The overlays of configs/embedding/ (but the retrain one, which needs a search) build and run with
+    each full model config from the CLI, as `recsys fit --config MODEL --config KIND` would."""
+    data = write_dataset(tmp_path / "tiny")
+    batch = next(iter(CTRDataModule(str(data), batch_size=32).stream("train")))
+    for overlay in ("hashed", "unified", "optembed_supernet"):
+        cli = run(["--config", str(ROOT / f"configs/movielens/{model}.yaml"), "--config",
+                   str(ROOT / f"configs/embedding/{overlay}.yaml"), "--data.path", str(data), "--trainer.logger", "false"],
+                  subcommand=False)
+        expected = yaml.safe_load((ROOT / f"configs/embedding/{overlay}.yaml").read_text())["model"]["init_args"]["embedding"]
+        assert cli.model.hparams["embedding"] == expected  # the overlay replaced the model config's block whole
+        loss = cli.model.training_loss(batch)
+        assert torch.isfinite(loss), (model, overlay)
+
+
+def test_old_keys_and_bad_blocks_stop_with_one_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = write_dataset(tmp_path / "tiny")
+    old = tmp_path / "old_unified.yaml"
+    old.write_text("model:\n  init_args:\n    unified: {rows: 100, dim: 8}\n")
+    cases = [
+        (["--config", str(old)], "model.init_args.unified is no longer a model argument; write embedding: {kind: unified"),
+        (["--model.init_args.embedding_dim", "8"], "write embedding: {dim: N}"),
+        (["--model.init_args.embedding", '{"kind": "hashed", "dim": 6, "rows": 10}'], "embedding.dim: width 6 is not a multiple of 4"),
+        (["--model.init_args.embedding", '{"features": {"nope": {}}}'], "embedding.features.nope: no feature 'nope'"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            run(["fit", "--config", str(CONFIG), "--data.path", str(data), "--trainer.logger", "false", *extra])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err, err[-2000:]
