@@ -42,7 +42,7 @@ from recsys.data.batch import Batch
 from recsys.data.schema import FeatureType
 from recsys.data.vocab import DatasetInfo
 from recsys.embedding.hashing import feature_salt
-from recsys.embedding.optembed import compact_remap, prefix_mask, sample_dims, step_ste
+from recsys.embedding.optembed import Supernet, compact_remap
 from recsys.embedding.regularization import inverse_counts, mba_penalty_from_lookups, table_counts
 from recsys.embedding.spec import WHERE, EmbeddingConfigError, EmbeddingSpec, TablePlan
 from recsys.embedding.tables import TORCHREC_POOLING, check_ids, pool_jagged, table_device
@@ -228,9 +228,8 @@ class EmbeddingLayer(nn.Module):
         self.table_rows = {name: t["rows"] for name, t in tables.items()}
 
     def _build_optembed(self, resources) -> None:  # noqa: ANN001
-        kind = {o: p.kind for o, p in self.plans.items()}
-        self.supernet = [o for o in self.plans if kind[o] == "optembed" and self.spec.stage == "supernet"]
-        self.compact = [o for o in self.plans if kind[o] == "optembed" and self.spec.stage == "compact"]
+        optembed = [o for o, p in self.plans.items() if p.kind == "optembed"]
+        self.compact = optembed if self.spec.stage == "compact" else []
         self.remaps = nn.Module()  # compact: vocabulary row -> kept row (0: pruned)
         for o in self.compact:
             remap = compact_remap(self._kept[o]) if self._kept is not None else torch.zeros(self.plans[o].vocab_rows, dtype=torch.int64)
@@ -238,13 +237,10 @@ class EmbeddingLayer(nn.Module):
             if table_device() is None:  # row 0, what pruned ids read, is stored as zeros (export readers rely on it)
                 with torch.no_grad():
                     self.table_weight(f"t_{o}")[0].zero_()
-        if self.supernet:
-            self.threshold = nn.Parameter(torch.full((len(self.supernet),), float(self.spec.threshold_init)))
-            full = torch.tensor([self.plans[o].dim for o in self.supernet])
-            self.register_buffer("full_dims", full, persistent=False)
-            self.register_buffer("eval_dims", full.clone())
-            self.register_buffer("draws", torch.zeros((), dtype=torch.int64))  # training steps so far (dims draws)
-        self.supernet_index = {o: i for i, o in enumerate(self.supernet)}
+        spec = self.spec
+        self.optembed = Supernet(optembed, [self.plans[o].dim for o in optembed], spec.alpha, spec.threshold_init,
+                                 spec.threshold_lr, spec.prune_rows, spec.sample_dims) \
+            if optembed and spec.stage == "supernet" else None
         if self.text_spec is not None and self.text_spec.combine == "init" and resources is not None and table_device() is None:
             for owner, module in self.item_text.items():
                 if isinstance(module, ItemText):
@@ -307,7 +303,7 @@ class EmbeddingLayer(nn.Module):
             looked |= {k: out[k].values() for k in self.row_keys[group]}  # (a sharded output is indexed, not iterated)
         if self.training and self.mba_lambda > 0:
             self._remember(features, rows, looked)
-        widths = self._sample_widths(positions, batch_size) if self.supernet else None
+        widths = self.optembed.widths(positions, batch_size) if self.optembed is not None else None
         result = Embedded()
         for f, jagged in features.items():
             owner, lookups = self.owner[f], self.lookups[f]
@@ -351,41 +347,23 @@ class EmbeddingLayer(nn.Module):
         return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=batch_size)
 
     # -- OptEmbed -------------------------------------------------------------------------------------
-    def _sample_widths(self, positions: Tensor | None, batch_size: int) -> Tensor | None:
-        """``[B, T]`` widths per sample and supernet table (training: drawn; else ``eval_dims`` if narrowed)."""
-        if self.training and self.spec.sample_dims:
-            self.draws += 1
-            return sample_dims(positions, batch_size, self.full_dims, int(self.draws))
-        if bool((self.eval_dims < self.full_dims).any()):
-            return self.eval_dims.expand(batch_size, -1)
-        return None
-
     def _mask_rows(self, owner: str, values: Tensor, rows: Tensor, lengths: Tensor, widths: Tensor | None) -> Tensor:
         if owner in self.compact:  # pruned ids read row 0: a zero vector that gets no gradient
             return values * (rows != 0).unsqueeze(1).to(values.dtype)
-        if owner not in self.supernet_index:
-            return values
-        i = self.supernet_index[owner]
-        if self.spec.prune_rows:
-            values = values * step_ste(values.abs().sum(1) - self.threshold[i]).unsqueeze(1)
-        if widths is not None:
-            per_row = torch.repeat_interleave(widths[:, i], lengths.long(), output_size=values.shape[0])
-            values = values * prefix_mask(per_row, values.shape[1])
+        if self.optembed is not None and owner in self.optembed.index:
+            return self.optembed.mask(owner, values, lengths, widths)
         return values
 
     def set_eval_dims(self, dims: dict[str, int] | None) -> None:
-        """Widths used outside training (None: full); the dims search scores candidates with it."""
-        values = [int(self.full_dims[i]) if dims is None else int(dims[o]) for i, o in enumerate(self.supernet)]
-        if any(not 1 <= v <= int(d) for v, d in zip(values, self.full_dims.tolist(), strict=True)):
-            raise ValueError(f"dims must lie in 1..{self.full_dims.tolist()}, got {values}")
-        self.eval_dims.copy_(torch.tensor(values))
+        """Supernet widths used outside training (None: full); the widths search scores candidates with it."""
+        self.optembed.set_eval_dims(dims)
 
     def narrow(self, embedded: Embedded, dims: dict[str, int]) -> Embedded:
         """``embedded`` (computed at full widths) with supernet table ``o`` cut to its first ``dims[o]``
         columns: exactly the forward under ``set_eval_dims(dims)``, from cached outputs."""
         out = Embedded(dict(embedded.pooled), dict(embedded.jagged))
         for f, owner in self.owner.items():
-            if owner not in self.supernet_index:
+            if owner not in self.optembed.index:
                 continue
             width = self.output_dims()[f]
             keep = torch.ones(width)
@@ -396,15 +374,9 @@ class EmbeddingLayer(nn.Module):
                 out.jagged[f] = JaggedTensor(values=out.jagged[f].values() * keep, lengths=out.jagged[f].lengths())
         return out
 
-    @torch.no_grad()
     def row_masks(self) -> dict[str, Tensor]:
         """Supernet owner → bool ``[rows]``: the rows its learned threshold keeps (unsharded tables)."""
-        masks = {}
-        for o, i in self.supernet_index.items():
-            weight = self.table_weight(f"t_{o}")
-            masks[o] = (weight.abs().sum(1) - self.threshold[i] > 0).cpu() if self.spec.prune_rows \
-                else torch.ones(weight.shape[0], dtype=torch.bool)
-        return masks
+        return self.optembed.row_masks({o: self.table_weight(f"t_{o}") for o in self.optembed.owners})
 
     # -- training hooks --------------------------------------------------------------------------------
     def _remember(self, features: dict[str, JaggedTensor], rows: dict[str, JaggedTensor], looked: dict[str, Tensor]) -> None:
@@ -429,23 +401,21 @@ class EmbeddingLayer(nn.Module):
         for table, (table_rows, ids) in terms.items():
             total = total + mba_penalty_from_lookups(torch.cat(table_rows), torch.cat(ids),
                                                      getattr(self.inverse_counts, table), self.mba_lambda)
-        if self.supernet and self.spec.prune_rows:
-            total = total + self.spec.alpha * torch.exp(-self.threshold).sum()
+        if self.optembed is not None:
+            total = total + self.optembed.regularization()
         return total
 
     def parameter_groups(self) -> list[dict]:
         """Optimizer groups with their own settings (OptEmbed's thresholds)."""
-        if not self.supernet:
-            return []
-        return [{"params": [self.threshold], "lr": self.spec.threshold_lr, "weight_decay": 0.0}]
+        return self.optembed.parameter_groups() if self.optembed is not None else []
 
     def epoch_metrics(self) -> dict[str, float]:
         """Scalars worth logging once per epoch (OptEmbed: share of rows kept, mean threshold)."""
-        if not self.supernet or not all(isinstance(c, EmbeddingCollection) for c in self.rows.values()):
+        if self.optembed is None or not all(isinstance(c, EmbeddingCollection) for c in self.rows.values()):
             return {}  # a sharded table's rows live on several ranks
         masks = self.row_masks()
         return {"optembed/rows_kept": sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()),
-                "optembed/threshold_mean": float(self.threshold.detach().mean())}
+                "optembed/threshold_mean": float(self.optembed.threshold.detach().mean())}
 
     # -- export --------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -459,8 +429,8 @@ class EmbeddingLayer(nn.Module):
                                  for lk in lookups]}
             if owner in self.compact:
                 entry["row_mask"] = "table row 0 is the zero vector of pruned ids"
-            if owner in self.supernet_index:
-                entry["row_mask"] = (f"rows with L1 norm <= embedding.threshold[{self.supernet_index[owner]}] "
+            if self.optembed is not None and owner in self.optembed.index:
+                entry["row_mask"] = (f"rows with L1 norm <= embedding.optembed.threshold[{self.optembed.index[owner]}] "
                                      f"read as zeros")
             if owner in self.item_text:
                 entry["item_text"] = {"combine": self.text_spec.combine, "table": f"text_{owner}",

@@ -28,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.embedding.hashing import feature_salt, hash_to_rows
@@ -110,3 +111,65 @@ def load_artifact(path: str | Path) -> dict:
     return artifact
 
 
+
+
+class Supernet(nn.Module):
+    """OptEmbed supernet state of a layer's ``optembed`` tables: a learnable threshold per table, the
+    widths used outside training, and the count of training draws (the per-step salt of the widths).
+
+    Args:
+        owners: the table-owning features whose tables are supernet tables.
+        full_dims: each table's full width ``D_t``.
+        alpha, threshold_init, threshold_lr, prune_rows, sample_dims: the ``embedding`` block's keys.
+    """
+
+    def __init__(self, owners: list[str], full_dims: list[int], alpha: float, threshold_init: float,
+                 threshold_lr: float, prune_rows: bool, sample_dims: bool) -> None:
+        super().__init__()
+        self.owners, self.index = list(owners), {o: i for i, o in enumerate(owners)}
+        self.alpha, self.threshold_lr, self.prune_rows, self.sample = alpha, threshold_lr, prune_rows, sample_dims
+        self.threshold = nn.Parameter(torch.full((len(owners),), float(threshold_init)))
+        full = torch.tensor(full_dims)
+        self.register_buffer("full_dims", full, persistent=False)
+        self.register_buffer("eval_dims", full.clone())
+        self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
+
+    def widths(self, positions: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        """``[B, T]`` widths per sample and table: drawn in training, else ``eval_dims`` when narrowed."""
+        if self.training and self.sample:
+            self.draws += 1
+            return sample_dims(positions, batch_size, self.full_dims, int(self.draws))
+        if bool((self.eval_dims < self.full_dims).any()):
+            return self.eval_dims.expand(batch_size, -1)
+        return None
+
+    def mask(self, owner: str, values: torch.Tensor, lengths: torch.Tensor, widths: torch.Tensor | None) -> torch.Tensor:
+        """Looked-up rows ``[N, D]`` of ``owner``'s table (``lengths [B]`` per sample): rows under the
+        threshold read as zeros (straight-through), columns past the sample's width too."""
+        i = self.index[owner]
+        if self.prune_rows:
+            values = values * step_ste(values.abs().sum(1) - self.threshold[i]).unsqueeze(1)
+        if widths is not None:
+            per_row = torch.repeat_interleave(widths[:, i], lengths.long(), output_size=values.shape[0])
+            values = values * prefix_mask(per_row, values.shape[1])
+        return values
+
+    def regularization(self) -> torch.Tensor | float:
+        return self.alpha * torch.exp(-self.threshold).sum() if self.prune_rows else 0.0
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": [self.threshold], "lr": self.threshold_lr, "weight_decay": 0.0}]
+
+    def set_eval_dims(self, dims: dict[str, int] | None) -> None:
+        """Widths used outside training (None: full); the widths search scores candidates with it."""
+        values = [int(self.full_dims[i]) if dims is None else int(dims[o]) for i, o in enumerate(self.owners)]
+        if any(not 1 <= v <= int(d) for v, d in zip(values, self.full_dims.tolist(), strict=True)):
+            raise ValueError(f"dims must lie in 1..{self.full_dims.tolist()}, got {values}")
+        self.eval_dims.copy_(torch.tensor(values))
+
+    @torch.no_grad()
+    def row_masks(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Owner → bool ``[rows]``: the rows of ``weights[owner]`` its threshold keeps."""
+        if not self.prune_rows:
+            return {o: torch.ones(weights[o].shape[0], dtype=torch.bool) for o in self.owners}
+        return {o: (weights[o].abs().sum(1) - self.threshold[self.index[o]] > 0).cpu() for o in self.owners}

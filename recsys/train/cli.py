@@ -50,8 +50,21 @@ class RecsysCLI(LightningCLI):
         try:
             with tables_on("meta") if init_args.get("init_tables_on_meta") else nullcontext():
                 super().instantiate_classes()
-        except (EmbeddingConfigError, TextConfigError) as err:  # a bad block: one message, no traceback
-            self.parser.error(str(err))
+        except Exception as err:  # a bad embedding or text block: one message, no traceback
+            cause = _config_error(err)
+            if cause is None:
+                raise
+            self.parser.error(str(cause))
+
+
+def _config_error(err: BaseException | None) -> BaseException | None:
+    """The embedding/text block error behind ``err`` (jsonargparse wraps what a constructor raises)."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, EmbeddingConfigError | TextConfigError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def _model_keys(args: list[str] | dict) -> list[str]:

@@ -65,7 +65,7 @@ class ValCache:
 
     def __init__(self, model: torch.nn.Module, stream: ParquetStream) -> None:
         layer = getattr(model, "embedding", None)
-        if layer is None or not getattr(layer, "supernet", None):
+        if layer is None or getattr(layer, "optembed", None) is None:
             raise TypeError("the checkpoint is not an OptEmbed supernet (model.init_args.embedding: "
                             "{kind: optembed, stage: supernet})")
         model.eval()
@@ -80,8 +80,8 @@ class ValCache:
         self.labels = torch.cat(labels).numpy()
 
     def score(self, dims: np.ndarray) -> float:
-        """Val AUC with per-table widths ``dims`` (in ``layer.supernet`` order)."""
-        widths = dict(zip(self.layer.supernet, (int(d) for d in dims), strict=True))
+        """Val AUC with per-table widths ``dims`` (in ``layer.optembed.owners`` order)."""
+        widths = dict(zip(self.layer.optembed.owners, (int(d) for d in dims), strict=True))
         with torch.inference_mode():
             logits = torch.cat([self.model.head(self.layer.narrow(embedded, widths), dense)
                                 for embedded, dense in self.batches])
@@ -197,7 +197,7 @@ def search(ckpt: str | Path, out: str | Path, config: SearchConfig, data: str | 
     stream = ParquetStream(data_dir, "val", Vocabulary.load_or_build(data_dir), batch_size=batch_size)
     cache = ValCache(model, stream)
     layer = model.embedding
-    owners = layer.supernet
+    owners = layer.optembed.owners
     masks = layer.row_masks()
     kept = np.array([int(masks[o].sum()) for o in owners])
     rows = np.array([layer.plans[o].vocab_rows for o in owners])
@@ -214,7 +214,7 @@ def search(ckpt: str | Path, out: str | Path, config: SearchConfig, data: str | 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"supernet": str(ckpt), "full_dims": widths, "dims": dims, "kept": masks, "rows": table_rows,
-                "thresholds": {o: float(layer.threshold[i].detach()) for i, o in enumerate(owners)}}, out / ARTIFACT)
+                "thresholds": {o: float(layer.optembed.threshold[i].detach()) for i, o in enumerate(owners)}}, out / ARTIFACT)
     with open(out / "pareto.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["params", "fraction_of_full", "val_auc", *[f"dim_{o}" for o in owners]])

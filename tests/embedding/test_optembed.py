@@ -51,20 +51,20 @@ def test_threshold_regularizer_value_and_gradient(tiny_dataset: Path) -> None:
     layer = _supernet(tiny_dataset, alpha=0.3)
     t = torch.tensor([0.5, -1.0, 0.0, 2.0])
     with torch.no_grad():
-        layer.threshold.copy_(t)
+        layer.optembed.threshold.copy_(t)
     reg = layer.regularization()
     torch.testing.assert_close(reg, (0.3 * np.exp(-t.numpy()).sum()).astype(np.float32) * torch.ones(()))
     reg.backward()
-    torch.testing.assert_close(layer.threshold.grad, -0.3 * torch.exp(-t))
+    torch.testing.assert_close(layer.optembed.threshold.grad, -0.3 * torch.exp(-t))
 
 
 def test_masks_apply_to_rows_before_pooling_against_a_plain_reference(tiny_dataset: Path) -> None:
     torch.manual_seed(0)
     layer = _supernet(tiny_dataset).eval()
     with torch.no_grad():
-        for o in layer.supernet:
+        for o in layer.optembed.owners:
             layer.table_weight(f"t_{o}").normal_()
-        layer.threshold.copy_(torch.tensor([2.5, 3.0, 2.0, 2.8]))
+        layer.optembed.threshold.copy_(torch.tensor([2.5, 3.0, 2.0, 2.8]))
     dims = {"user": 3, "item": 2, "tags": 1, "city": 4}
     layer.set_eval_dims(dims)
     out = layer(_batch())
@@ -73,7 +73,7 @@ def test_masks_apply_to_rows_before_pooling_against_a_plain_reference(tiny_datas
     for feature, jagged in (batch.sparse.to_dict() | batch.sequences.to_dict()).items():
         owner = layer.owner[feature]
         weight = layer.table_weight(f"t_{owner}").detach()
-        t = float(layer.threshold[layer.supernet.index(owner)])
+        t = float(layer.optembed.threshold[layer.optembed.index[owner]])
         ids, start = jagged.values().tolist(), 0
         rows_out = []
         for n in jagged.lengths().tolist():
@@ -108,7 +108,7 @@ def test_sampled_widths_are_uniform_per_position_and_prefix_masks_exact() -> Non
 def test_training_draws_a_width_per_sample_and_table_shared_by_a_sequence_and_its_target(tiny_dataset: Path) -> None:
     layer = _supernet(tiny_dataset, dim=16, prune_rows=False).train()
     with torch.no_grad():
-        for o in layer.supernet:
+        for o in layer.optembed.owners:
             layer.table_weight(f"t_{o}").fill_(1.0)
     out = layer(_batch(positions=torch.tensor([10, 11, 12])))
     widths = (out.pooled["user"] != 0).sum(1)
@@ -174,11 +174,11 @@ def test_compact_tables_give_exactly_the_narrowed_supernet_outputs(tiny_dataset:
     torch.manual_seed(0)
     supernet = _supernet(tiny_dataset, dim=8).eval()
     with torch.no_grad():
-        for o in supernet.supernet:
+        for o in supernet.optembed.owners:
             supernet.table_weight(f"t_{o}").normal_()
-        supernet.threshold.fill_(6.0)
+        supernet.optembed.threshold.fill_(6.0)
     masks = supernet.row_masks()
-    dims = {o: 4 * (i % 2 + 1) for i, o in enumerate(supernet.supernet)}
+    dims = {o: 4 * (i % 2 + 1) for i, o in enumerate(supernet.optembed.owners)}
     info = DatasetInfo.from_any(CTRDataModule(str(tiny_dataset)).dataset_info)
     compact = EmbeddingLayer(info, {"kind": "optembed", "stage": "compact", "artifact": "search", "dim": 8},
                              jagged=("item", "hist_item"), resources=_Artifact({"dims": dims, "kept": masks})).eval()

@@ -118,7 +118,10 @@ def test_every_kind_overlay_composes_with_every_model_config(tmp_path: Path, mod
                    str(ROOT / f"configs/embedding/{overlay}.yaml"), "--data.path", str(data), "--trainer.logger", "false"],
                   subcommand=False)
         expected = yaml.safe_load((ROOT / f"configs/embedding/{overlay}.yaml").read_text())["model"]["init_args"]["embedding"]
-        assert cli.model.hparams["embedding"] == expected  # the overlay replaced the model config's block whole
+        from recsys.embedding.spec import EmbeddingSpec
+
+        # the overlay replaced the model config's block whole
+        assert cli.model.embedding.spec == EmbeddingSpec.parse(expected, cli.model.schema)
         loss = cli.model.training_loss(batch)
         assert torch.isfinite(loss), (model, overlay)
 
