@@ -34,8 +34,8 @@ from recsys.eval.metrics import auc
 from recsys.eval.report import machine, predict_split, write_doc_section
 from recsys.export.exporter import export
 from recsys.export.loader import load
+from recsys.train.checkpoint import load_model
 from recsys.train.cli import run
-from recsys.train.module import load_model
 
 CONFIGS = {"base": ["configs/movielens/base.yaml"], "din": ["configs/movielens/din.yaml"]}
 OUT = Path("runs/bench_serving")

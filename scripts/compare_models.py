@@ -43,7 +43,7 @@ def logged_rate(run_dir: Path) -> float:
 
 
 def embedding_parameters(ckpt: str | Path) -> int:
-    from recsys.train.module import load_model
+    from recsys.train.checkpoint import load_model
     from recsys.train.strategy import table_parameters
 
     return sum(p.numel() for p in table_parameters(load_model(ckpt)))

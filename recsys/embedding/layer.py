@@ -110,6 +110,7 @@ class EmbeddingLayer(nn.Module):
         if mba_lambda > 0:
             self._build_counts(resources)
         self._mba_terms: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+        self.nonfinite_gradient = False  # set by the last backward (see _GradientGuard)
         self.pooled_features = [f for f in self.id_features if f not in self.jagged_features] + list(self.row_text)
 
     # -- construction --------------------------------------------------------------------------------
@@ -301,6 +302,10 @@ class EmbeddingLayer(nn.Module):
         for group, collection in self.rows.items():
             out = collection(self._kjt(rows, self.row_keys[group], batch_size))
             looked |= {k: out[k].values() for k in self.row_keys[group]}  # (a sharded output is indexed, not iterated)
+        if self.training and torch.is_grad_enabled() and looked:
+            self.nonfinite_gradient = False
+            keys = list(looked)
+            looked = dict(zip(keys, _GradientGuard.apply(self, *(looked[k] for k in keys)), strict=True))
         if self.training and self.mba_lambda > 0:
             self._remember(features, rows, looked)
         widths = self.optembed.widths(positions, batch_size) if self.optembed is not None else None
@@ -441,6 +446,31 @@ class EmbeddingLayer(nn.Module):
                            "text": self.text_spec.to_dict(), "encoder": "encoder/"}
         return {"pooling": self.pooling, "order": {"pooled": self.pooled_features, "jagged": self.jagged_features},
                 "features": features}
+
+
+class _GradientGuard(torch.autograd.Function):
+    """Identity on the lookups' outputs; in backward, if any of their gradients is not finite (on any
+    rank), every one is replaced by zeros before it reaches a table: a fused (sharded) table updates
+    inside backward, so this is the last point where a NaN can be stopped. SGD, Adagrad and
+    row-wise Adagrad leave a row untouched by a zero gradient (FBGEMM's Adam on CUDA would still move
+    it through its momentum). The layer's ``nonfinite_gradient`` tells the training step."""
+
+    @staticmethod
+    def forward(ctx, layer: EmbeddingLayer, *tensors: Tensor) -> tuple[Tensor, ...]:  # noqa: ANN001
+        ctx.layer = layer
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple:  # noqa: ANN001
+        present = [g for g in grads if g is not None]
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in present]).all()) if present else True
+        bad = torch.tensor(0 if finite else 1, dtype=torch.int32, device=present[0].device if present else None)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        ctx.layer.nonfinite_gradient = bool(bad)
+        if bool(bad):
+            grads = tuple(None if g is None else torch.zeros_like(g) for g in grads)
+        return (None, *grads)
 
 
 def _describe(lookup: Lookup) -> dict:

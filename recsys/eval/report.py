@@ -73,7 +73,7 @@ def evaluate(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluates ``ckpt`` on ``split`` and writes the report files; returns the report dict."""
-    from recsys.train.module import load_model  # lightning import kept out of `--help`
+    from recsys.train.checkpoint import load_model  # lightning import kept out of `--help`
 
     ckpt = Path(ckpt)
     model = load_model(str(ckpt))

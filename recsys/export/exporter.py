@@ -28,8 +28,8 @@ import argparse
 import copy
 import dataclasses
 import hashlib
-import inspect
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -42,6 +42,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from tqdm.auto import tqdm
 
 from recsys.export.quantize import check_dtype, quantize_rows, row_bytes
+from recsys.train.checkpoint import load_sharded, read_checkpoint
 
 FORMAT = "recsys-export"
 FORMAT_VERSION = 2
@@ -123,12 +124,7 @@ class _StateSource:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sharded = path.is_dir()
-        meta_file = path / "lightning.pt" if self.sharded else path
-        if not meta_file.exists():
-            raise FileNotFoundError(f"{meta_file}: checkpoint not found")
-        self.checkpoint = torch.load(meta_file, map_location="cpu", weights_only=False, mmap=not self.sharded)
-        if "recsys" not in self.checkpoint:
-            raise ValueError(f"{path}: not a recsys checkpoint (no 'recsys' entry)")
+        self.checkpoint = read_checkpoint(path, mmap=not self.sharded)
 
     def load(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The checkpoint's values of ``like``'s keys (shapes and dtypes from ``like``)."""
@@ -138,10 +134,8 @@ class _StateSource:
             if missing:
                 raise KeyError(f"{self.path}: checkpoint lacks {missing[:5]}")
             return {k: state[k] for k in like}
-        import torch.distributed.checkpoint as dcp
-
         request = {"state_dict": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in like.items()}}
-        dcp.load(request, checkpoint_id=str(self.path))  # reads only these keys' shards
+        load_sharded(request, self.path)  # reads only these keys' shards
         return request["state_dict"]
 
 
@@ -149,15 +143,11 @@ def build_model(model_class: str, hparams: dict[str, Any], resources: Any = None
     """A recsys model (only ``CTRModule`` subclasses under ``recsys.models``) with its embedding tables on
     the meta device (nothing allocated for them)."""
     from recsys.embedding.tables import tables_on
-    from recsys.train.module import model_class as find_class
-    from recsys.train.module import model_hparams
+    from recsys.train.checkpoint import model_class as find_class
+    from recsys.train.checkpoint import model_hparams
 
     cls = find_class(model_class)
-    arguments = model_hparams(hparams, where)
-    try:
-        inspect.signature(cls.__init__).bind(None, **arguments)
-    except TypeError as err:
-        raise ValueError(f"{where}: hyperparameters do not fit {model_class} ({err})") from None
+    arguments = model_hparams(cls, hparams, where)
     with tables_on("meta"):
         return cls(**arguments, resources=resources)
 
@@ -216,8 +206,7 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | P
 
     check_dtype(dtype)
     ckpt, out = Path(ckpt), Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    _check_replaceable(out, ckpt, force)
     source = _StateSource(ckpt)
     meta = source.checkpoint["recsys"]
     hparams = {k: v for k, v in source.checkpoint["hyper_parameters"].items() if not k.startswith("_")}
@@ -236,6 +225,7 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | P
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    work.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; a serving user must be able to read it, as with any tool
     try:
         (work / "tables").mkdir()
         for entry in tqdm(tables, desc=f"tables → {dtype}", unit="table", disable=not progress):
@@ -287,6 +277,26 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | P
         shutil.rmtree(work, ignore_errors=True)
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_replaceable(out: Path, ckpt: Path, force: bool) -> None:
+    """``--force`` replaces a previous export, and nothing else: not a directory without a manifest
+    (an unrelated folder, a run directory), never one holding the checkpoint being exported."""
+    if not out.exists():
+        return
+    if not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    if not out.is_dir() or not (out / MANIFEST).is_file():
+        raise FileExistsError(f"{out} exists and is not a recsys export (no {MANIFEST}); refusing to replace it — "
+                              f"choose another --out")
+    if ckpt.resolve().is_relative_to(out.resolve()):
+        raise FileExistsError(f"{out} holds the checkpoint being exported ({ckpt}); refusing to replace it")
 
 
 def _item_text_tables(trained: torch.nn.Module, source: _StateSource) -> dict[str, torch.Tensor]:

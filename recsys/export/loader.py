@@ -90,6 +90,27 @@ def inside(directory: Path, name: str) -> Path:
 def verify(directory: str | Path) -> dict[str, Any]:
     """The manifest, after checking the format version and the size and SHA-256 of every file."""
     directory = Path(directory)
+    manifest = read_manifest(directory)
+    files = manifest.get("files", {})
+    needed = [t["file"] for t in manifest.get("tables", [])] + [manifest.get("dense", {}).get("file")]
+    unlisted = [f for f in needed if f not in files]
+    if unlisted:
+        raise ExportError(f"{directory / MANIFEST}: {unlisted} have no checksum in the manifest")
+    for name, info in files.items():
+        path = inside(directory, name)
+        if not path.is_file():
+            raise ExportError(f"{path}: missing from the export")
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise ExportError(f"{path}: {size} bytes, the manifest says {info['bytes']} (truncated or altered)")
+        if sha256(path) != info["sha256"]:
+            raise ExportError(f"{path}: SHA-256 does not match the manifest (altered)")
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest after the format checks only (cheap: no checksums; ``verify`` does those)."""
+    directory = Path(directory)
     manifest_file = directory / MANIFEST
     if not manifest_file.exists():
         raise ExportError(f"{manifest_file}: not found (is {directory} an export directory?)")
@@ -106,20 +127,6 @@ def verify(directory: str | Path) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{manifest_file}: format version {manifest.get('format_version')!r}; "
                           f"this recsys reads version {FORMAT_VERSION}")
-    files = manifest.get("files", {})
-    needed = [t["file"] for t in manifest.get("tables", [])] + [manifest.get("dense", {}).get("file")]
-    unlisted = [f for f in needed if f not in files]
-    if unlisted:
-        raise ExportError(f"{manifest_file}: {unlisted} have no checksum in the manifest")
-    for name, info in files.items():
-        path = inside(directory, name)
-        if not path.is_file():
-            raise ExportError(f"{path}: missing from the export")
-        size = path.stat().st_size
-        if size != info["bytes"]:
-            raise ExportError(f"{path}: {size} bytes, the manifest says {info['bytes']} (truncated or altered)")
-        if sha256(path) != info["sha256"]:
-            raise ExportError(f"{path}: SHA-256 does not match the manifest (altered)")
     return manifest
 
 
@@ -154,6 +161,7 @@ def _quantized_collection(entries: list[dict[str, Any]], directory: Path) -> tor
     return QuantEmbeddingCollection(configs, device=cpu, table_name_to_quantized_weights=weights, row_alignment=1)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 _ARROW = {"int": pa.int64(), "str": pa.string(), "list<int>": pa.list_(pa.int64()), "list<str>": pa.list_(pa.string())}
 
 
@@ -210,12 +218,14 @@ class Scorer:
             return pa.array([row[name] for row in rows], type=pa.string())
         if info["type"] == FeatureType.NUMERIC.value:
             values = []
+            mean, std = info.get("mean", 0.0), info.get("std", 1.0)
             for i, row in enumerate(rows):
                 v = row[name]
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise RowError(f"row {i}: feature {name!r} must be a number, got {type(v).__name__} {v!r}", name)
-                if not math.isfinite(v):
-                    raise RowError(f"row {i}: feature {name!r} must be finite, got {v!r}", name)
+                if not math.isfinite(v) or not abs((float(v) - mean) / std) < FLOAT32_MAX:
+                    raise RowError(f"row {i}: feature {name!r} must be a finite number the model can represent "
+                                   f"(|(x − mean) / std| < 3.4e38 in float32), got {v!r}", name)
                 values.append(float(v))
             return pa.array(values, type=pa.float64())
         kind = info["id_kind"]
@@ -236,22 +246,27 @@ class Scorer:
                 bad = [] if v is None else [v] if isinstance(v, bool) or not isinstance(v, want) else []
             if bad:
                 raise RowError(f"row {i}: feature {name!r} takes {scalar} ids, got {type(bad[0]).__name__} {bad[0]!r}", name)
+            if scalar == "int":
+                wide = [x for x in (v if listy else [v]) if x is not None and not -(2**63) <= x < 2**63]
+                if wide:
+                    raise RowError(f"row {i}: feature {name!r}: id {wide[0]} does not fit a signed 64-bit integer", name)
         return pa.array([row[name] for row in rows], type=_ARROW[kind])
 
+    def ignored_fields(self, rows: list[dict[str, Any]]) -> list[str]:
+        """Fields of the rows that the model does not read (ignored, as training ignores extra columns)."""
+        return sorted({k for row in rows if isinstance(row, dict) for k in row} - set(self.features))
+
     def encode(self, rows: list[dict[str, Any]]):  # noqa: ANN201 (a Batch)
-        """Validated raw rows → ``Batch``; ``RowError`` names the row and feature at fault."""
+        """Validated raw rows → ``Batch``; ``RowError`` names the row and feature at fault. Fields the
+        model does not read are ignored (``ignored_fields`` lists them)."""
         if not isinstance(rows, list) or not rows:
             raise RowError("expected a non-empty list of rows")
-        known = set(self.manifest["features"]) | {self.schema.label} | ({self.schema.group} if self.schema.group else set())
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise RowError(f"row {i}: expected an object of feature values, got {type(row).__name__}")
             missing = [f for f in self.features if f not in row]
             if missing:
                 raise RowError(f"row {i}: missing feature {missing[0]!r} (needs {sorted(self.features)})", missing[0])
-            unknown = sorted(set(row) - known)
-            if unknown:
-                raise RowError(f"row {i}: unknown feature {unknown[0]!r} (known: {sorted(self.features)})", unknown[0])
         columns = {name: self._column(name, rows) for name in self.features}
         columns[self.schema.label] = pa.array(np.zeros(len(rows), dtype=np.int64))
         group = self.schema.group
@@ -262,10 +277,18 @@ class Scorer:
         return chunk.to_batch()
 
     def score(self, rows: list[dict[str, Any]]) -> np.ndarray:
-        """Click probabilities ``[len(rows)]`` for raw rows."""
-        batch = self.encode(rows)
+        """Click probabilities ``[len(rows)]`` for raw rows; a row whose score is not finite is refused."""
+        return self.score_encoded(self.encode(rows))
+
+    def score_encoded(self, batch) -> np.ndarray:  # noqa: ANN001
+        """``score`` for rows already ``encode``d (the server encodes outside its scoring lock)."""
         with torch.inference_mode():
-            return torch.sigmoid(self.model(batch)).float().numpy()
+            probs = torch.sigmoid(self.model(batch)).float().numpy()
+        bad = np.flatnonzero(~np.isfinite(probs))
+        if len(bad):
+            raise RowError(f"row {int(bad[0])}: its score is not a finite number ({len(bad)} such row(s)); check its "
+                           f"numeric values")
+        return probs
 
     def score_batch(self, batch) -> np.ndarray:  # noqa: ANN001
         """Probabilities for an already encoded ``Batch`` (parity checks against the trained model)."""

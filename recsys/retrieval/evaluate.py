@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument("--out", required=True)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from recsys.train.module import load_model
+    from recsys.train.checkpoint import load_model
 
     tt = load_model(args.two_tower)
     data = Path(args.data or tt.info.path)

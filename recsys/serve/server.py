@@ -1,27 +1,37 @@
 """``recsys serve DIR``: HTTP JSON scoring of an export directory.
 
     recsys serve exports/base-int8 --port 8080
-    curl -s localhost:8080/healthz
+    curl -s localhost:8080/healthz          # 200 {"status": "ok"} once the export is loaded; 503 before
     curl -s localhost:8080/metadata
     curl -s -X POST localhost:8080/score -d '[{"user_id": 196, "item_id": 242, ...}]'
-      → {"scores": [0.71], "rows": 1}
+      → {"scores": [0.71], "rows": 1, "ignored_fields": []}
 
 ``POST /score`` takes a JSON list of rows (or ``{"rows": [...]}``), raw feature values as in the
-Parquet data. Bad input gets a 4xx whose JSON ``error`` names the row and feature
-(``field``); the server keeps serving. Limits: ``--max-bytes`` per request body (413 beyond),
-``--max-rows`` per request (413 beyond). Requests are handled on threads; scoring runs one
-batch at a time (``torch`` uses ``--threads`` threads inside it).
+Parquet data; fields the model does not read are ignored and listed under ``ignored_fields``. Bad
+input gets a 4xx whose JSON ``error`` names the row and ``field``; it never gets a 500 or a dropped
+connection, and the server keeps serving.
+
+Under load: the socket listens with a backlog of ``--backlog``; ``--workers`` threads handle
+connections and at most ``--queue`` more wait for one, beyond which a connection is answered 503
+(``Retry-After: 1``) at once; a client idle or slow for ``--timeout`` seconds is dropped (a slow
+client cannot hold a worker forever); a worker serving a keep-alive connection hands it back after
+each response when others are waiting. Scoring runs one batch at a time (``torch`` uses
+``--threads`` threads inside it); JSON parsing and validation run on the workers in parallel.
+Limits: ``--max-bytes`` per request body and ``--max-rows`` per request (413 beyond).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import socket
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import torch
@@ -30,60 +40,147 @@ from recsys.export.loader import ExportError, RowError, Scorer, load
 
 log = logging.getLogger(__name__)
 
+class ScoringServer(HTTPServer):
+    """An HTTP server with a bounded pool of worker threads and a bounded wait queue.
 
-class ScoringServer(ThreadingHTTPServer):
+    Args:
+        address: (host, port); port 0 picks a free one.
+        scorer: a loaded export, or None to load ``directory`` in the background (``/healthz`` answers
+            503 until it is ready).
+        directory: the export to load when ``scorer`` is None.
+    """
+
+    allow_reuse_address = True
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], scorer: Scorer, max_bytes: int = 8 << 20, max_rows: int = 4096) -> None:
+    def __init__(self, address: tuple[str, int], scorer: Scorer | None = None, directory: str | None = None,
+                 max_bytes: int = 8 << 20, max_rows: int = 4096, workers: int = 8, queue: int = 64,
+                 timeout: float = 10.0, backlog: int = 1024) -> None:
+        self.request_queue_size = backlog  # the listen() backlog (the stdlib's default is 5)
         super().__init__(address, Handler)
-        self.scorer, self.max_bytes, self.max_rows = scorer, max_bytes, max_rows
-        self.lock = threading.Lock()
+        self.scorer, self.max_bytes, self.max_rows, self.timeout_s = scorer, max_bytes, max_rows, timeout
+        self.load_error: str | None = None
+        self.lock = threading.Lock()  # one scoring batch at a time
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="recsys-serve")
+        self.slots = threading.BoundedSemaphore(workers + queue)
+        self.waiting = 0  # connections accepted but not yet picked up by a worker
+        self.counter = threading.Lock()
+        if scorer is None:
+            threading.Thread(target=self._load, args=(directory,), daemon=True).start()
+
+    def _load(self, directory: str) -> None:
+        try:
+            self.scorer = load(directory)
+            log.info("loaded %s", directory)
+        except Exception as err:  # /healthz and /score say so until the server stops
+            self.load_error = f"{type(err).__name__}: {err}"
+            print(f"recsys serve: cannot load {directory}: {self.load_error}", file=sys.stderr, flush=True)
+            threading.Thread(target=self.shutdown, daemon=True).start()
+
+    # -- connections: bounded workers, bounded queue, 503 beyond ------------------------------------
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        with self.counter:
+            self.waiting += 1
+        self.pool.submit(self._serve_connection, request, client_address)
+
+    def _serve_connection(self, request: socket.socket, client_address: Any) -> None:
+        with self.counter:
+            self.waiting -= 1
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # a broken connection: logged, never fatal
+            log.debug("connection from %s failed", client_address, exc_info=True)
+        finally:
+            self.shutdown_request(request)
+            self.slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        body = json.dumps({"error": "server busy: every worker and queue slot is taken; retry shortly"}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"Retry-After: 1\r\nConnection: close\r\n\r\n").encode()
+        try:
+            request.settimeout(1.0)
+            request.sendall(head + body)
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Handler(BaseHTTPRequestHandler):
     server: ScoringServer
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        self.timeout = self.server.timeout_s  # idle and read timeout of this connection
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (BaseHTTPRequestHandler's name)
         log.debug("%s " + format, self.address_string(), *args)
 
     def _reply(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
+        data = json.dumps(body, allow_nan=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.server.waiting > 0:  # others wait for a worker: hand this one back after the reply
+            self.close_connection = True
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
     def _error(self, status: int, message: str, field: str | None = None) -> None:
         self._reply(status, {"error": message, **({"field": field} if field else {})})
 
+    def _unavailable(self) -> bool:
+        if self.server.scorer is not None:
+            return False
+        if self.server.load_error:
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"the export could not be loaded: {self.server.load_error}")
+        else:
+            self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "loading", "error": "the export is still loading"})
+        return True
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         if self.path == "/healthz":
-            self._reply(HTTPStatus.OK, {"status": "ok"})
+            if not self._unavailable():
+                self._reply(HTTPStatus.OK, {"status": "ok"})
         elif self.path == "/metadata":
-            self._reply(HTTPStatus.OK, self.server.scorer.metadata())
+            if not self._unavailable():
+                self._reply(HTTPStatus.OK, self.server.scorer.metadata())
         else:
             self._error(HTTPStatus.NOT_FOUND, f"no route GET {self.path}; try POST /score, GET /healthz, GET /metadata")
+
+    def _body(self) -> bytes | None:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length header required")
+            self.close_connection = True
+            return None
+        if int(length) > self.server.max_bytes:
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {int(length)} bytes exceeds the limit of {self.server.max_bytes}")
+            self.close_connection = True  # the unread body must not be parsed as the next request
+            return None
+        return self.rfile.read(int(length))
 
     def do_POST(self) -> None:  # noqa: N802
         if self.path != "/score":
             self._error(HTTPStatus.NOT_FOUND, f"no route POST {self.path}; try POST /score")
             return
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length header required")
-            self.close_connection = True
+        body = self._body()
+        if body is None:
             return
-        if int(length) > self.server.max_bytes:
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {int(length)} bytes exceeds the limit of {self.server.max_bytes}")
-            self.close_connection = True  # the unread body must not be parsed as the next request
-            return
-        body = self.rfile.read(int(length))
         try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            self._error(HTTPStatus.BAD_REQUEST, f"malformed JSON: {err}")
+            payload = parse_json(body)
+        except ValueError as err:
+            self._error(HTTPStatus.BAD_REQUEST, str(err))
             return
         rows = payload.get("rows") if isinstance(payload, dict) else payload
         if not isinstance(rows, list):
@@ -95,22 +192,46 @@ class Handler(BaseHTTPRequestHandler):
         if len(rows) > self.server.max_rows:
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{len(rows)} rows exceed the limit of {self.server.max_rows} per request")
             return
+        if self._unavailable():
+            return
+        scorer = self.server.scorer
         try:
+            batch = scorer.encode(rows)  # validation and encoding in parallel on the workers
             with self.server.lock:
-                scores = self.server.scorer.score(rows)
+                scores = scorer.score_encoded(batch)
         except RowError as err:
             self._error(HTTPStatus.BAD_REQUEST, str(err), err.field)
             return
-        except Exception as err:  # the server keeps serving; the client learns what happened
+        except Exception as err:  # a bug, not bad input: the server keeps serving and says what happened
             log.exception("scoring failed")
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"scoring failed: {type(err).__name__}: {err}")
             return
-        self._reply(HTTPStatus.OK, {"scores": [float(s) for s in scores], "rows": len(rows)})
+        self._reply(HTTPStatus.OK, {"scores": [float(s) for s in scores], "rows": len(rows),
+                                    "ignored_fields": scorer.ignored_fields(rows)})
 
 
-def serve(directory: str, host: str = "127.0.0.1", port: int = 8080, max_bytes: int = 8 << 20, max_rows: int = 4096) -> ScoringServer:
-    """A started server (its thread is a daemon); ``server.shutdown()`` stops it."""
-    server = ScoringServer((host, port), load(directory), max_bytes, max_rows)
+def parse_json(body: bytes) -> Any:
+    """The request body as JSON; malformed or too deeply nested input is a ``ValueError`` with the reason."""
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"malformed JSON: not UTF-8 ({err})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"malformed JSON: {err}") from None
+    except RecursionError:  # the parser recurses per nesting level; rows are flat objects
+        raise ValueError("malformed JSON: nested too deeply (rows are flat objects of feature values)") from None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"malformed JSON: {name} is not a JSON number")
+
+
+def serve(directory: str, host: str = "127.0.0.1", port: int = 8080, max_bytes: int = 8 << 20, max_rows: int = 4096,
+          workers: int = 8, queue: int = 64, timeout: float = 10.0, wait: bool = True) -> ScoringServer:
+    """A started server (its thread is a daemon); ``server.shutdown()`` stops it. ``wait``: return once
+    the export is loaded (else it loads in the background and ``/healthz`` answers 503 until then)."""
+    server = ScoringServer((host, port), load(directory) if wait else None, directory, max_bytes, max_rows, workers,
+                           queue, timeout)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -122,22 +243,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--max-bytes", type=int, default=8 << 20, help="largest request body (bytes)")
     parser.add_argument("--max-rows", type=int, default=4096, help="most rows per request")
+    parser.add_argument("--workers", type=int, default=8, help="threads handling connections")
+    parser.add_argument("--queue", type=int, default=64, help="connections waiting for a worker before 503")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds a connection may stay idle or slow")
+    parser.add_argument("--backlog", type=int, default=1024, help="listen backlog of the socket")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for scoring (0: torch's default)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from recsys.export.loader import read_manifest
+
     try:
-        scorer = load(args.directory)
+        read_manifest(args.directory)  # not an export: stop here, before the port is taken
     except (ExportError, FileNotFoundError) as err:
         print(f"recsys serve: {err}", file=sys.stderr)
         return 1
-    server = ScoringServer((args.host, args.port), scorer, args.max_bytes, args.max_rows)
-    print(f"serving {args.directory} ({scorer.manifest['dtype']}, {scorer.manifest['model']['class']}) "
-          f"on http://{args.host}:{server.server_address[1]}  (POST /score, GET /healthz, GET /metadata)", flush=True)
+    try:
+        server = ScoringServer((args.host, args.port), None, args.directory, args.max_bytes, args.max_rows, args.workers,
+                               args.queue, args.timeout, args.backlog)
+    except OSError as err:
+        reason = "is in use (another server?); pass --port" if err.errno == errno.EADDRINUSE else f"cannot be opened ({err})"
+        print(f"recsys serve: {args.host}:{args.port} {reason}", file=sys.stderr)
+        return 1
+    print(f"serving {args.directory} on http://{args.host}:{server.server_address[1]} (POST /score, GET /healthz, "
+          f"GET /metadata); /healthz answers 200 once the export is loaded", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
-    return 0
+    return 1 if server.load_error else 0

@@ -11,7 +11,6 @@ epoch-level AUC/GAUC/logloss on val and test, and predictions.
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -125,11 +124,17 @@ class CTRModule(L.LightningModule):
     nonfinite_policy: str = "stop"
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        # forward + backward first, then look at the gradients before anything is updated
+        # forward + backward first, then look at the gradients before anything is updated. Fused
+        # (sharded) tables update inside backward: the embedding layer's gradient guard already zeroed
+        # their gradients if any lookup's gradient was not finite, on every rank alike
         if optimizer_closure is not None and optimizer_closure() is None:
             return  # the loss guard skipped this batch
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not self._all_finite(grads, "gradient", getattr(self, "_current_batch", None), batch_idx):
+        layer = getattr(self, "embedding", None)
+        guarded = bool(getattr(layer, "nonfinite_gradient", False))
+        if guarded or not self._all_finite(grads, "gradient", getattr(self, "_current_batch", None), batch_idx):
+            if guarded:  # already decided on every rank; apply the policy
+                self._nonfinite("embedding gradient", getattr(self, "_current_batch", None), batch_idx)
             optimizer.zero_grad()
             return
         optimizer.step()
@@ -147,6 +152,11 @@ class CTRModule(L.LightningModule):
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank decides alike
         if not bool(bad):
             return True
+        self._nonfinite(what, batch, batch_idx)
+        return False
+
+    def _nonfinite(self, what: str, batch: Batch | None, batch_idx: int) -> None:
+        """The policy for a non-finite step (every rank calls it alike): skip it, or save and stop."""
         trainer = self.trainer
         rows = "" if batch is None or batch.positions is None else f", rows at positions {batch.positions[:4].tolist()}..."
         where = f"non-finite {what} at global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx}{rows})"
@@ -154,7 +164,7 @@ class CTRModule(L.LightningModule):
             self._skipped_batches = getattr(self, "_skipped_batches", 0) + 1
             self.log("train/skipped_batches", float(self._skipped_batches), batch_size=1)
             warnings.warn(f"{where}: batch skipped (--nonfinite skip)", stacklevel=2)
-            return False
+            return
         directory = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)
         path = directory / f"nonfinite-step{trainer.global_step}.ckpt"
         trainer.save_checkpoint(path)  # collective under the torchrec strategy: every rank is here
@@ -209,58 +219,3 @@ class CTRModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)
         checkpoint["recsys"] = {"model_class": f"{cls.__module__}.{cls.__qualname__}", "features": self.info.to_dict()}
-
-
-def model_class(name: str) -> type[CTRModule]:
-    """The model class a checkpoint or manifest names, if it is a ``CTRModule`` defined under
-    ``recsys.models`` (found by name among that package's modules); anything else is refused, so a
-    received file never makes recsys import or call other code."""
-    import pkgutil
-
-    import recsys.models
-
-    module_name, _, class_name = str(name).rpartition(".")
-    modules = {f"recsys.models.{m.name}" for m in pkgutil.iter_modules(recsys.models.__path__)}
-    if module_name not in modules:
-        raise ValueError(f"model class {name!r} is not a recsys model (models live in {sorted(modules)})")
-    cls = getattr(importlib.import_module(module_name), class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, CTRModule) and cls.__module__ == module_name):
-        raise ValueError(f"model class {name!r} is not a recsys model (a CTRModule defined in {module_name})")
-    return cls
-
-
-def model_hparams(hparams: dict[str, Any], where: str) -> dict[str, Any]:
-    """A checkpoint's or manifest's hyperparameters as constructor arguments; old-style keys stop with
-    their new spelling."""
-    from recsys.embedding.spec import legacy_keys_message
-
-    message = legacy_keys_message(list(hparams), where=f"{where}: hyperparameter")
-    if message:
-        raise ValueError(f"{message}; this checkpoint predates the embedding block: retrain it with this recsys")
-    return {k: v for k, v in hparams.items() if not k.startswith("_")}
-
-
-def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu", resources: Any = None) -> CTRModule:
-    """Loads any recsys model, unsharded, from a checkpoint: a Lightning ``.ckpt`` file, or the
-    directory the torchrec strategy writes with ``torch.distributed.checkpoint`` at any world size.
-    ``resources`` are only needed by models that run a text encoder on row-level text."""
-    path = Path(ckpt_path)
-    sharded = path.is_dir()
-    meta_file = path / "lightning.pt" if sharded else path
-    if not meta_file.exists():
-        raise FileNotFoundError(f"{meta_file}: checkpoint not found")
-    checkpoint = torch.load(meta_file, map_location=map_location, weights_only=False)
-    if "recsys" not in checkpoint:
-        raise ValueError(f"{path}: not a recsys checkpoint (no 'recsys' entry)")
-    cls = model_class(checkpoint["recsys"]["model_class"])
-    model = cls(**model_hparams(checkpoint["hyper_parameters"], str(path)), resources=resources)
-    if sharded:
-        import torch.distributed.checkpoint as dcp
-
-        state = {"state_dict": model.state_dict()}
-        dcp.load(state, checkpoint_id=str(path))  # reassembles every table from its shards
-        model.load_state_dict(state["state_dict"])
-    else:
-        model.load_state_dict(checkpoint["state_dict"])
-    model.eval()
-    return model

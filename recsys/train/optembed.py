@@ -190,7 +190,7 @@ def _plot(search: Search, front: list, path: Path, full: int) -> None:
 def search(ckpt: str | Path, out: str | Path, config: SearchConfig, data: str | Path | None = None,
            batch_size: int = 8192, progress: bool = True) -> dict:
     """Runs the search on a supernet checkpoint and writes the artifacts; returns ``search.json``'s dict."""
-    from recsys.train.module import load_model
+    from recsys.train.checkpoint import load_model
 
     model = load_model(str(ckpt))
     data_dir = Path(data) if data else Path(model.info.path)

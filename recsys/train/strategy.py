@@ -37,11 +37,9 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from recsys.embedding.sharding import copy_full_weights, embedding_tables, plan_model, sharders
+from recsys.train.checkpoint import META_FILE, load_sharded, read_checkpoint
 
 log = logging.getLogger(__name__)
-
-META_FILE = "lightning.pt"
-
 
 def sparse_optimizer_class(name: str, device_type: str) -> type[torch.optim.Optimizer]:
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -208,13 +206,13 @@ class TorchrecStrategy(DDPStrategy):
             # an unsharded checkpoint (single-process run): its weights are copied into the shards;
             # its optimizer state belongs to another parameter layout, so it serves validate/test/predict;
             # resume a sharded fit from a checkpoint the strategy wrote
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = read_checkpoint(path)
             copy_full_weights(self.lightning_module.state_dict(), checkpoint["state_dict"])
             checkpoint["state_dict"] = None
             return checkpoint
-        checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(path)
         state = {"state_dict": self.lightning_module.state_dict(), "sparse_optimizer": self.model.fused_optimizer.state_dict()}
-        dcp.load(state, checkpoint_id=str(path))
+        load_sharded(state, path)
         self.model.fused_optimizer.load_state_dict(state["sparse_optimizer"])
         checkpoint["state_dict"] = None  # loaded in place above
         return checkpoint

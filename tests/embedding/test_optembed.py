@@ -20,7 +20,7 @@ from recsys.embedding.optembed import (
     sparsity,
     step_ste,
 )
-from recsys.train.module import load_model
+from recsys.train.checkpoint import load_model
 from recsys.train.optembed import Search, SearchConfig
 from recsys.train.optembed import main as optembed_main
 from tests.conftest import ROOT, write_dataset

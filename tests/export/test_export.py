@@ -11,7 +11,7 @@ from recsys.eval.report import predict_split
 from recsys.export.exporter import export
 from recsys.export.loader import ExportError, RowError, load
 from recsys.export.quantize import dequantize_rows, quantize_rows, row_bytes
-from recsys.train.module import load_model
+from recsys.train.checkpoint import load_model
 from tests.export.helpers import raw_rows
 
 
@@ -291,3 +291,64 @@ def test_row_level_text_exports_its_encoder_and_serves_without_the_dataset(tmp_p
     (out / weights).write_bytes(b"tampered")
     with pytest.raises(ExportError, match="bytes, the manifest says"):
         load(out)
+
+
+# -- a received export runs no code and reads nothing outside its directory ------------------------
+def _rewrite(out: Path, change) -> None:  # noqa: ANN001
+    """Edits the manifest as an attacker would (checksums of the other files stay valid)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    change(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_manifest_naming_other_code_or_paths_outside_is_refused(trained: dict, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    out = export(trained["base"], tmp_path / "e", "fp32", progress=False)
+    cases = [
+        (lambda m: m["model"].update({"class": "subprocess.Popen", "hparams": {"args": ["touch", str(marker)]}}),
+         "'subprocess.Popen' is not a recsys model"),
+        (lambda m: m["model"].update({"class": "recsys.models.base.CTRModule"}), "not a recsys model"),
+        (lambda m: m["model"]["hparams"].update({"args": ["touch", str(marker)]}), "hyperparameters do not fit"),
+        (lambda m: m["files"].update({"../outside.txt": {"bytes": 1, "sha256": "0"}}), "not a relative path inside"),
+        (lambda m: m["dense"].update({"file": "/etc/hostname"}), "no checksum in the manifest|not a relative path"),
+    ]
+    original = (out / "manifest.json").read_text()
+    for change, message in cases:
+        _rewrite(out, change)
+        with pytest.raises(ExportError, match=message):
+            load(out)
+        (out / "manifest.json").write_text(original)
+    assert not marker.exists()
+    (tmp_path / "secret").write_text("x")
+    table = next((out / "tables").iterdir())
+    table.unlink()
+    table.symlink_to(tmp_path / "secret")  # a file that leads out of the export
+    with pytest.raises(ExportError, match="outside the export directory"):
+        load(out)
+
+
+def test_force_replaces_only_an_export_and_the_directory_follows_the_umask(trained: dict, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match="not a recsys export \\(no manifest.json\\); refusing"):
+        export(trained["base"], unrelated, "fp32", force=True, progress=False)
+    assert (unrelated / "thesis.tex").read_text() == "years of work"
+    run_dir = trained["base"].parent.parent  # the checkpoint's own run directory
+    with pytest.raises(FileExistsError, match="refusing"):
+        export(trained["base"], run_dir, "fp32", force=True, progress=False)
+    assert trained["base"].exists()
+    old = os.umask(0o022)
+    try:
+        out = export(trained["base"], tmp_path / "e", "fp32", progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # readable by a serving user, as `mkdir` would make it
+    export(trained["base"], out, "fp16", force=True, progress=False)  # a previous export: replaced
+    assert json.loads((out / "manifest.json").read_text())["dtype"] == "fp16"
+    (out / "tables" / "copy.ckpt").write_bytes(trained["base"].read_bytes())
+    with pytest.raises(FileExistsError, match="holds the checkpoint"):
+        export(out / "tables" / "copy.ckpt", out, "fp32", force=True, progress=False)

@@ -54,7 +54,11 @@ def test_every_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_servin
         (json.dumps({"rows": "x"}).encode(), 400, "expected a JSON list", None),
         (json.dumps([]).encode(), 400, "empty batch", None),
         (json.dumps([{k: v for k, v in row.items() if k != "user"}]).encode(), 400, "missing feature 'user'", "user"),
-        (json.dumps([row | {"bogus": 1}]).encode(), 400, "unknown feature 'bogus'", "bogus"),
+        (json.dumps([row | {"price": 1e160}]).encode(), 400, "'price' must be a finite number the model can represent", "price"),
+        (b'[{"price": NaN}]', 400, "NaN is not a JSON number", None),
+        (json.dumps([row | {"user": 2**63}]).encode(), 400, "'user': id 9223372036854775808 does not fit", "user"),
+        (json.dumps([row | {"user": -(2**63) - 1}]).encode(), 400, "does not fit a signed 64-bit integer", "user"),
+        (b"[" * 200_000 + b"]" * 200_000, 400, "nested too deeply", None),
         (json.dumps([row | {"price": "12"}]).encode(), 400, "'price' must be a number", "price"),
         (json.dumps([row | {"user": [1000]}]).encode(), 400, "'user' .*must be one int id", "user"),
         (json.dumps([row | {"tags": {"a": 1}}]).encode(), 400, "'tags' .*must be a list", "tags"),
@@ -75,11 +79,83 @@ def test_every_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_servin
     assert score(server, [row])[0] == 200
 
 
+def test_fields_the_model_does_not_read_are_ignored_and_listed(server, trained: dict) -> None:  # noqa: ANN001
+    import pyarrow.parquet as pq
+
+    as_stored = pq.read_table(trained["data"] / "test" / "part-0.parquet").to_pylist()[:5]  # with its row_id column
+    status, body = score(server, [r | {"timestamp": 881250949} for r in as_stored])
+    assert status == 200 and body["ignored_fields"] == ["row_id", "timestamp"]
+    np.testing.assert_allclose(body["scores"], server.scorer.score(raw_rows(trained["data"], n=5)), atol=1e-6)
+
+
+def test_busy_server_answers_503_and_drops_idle_clients(trained: dict, tmp_path: Path) -> None:
+    import socket
+    import time
+
+    out = export(trained["base"], tmp_path / "export", "int8", progress=False)
+    busy = serve(str(out), port=0, workers=1, queue=1, timeout=0.5)
+    try:
+        address = ("127.0.0.1", busy.server_address[1])
+        idle = [socket.create_connection(address) for _ in range(2)]  # one holds the worker, one waits in the queue
+        time.sleep(0.1)
+        status, body = request(busy, "GET", "/healthz")
+        assert status == 503 and "server busy" in body["error"]
+        time.sleep(1.5)  # the idle clients are dropped after the 0.5 s timeout; the worker is free again
+        assert request(busy, "GET", "/healthz") == (200, {"status": "ok"})
+        for sock in idle:
+            sock.close()
+    finally:
+        busy.shutdown()
+        busy.server_close()
+
+
+def test_healthz_says_ready_only_once_the_export_can_score(trained: dict, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import recsys.serve.server as server_module
+
+    out = export(trained["base"], tmp_path / "export", "int8", progress=False)
+    release = threading.Event()
+    real_load = server_module.load
+
+    def slow_load(directory):  # noqa: ANN001, ANN202
+        release.wait(10)
+        return real_load(directory)
+
+    monkeypatch.setattr(server_module, "load", slow_load)
+    loading = serve(str(out), port=0, wait=False)
+    try:
+        assert request(loading, "GET", "/healthz") == (503, {"status": "loading", "error": "the export is still loading"})
+        assert score(loading, raw_rows(trained["data"], n=1))[0] == 503
+        release.set()
+        for _ in range(100):
+            if request(loading, "GET", "/healthz")[0] == 200:
+                break
+            import time
+
+            time.sleep(0.05)
+        assert request(loading, "GET", "/healthz") == (200, {"status": "ok"})
+        assert score(loading, raw_rows(trained["data"], n=1))[0] == 200
+    finally:
+        loading.shutdown()
+        loading.server_close()
+
+
+def test_a_busy_port_is_named_not_a_traceback(server, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    from recsys.serve.server import main
+
+    directory = server.scorer.directory
+    assert main([str(directory), "--port", str(server.server_address[1])]) == 1
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{server.server_address[1]} is in use" in err and "Traceback" not in err
+
+
 def test_concurrent_requests_get_their_own_scores(server, trained: dict) -> None:  # noqa: ANN001
     rows = raw_rows(trained["data"], n=64)
     batches = [rows[i:i + 8] for i in range(0, 64, 8)]
-    with ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(lambda b: score(server, b), batches * 3))
+    with ThreadPoolExecutor(64) as pool:  # 64 clients at once: every request answered, none dropped
+        replies = list(pool.map(lambda b: score(server, b), batches * 24))
     expected = server.scorer.score(rows)
     for i, (status, body) in enumerate(replies):
         assert status == 200

@@ -67,7 +67,7 @@ features:
 """
     data = write_dataset(tmp_path / "other", schema=schema)
     ckpt = _fit(data, tmp_path / "runs")
-    from recsys.train.module import load_model
+    from recsys.train.checkpoint import load_model
 
     model = load_model(str(ckpt))
     assert [c.name for c in model.embedding.bags.embedding_bag_configs()] == ["t_item"]

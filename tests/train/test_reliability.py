@@ -11,8 +11,9 @@ import torch
 import yaml
 
 from recsys.train.callbacks import read_ledger
+from recsys.train.checkpoint import load_model
 from recsys.train.cli import run
-from recsys.train.module import NonFiniteError, load_model
+from recsys.train.module import NonFiniteError
 from tests.conftest import ROOT, write_dataset
 
 
@@ -103,7 +104,7 @@ def test_nan_loss_stops_with_step_and_batch_after_saving_a_checkpoint(tiny: Path
     with pytest.raises(NonFiniteError, match=r"non-finite loss at global step 13 \(epoch 0, batch 13, rows at positions"):
         _run_inprocess(tiny, tmp_path, {"step": 13, "what": "loss"})
     saved = next((tmp_path / "runs" / "nan").rglob("nonfinite-step13.ckpt"))
-    checkpoint = torch.load(saved, weights_only=False)
+    checkpoint = torch.load(saved, weights_only=True)
     assert checkpoint["global_step"] == 13
     weights = checkpoint["state_dict"]
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
@@ -112,10 +113,11 @@ def test_nan_loss_stops_with_step_and_batch_after_saving_a_checkpoint(tiny: Path
     assert [line[0] for line in ledger] == list(range(1, 14))
 
 
-@pytest.mark.parametrize("what", ["loss", "gradient"])
+@pytest.mark.parametrize("what", ["loss", "gradient", "embedding"])
 def test_skip_policy_drops_the_bad_batch_and_keeps_training(tiny: Path, tmp_path: Path, what: str) -> None:
     report = tmp_path / "poisoned_step.txt"
-    with pytest.warns(UserWarning, match=f"non-finite {what} at global step 13"):
+    said = {"loss": "loss", "gradient": "gradient", "embedding": "embedding gradient"}[what]
+    with pytest.warns(UserWarning, match=f"non-finite {said} at global step 13"):
         out = _run_inprocess(tiny, tmp_path, {"step": 13, "what": what, "report": str(report)}, "--nonfinite", "skip")
     assert report.read_text() == "unchanged"  # the bad batch updated nothing (tables, MLP, optimizer-driven state)
     state = _state(out / "final.ckpt")

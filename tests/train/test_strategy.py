@@ -221,7 +221,7 @@ def test_lightning_two_ranks_checkpoint_resume_and_load_at_one_rank(tiny: str, t
     _recsys("predict", *_common(tiny, logs, 2, "predict"), "--ckpt_path", str(best), cwd=tmp_path)
     sharded = pq.read_table(logs / "movielens/din/predict/predictions.parquet").to_pandas()
     from recsys.eval.report import predict_split
-    from recsys.train.module import load_model
+    from recsys.train.checkpoint import load_model
 
     model = load_model(best)
     dm = CTRDataModule(tiny)
@@ -232,7 +232,7 @@ def test_lightning_two_ranks_checkpoint_resume_and_load_at_one_rank(tiny: str, t
 def test_checkpoints_move_from_one_rank_to_two(tiny: str, tmp_path: Path) -> None:
     """A sharded checkpoint written by 1 rank, and a plain Lightning .ckpt, both load into 2 ranks."""
     from recsys.eval.report import predict_split
-    from recsys.train.module import load_model
+    from recsys.train.checkpoint import load_model
 
     logs = tmp_path / "runs"
     _recsys("fit", *_common(tiny, logs, 1, "one"), "--trainer.max_epochs", "1", cwd=tmp_path)
