@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from recsys.data.parquet import (
     SPLITS,
     DataError,
+    bad_numbers,
     column_problems,
     id_kind,
     open_parquet,
@@ -95,18 +96,23 @@ class _Tally:
         return [Finding(s, f, c, m, n, first) for (s, f, c, m), (n, first) in self.counts.items()]
 
 
-def _check_batch(schema: Schema, batch: pa.RecordBatch, file: Path, first: int, tally: _Tally) -> None:
+def _check_batch(schema: Schema, batch: pa.RecordBatch, file: Path, first: int, tally: _Tally, split: str,
+                 usable: dict[str, int]) -> None:
     label = pc.fill_null(batch.column(schema.label).cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
     tally.add("error", file, schema.label, "label is not 0 or 1 (or missing)", ~((label == 0) | (label == 1)), first)
     for spec in schema.features:
         column = batch.column(spec.name)
         if spec.type is FeatureType.NUMERIC:
             x = pc.fill_null(column.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
-            bad = ~np.isfinite(x)
+            bad = bad_numbers(x)
             if spec.missing == "error":
-                tally.add("error", file, spec.name, "missing, NaN or inf numeric value (schema: missing: error)", bad, first)
+                tally.add("error", file, spec.name, "missing, NaN, inf or beyond float32 (|x| > 3.4e38) numeric value "
+                          "(schema: missing: error)", bad, first)
             else:
-                tally.add("note", file, spec.name, f"missing, NaN or inf numeric value, imputed ({spec.missing})", bad, first)
+                tally.add("note", file, spec.name, f"missing, NaN, inf or beyond float32 numeric value, imputed "
+                          f"({spec.missing})", bad, first)
+            if split == "train":
+                usable[spec.name] = usable.get(spec.name, 0) + int((~bad).sum())
         elif spec.type is FeatureType.CATEGORICAL:
             tally.add("note", file, spec.name, "null id (reads the OOV row)", column.is_null().to_numpy(zero_copy_only=False), first)
         elif spec.type in (FeatureType.CATEGORICAL_LIST, FeatureType.SEQUENCE):
@@ -135,6 +141,7 @@ def check(data_dir: str | Path, progress: bool = True) -> Report:
     train_kinds: dict[str, str] = {}
     tally = _Tally()
     total = sum(len(v) for v in files.values())
+    usable: dict[str, int] = {}  # numeric values a mean can be taken from, per column, in train
     with tqdm(total=total, desc=f"checking {data_dir.name}", unit="file", disable=not progress) as bar:
         for split, split_list in files.items():
             rows = 0
@@ -167,7 +174,7 @@ def check(data_dir: str | Path, progress: bool = True) -> Report:
                         first += parquet.metadata.row_group(rg).num_rows
                         continue
                     for batch in table.to_batches(max_chunksize=65_536):
-                        _check_batch(schema, batch, file, first, tally)
+                        _check_batch(schema, batch, file, first, tally, split, usable)
                         label = pc.unique(batch.column(schema.label).cast(pa.float64())).to_pylist()
                         labels_seen.update(v for v in label if v in (0.0, 1.0))
                         first += batch.num_rows
@@ -178,6 +185,10 @@ def check(data_dir: str | Path, progress: bool = True) -> Report:
                                                f"only label(s) {sorted(labels_seen)} in this split: AUC is undefined on it"))
             if split in files and rows == 0:
                 report.findings.append(Finding("error", str(data_dir / split), None, "the split has no rows"))
+    for spec in schema.numeric:
+        if spec.missing == "mean" and "train" in report.rows and usable.get(spec.name, 0) == 0:
+            report.findings.append(Finding("error", str(data_dir / "train"), spec.name,
+                                           "no usable value in train: `missing: mean` has no mean to impute"))
     report.findings += tally.findings()
     return report
 

@@ -51,11 +51,20 @@ class StreamLoader(DataLoader):
         epoch, batches = self._progress()
         stream: ParquetStream = self.dataset
         return {"epoch": epoch, "batches": batches, "batches_per_epoch": len(stream),
-                "batch_size": stream.batch_size, "world_size": stream._rank_world()[1]}
+                "batch_size": stream.batch_size, "world_size": stream._rank_world()[1], "num_workers": stream.num_workers}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         stream: ParquetStream = self.dataset
         complete = state["batches"] >= state["batches_per_epoch"]
+        workers = state.get("num_workers", stream.num_workers)
+        if not complete and workers != stream.num_workers:
+            # each worker reads its own row groups: another count deals the rows out differently, so
+            # "the next batch" of the interrupted pass does not exist in this one
+            raise DataError(
+                f"{stream.data_dir}: the checkpoint stopped mid-epoch with --data.num_workers {workers}; this run has "
+                f"{stream.num_workers}, which deals the rows out in another order. Resume with --data.num_workers "
+                f"{workers}, or from an end-of-epoch checkpoint"
+            )
         if not complete:
             world = stream._rank_world()[1]
             if (state["batch_size"], state["world_size"], state["batches_per_epoch"]) != (stream.batch_size, world, len(stream)):
@@ -96,6 +105,11 @@ class CTRDataModule(L.LightningDataModule):
         super().__init__()
         if predict_split not in SPLITS:
             raise ValueError(f"predict_split must be one of {SPLITS}, got {predict_split!r}")
+        for name, value in {"batch_size": batch_size, "eval_batch_size": eval_batch_size, "shuffle_buffer": shuffle_buffer}.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be 0 or more, got {num_workers!r}")
         self.path = Path(path)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size

@@ -73,11 +73,25 @@ def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def bad_numbers(x: np.ndarray) -> np.ndarray:
+    """Numeric values a model cannot take: missing, NaN, inf, or beyond float32's range (|x| > 3.4e38,
+    which becomes inf in the model's float32 and overflows the statistics)."""
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(x) | (np.abs(x) > FLOAT32_MAX)
+
+
 def column_problems(schema: Schema, arrow_schema: pa.Schema, file: Path) -> list[str]:
-    """Every missing or mistyped column of ``file``, each message naming the file and column."""
+    """Every missing, duplicated or mistyped column of ``file``, each message naming the file and column."""
     names = set(arrow_schema.names)
     missing = [c for c in schema.columns() if c not in names]
     problems = [f"{file}: missing column(s) {missing} required by {schema.source}"] if missing else []
+    for column in schema.columns():
+        count = arrow_schema.names.count(column)
+        if count > 1:
+            problems.append(f"{file}: column {column!r} appears {count} times; which one is meant is ambiguous")
 
     def wrong(column: str, want: str) -> str:
         return f"{file}: column {column!r} has type {arrow_schema.field(column).type}, expected {want}"
@@ -241,13 +255,13 @@ class ChunkEncoder:
         for spec in schema.numeric:
             column = batch.column(spec.name)
             x = pc.fill_null(column.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
-            bad = np.flatnonzero(~np.isfinite(x))
+            bad = np.flatnonzero(bad_numbers(x))
             mean, std = self.vocab.numeric_stats[spec.name]
             if len(bad) and spec.missing == "error":
                 raise DataError(
                     f"{file}: column {spec.name!r} row {first_row + int(bad[0])}: numeric value is "
-                    f"{column[int(bad[0])].as_py()!r} ({len(bad)} non-finite or missing in this batch); "
-                    f"clean it, or declare `missing: mean` or `missing: zero` for it in the schema"
+                    f"{column[int(bad[0])].as_py()!r} ({len(bad)} missing, non-finite or beyond float32 in this "
+                    f"batch); clean it, or declare `missing: mean` or `missing: zero` for it in the schema"
                 )
             if len(bad):
                 x = x.copy()
@@ -504,6 +518,7 @@ __all__ = [
     "DataError",
     "ParquetStream",
     "SchemaError",
+    "bad_numbers",
     "check_columns",
     "split_files",
 ]

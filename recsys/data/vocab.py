@@ -7,7 +7,13 @@ Files (rebuilt automatically when the train files or schema change)::
 
     <dir>/vocab/<table>.parquet   value, count      (one row per known id, row i -> table row i+1)
     <dir>/vocab/<table>.buckets.parquet  count      (hashed tables: train occurrences per row)
-    <dir>/vocab/meta.json         table sizes, numeric mean/std, train column types, fingerprint
+    <dir>/vocab/meta.json         table sizes, numeric mean/std, train column types, fingerprints
+
+Two fingerprints: ``source_fingerprint`` (schema + train files' names, sizes, times) decides when to
+rebuild; the content fingerprints (schema, every vocabulary in row order, hash bucket counts,
+numeric statistics — no file times) are what a model depends on: a checkpoint records them and
+evaluation, export, test and predict refuse data whose content differs (``check_same_content``),
+while an identical copy of the dataset passes.
 
 Example::
 
@@ -23,7 +29,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +41,7 @@ from tqdm.auto import tqdm
 
 from recsys.data.parquet import (
     DataError,
+    bad_numbers,
     check_columns,
     flat_ids,
     id_kind,
@@ -71,6 +78,67 @@ def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     os.replace(tmp, path)
 
 
+def _digest(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def content_fingerprints(schema: Schema, values: dict[str, pd.Index], buckets: dict[str, int],
+                         numeric: dict[str, tuple[float, float]]) -> dict[str, str]:
+    """What a trained model depends on, by part: ``schema``, ``numeric`` statistics, and each table's
+    vocabulary in row order (or its bucket count)."""
+    out = {"schema": _digest(json.dumps(schema.to_dict(), sort_keys=True)),
+           "numeric": _digest(json.dumps({k: [round(m, 12), round(s, 12)] for k, (m, s) in sorted(numeric.items())}))}
+    for table, index in values.items():
+        array = index.to_numpy()
+        out[table] = _digest(array.astype(np.int64).tobytes()) if array.dtype.kind in "iu" else \
+            _digest("\0".join(map(str, array)))
+    for table, n in buckets.items():
+        out[table] = _digest(f"hash buckets: {n}")
+    return out
+
+
+def check_same_content(trained: dict | DatasetInfo, current: DatasetInfo, data_dir: str | Path) -> None:
+    """Refuses ``current`` data whose content differs from what the model was ``trained`` on, naming
+    the parts (a vocabulary rebuilt in another order maps every id to another row: scores would be
+    garbage, printed as if right)."""
+    trained = DatasetInfo.from_any(trained)
+    if not trained.fingerprints:  # written before content fingerprints: table sizes are all there is
+        sizes = {t: n for t, n in trained.num_embeddings.items() if current.num_embeddings.get(t) != n}
+        if sizes:
+            raise DataError(f"{data_dir}: table sizes differ from the checkpoint's {sizes}; use the dataset the model "
+                            f"was trained on")
+        if not _warned_old[0]:
+            _warned_old[0] = True
+            log.warning("the checkpoint predates content fingerprints: only its table sizes were checked against %s",
+                        data_dir)
+        return
+    differ = [part for part in sorted(set(trained.fingerprints) | set(current.fingerprints))
+              if trained.fingerprints.get(part) != current.fingerprints.get(part)]
+    if differ:
+        named = ", ".join("the schema" if p == "schema" else "numeric statistics" if p == "numeric"
+                          else f"the vocabulary of {p!r}" for p in differ)
+        raise DataError(f"{data_dir}: its content differs from the data the model was trained on in {named} (a "
+                        f"vocabulary rebuilt in another order, new train rows, or another schema); evaluate on that "
+                        f"data or retrain")
+
+
+_warned_old = [False]
+
+
+def _batches(reader, file: Path, columns: list[str]):  # noqa: ANN001, ANN202
+    """The record batches of a train file; a corrupt page is a ``DataError`` naming file and row group."""
+    for rg in range(reader.num_row_groups):
+        try:
+            yield from reader.iter_batches(batch_size=262_144, row_groups=[rg], columns=columns or None)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{file}: row group {rg} is unreadable ({err}); `recsys data check` lists every such "
+                            f"problem") from err
+
+
 def _fingerprint(schema: Schema, files: list[Path]) -> str:
     h = hashlib.sha256(json.dumps(schema.to_dict(), sort_keys=True).encode())
     for f in files:
@@ -101,7 +169,8 @@ class DatasetInfo:
     path: str
     schema: dict
     num_embeddings: dict[str, int]  # table (owning feature) -> rows, OOV row included
-    fingerprint: str = ""
+    fingerprint: str = ""  # of the content (all of fingerprints)
+    fingerprints: dict[str, str] = field(default_factory=dict)  # part -> content fingerprint (check_same_content)
 
     @property
     def parsed_schema(self) -> Schema:
@@ -130,7 +199,8 @@ class Vocabulary:
     buckets: dict[str, int]  # hashed tables: number of buckets
     numeric_stats: dict[str, tuple[float, float]]  # name -> (mean, std) over train
     column_types: dict[str, str]  # id kind of each id column in train (drift check)
-    fingerprint: str
+    fingerprint: str  # of the sources (schema + train files): when to rebuild
+    fingerprints: dict[str, str] = field(default_factory=dict)  # of the content, by part
 
     # -- lookups ---------------------------------------------------------------------------
     def num_embeddings(self, table: str) -> int:
@@ -186,7 +256,8 @@ class Vocabulary:
             path=str(self.data_dir),
             schema=self.schema.to_dict(),
             num_embeddings=self.table_sizes(),
-            fingerprint=self.fingerprint,
+            fingerprint=_digest(json.dumps(self.fingerprints, sort_keys=True)),
+            fingerprints=dict(self.fingerprints),
         )
 
     # -- building and loading --------------------------------------------------------------
@@ -241,6 +312,8 @@ class Vocabulary:
             numeric_stats={k: (float(m), float(s)) for k, (m, s) in meta["numeric"].items()},
             column_types=meta["column_types"],
             fingerprint=meta["fingerprint"],
+            fingerprints=content_fingerprints(schema, values, {k: int(v) for k, v in meta["buckets"].items()},
+                                              {k: (float(m), float(s)) for k, (m, s) in meta["numeric"].items()}),
         )
 
     @classmethod
@@ -262,8 +335,10 @@ class Vocabulary:
                 kind = id_kind(reader.schema_arrow.field(c).type)
                 if column_types.setdefault(c, kind) != kind:
                     raise DataError(f"{file}: column {c!r} holds {kind} ids but {column_types[c]} in {files[0]}")
-            for batch in reader.iter_batches(batch_size=262_144, columns=columns or None):
+            file_rows = 0
+            for batch in _batches(reader, file, columns):
                 rows += batch.num_rows
+                file_rows += batch.num_rows
                 for f in counted:
                     flat, _ = flat_ids(batch.column(f.name))
                     vc = pc.value_counts(pc.drop_null(flat))
@@ -275,12 +350,13 @@ class Vocabulary:
                     bucket_counts[name] += np.bincount(hash_bucket(flat, n), minlength=n + 1)
                 for f in schema.numeric:
                     x = pc.fill_null(batch.column(f.name).cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
-                    finite = np.isfinite(x)
+                    finite = ~bad_numbers(x)
                     if not finite.all():
                         if f.missing == "error":
                             bad = int(np.flatnonzero(~finite)[0])
-                            raise DataError(f"{file}: column {f.name!r}: non-finite or missing numeric value {x[bad]!r} "
-                                            f"(declare `missing: mean` or `missing: zero` in the schema to impute)")
+                            raise DataError(f"{file}: column {f.name!r} row {file_rows - batch.num_rows + bad}: numeric value "
+                                            f"{x[bad]!r} is missing, non-finite or beyond float32's range (declare "
+                                            f"`missing: mean` or `missing: zero` in the schema to impute it)")
                         x = x[finite]  # statistics over the values present
                     sums[f.name] += (len(x), x.sum(), (x * x).sum())
         if rows == 0:
@@ -303,12 +379,21 @@ class Vocabulary:
             counts[name] = row_counts
         numeric = {}
         for name, (n, total, squares) in sums.items():
+            if n == 0:
+                raise DataError(f"{files[0].parent}: column {name!r} has no usable value in the train split, so "
+                                f"`missing: {schema[name].missing}` has no mean to impute; fill the column, use "
+                                f"`missing: zero`, or drop the feature")
             mean = total / n
             std = float(np.sqrt(max(squares / n - mean * mean, 0.0)))
+            if not (np.isfinite(mean) and np.isfinite(std)):
+                raise DataError(f"{files[0].parent}: column {name!r}: its train statistics overflow (mean {mean}, std "
+                                f"{std}); rescale the column")
             numeric[name] = (float(mean), std if std > 1e-12 else 1.0)
+        fingerprints = content_fingerprints(schema, values, hashed, numeric)
         meta = {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
+            "content_fingerprints": fingerprints,
             "train_rows": rows,
             "vocab_tables": [f.name for f in counted],
             "buckets": hashed,
@@ -318,5 +403,5 @@ class Vocabulary:
         }
         _atomic(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
         log.info("%s: built vocabularies %s from %d train rows", data_dir, meta["num_embeddings"], rows)
-        return cls(data_dir, schema, values, counts, hashed, numeric, column_types, fingerprint)
+        return cls(data_dir, schema, values, counts, hashed, numeric, column_types, fingerprint, fingerprints)
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from recsys.data.parquet import SPLITS, DataError, ParquetStream
 from recsys.data.schema import SchemaError
-from recsys.data.vocab import Vocabulary
+from recsys.data.vocab import Vocabulary, check_same_content
 from recsys.eval.metrics import (
     bootstrap_intervals,
     calibration_bins,
@@ -50,18 +50,6 @@ def predict_split(model: torch.nn.Module, stream: ParquetStream, desc: str = "sc
     return {"prob": np.concatenate(probs), "label": np.concatenate(labels), "group": np.concatenate(groups)}
 
 
-def _check_vocab(model_info: Any, vocab: Vocabulary, data_dir: Path) -> None:
-    ours = vocab.table_sizes()
-    for table, rows in model_info.num_embeddings.items():
-        if table not in ours:
-            raise DataError(f"{data_dir}: the checkpoint has a table {table!r} that this dataset's schema lacks")
-        if ours[table] != rows:
-            raise DataError(
-                f"{data_dir}: table {table!r} has {ours[table]} rows in this dataset's vocabulary but "
-                f"{rows} in the checkpoint; evaluate on the dataset the model was trained on"
-            )
-
-
 def evaluate(
     ckpt: str | Path,
     data: str | Path | None = None,
@@ -79,7 +67,7 @@ def evaluate(
     model = load_model(str(ckpt))
     data_dir = Path(data) if data else Path(model.info.path)
     vocab = Vocabulary.load_or_build(data_dir)
-    _check_vocab(model.info, vocab, data_dir)
+    check_same_content(model.info, vocab.info(), data_dir)
     stream = ParquetStream(data_dir, split, vocab, batch_size=batch_size)
     out_dir = Path(out) if out else ckpt.resolve().parent.parent / f"eval_{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,10 +107,22 @@ def evaluate(
 
     pq.write_table(pa.table(scored), out_dir / "predictions.parquet")
     _reliability_plot(bins, out_dir / "reliability.png", title=f"{report['model_class'].rsplit('.', 1)[-1]} on {data_dir.name}/{split}")
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
     (out_dir / "report.md").write_text(_markdown(report, bins))
     report["out"] = str(out_dir)
     return report
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf (an AUC on a one-class split) → null: NaN is not JSON, and a reader must not take a
+    number for a metric that is undefined."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _reliability_plot(bins: dict[str, np.ndarray], path: Path, title: str) -> None:
@@ -149,7 +149,7 @@ def _reliability_plot(bins: dict[str, np.ndarray], path: Path, title: str) -> No
 
 def _fmt_ci(report: dict[str, Any], key: str) -> str:
     ci = report["ci95"].get(key)
-    return f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "—"
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci and all(math.isfinite(c) for c in ci) else "—"
 
 
 def _markdown(report: dict[str, Any], bins: dict[str, np.ndarray]) -> str:
@@ -165,7 +165,8 @@ def _markdown(report: dict[str, Any], bins: dict[str, np.ndarray]) -> str:
         "|---|---|---|",
     ]
     for key in ("auc", "gauc", "logloss"):
-        lines.append(f"| {key.upper() if key != 'logloss' else 'logloss'} | {report[key]:.4f} | {_fmt_ci(report, key)} |")
+        value = f"{report[key]:.4f}" if math.isfinite(report[key]) else "undefined (one class)"
+        lines.append(f"| {key.upper() if key != 'logloss' else 'logloss'} | {value} | {_fmt_ci(report, key)} |")
     lines.append(f"| ECE (10 bins) | {report['ece']:.4f} | |")
     if "baseline" in report:
         b = report["baseline"]
@@ -209,10 +210,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ci = report["ci95"]
     summary = "  ".join(
-        f"{k}={report[k]:.4f}" + (f" [{ci[k][0]:.4f}, {ci[k][1]:.4f}]" if k in ci else "")
+        (f"{k}={report[k]:.4f}" if math.isfinite(report[k]) else f"{k}=undefined")
+        + (f" [{ci[k][0]:.4f}, {ci[k][1]:.4f}]" if k in ci and all(map(math.isfinite, ci[k])) else "")
         for k in ("auc", "gauc", "logloss")
     )
     print(f"[recsys eval] {report['split']} ({report['rows']:,} rows): {summary}")
+    if not math.isfinite(report["auc"]):
+        print(f"[recsys eval] AUC is undefined: the {report['split']} split has one class only "
+              f"(positive rate {report['positive_rate']:.3f}); report.json holds null", file=sys.stderr)
     if "rela_impr_auc" in report:
         print(f"[recsys eval] RelaImpr vs baseline: AUC {report['rela_impr_auc']:+.2f}%  GAUC {report['rela_impr_gauc']:+.2f}%")
     print(f"[recsys eval] report: {report['out']}/report.md  (report.json, reliability.png, predictions.parquet)")

@@ -218,9 +218,9 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | P
     if not vocab_meta_file.exists():
         raise FileNotFoundError(f"{vocab_meta_file}: the dataset's vocabulary is needed to map raw values; pass --data DIR")
     vocab_meta = json.loads(vocab_meta_file.read_text())
-    if vocab_meta.get("fingerprint") != served.info.fingerprint:
-        raise ValueError(f"{data_dir}: vocabulary fingerprint {vocab_meta.get('fingerprint')!r} is not the one the model "
-                         f"was trained with ({served.info.fingerprint!r})")
+    from recsys.data.vocab import Vocabulary, check_same_content
+
+    check_same_content(served.info, Vocabulary.load_saved(data_dir, served.schema).info(), data_dir)
     text_tables = _item_text_tables(trained, source)
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,7 @@ class CTRModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.resources = resources
         self._outputs: dict[str, list[dict[str, np.ndarray]]] = {}
+        self._warned_undefined: set[str] = set()
 
     def embedding_layer(self, features: list[str] | None = None, jagged: list[str] | tuple = ()) -> EmbeddingLayer:
         """The model's embedding layer over ``features`` (default all id features), keeping ``jagged``
@@ -206,8 +207,14 @@ class CTRModule(L.LightningModule):
         # every rank scores the whole split (CTRDataModule), so local outputs give exact metrics
         cat = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
         metrics = ctr_metrics(cat["label"], cat["prob"], cat["group"])
-        for name, value in metrics.items():
-            self.log(f"{stage}/{name}", float(np.nan_to_num(value)), prog_bar=name != "logloss")
+        undefined = sorted(name for name, value in metrics.items() if not np.isfinite(value))
+        if undefined and stage not in self._warned_undefined:
+            self._warned_undefined.add(stage)
+            classes = sorted(set(np.unique(cat["label"]).tolist()))
+            warnings.warn(f"the {stage} split has label(s) {classes} only: {', '.join(undefined)} undefined, logged as "
+                          f"NaN (a checkpoint monitoring it is never the best)", stacklevel=2)
+        for name, value in metrics.items():  # NaN stays NaN: a 0.0 would read as a (terrible) real AUC
+            self.log(f"{stage}/{name}", float(value), prog_bar=name != "logloss")
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_metrics("val")
@@ -216,6 +223,15 @@ class CTRModule(L.LightningModule):
         self._epoch_metrics("test")
 
     # -- checkpoints -----------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # `recsys test|predict|fit --ckpt_path`: this model was built from today's data; its weights
+        # were trained on the checkpoint's. Refuse when their content differs (naming what)
+        trained = (checkpoint.get("hyper_parameters") or {}).get("features")
+        if trained is not None:
+            from recsys.data.vocab import check_same_content
+
+            check_same_content(trained, self.info, self.info.path)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)
         checkpoint["recsys"] = {"model_class": f"{cls.__module__}.{cls.__qualname__}", "features": self.info.to_dict()}

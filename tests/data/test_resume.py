@@ -36,3 +36,20 @@ def test_a_resumed_pass_yields_exactly_the_unseen_batches(tiny_dataset: Path, wo
     epoch2 = stream()
     epoch2.set_epoch(2)
     assert _positions(finished, workers) == _positions(epoch2, workers)
+
+
+def test_a_mid_epoch_resume_with_another_worker_count_is_refused_naming_both(tiny_dataset: Path) -> None:
+    from recsys.data.datamodule import CTRDataModule
+    from recsys.data.parquet import DataError
+
+    def loader(workers: int):  # noqa: ANN202
+        dm = CTRDataModule(str(tiny_dataset), batch_size=64, num_workers=workers)
+        return dm.train_dataloader()
+
+    state = loader(2).state_dict() | {"batches": 5}  # stopped after 5 batches with 2 workers
+    with pytest.raises(DataError, match="mid-epoch with --data.num_workers 2; this run has 0"):
+        loader(0).load_state_dict(state)
+    loader(0).load_state_dict(state | {"batches": state["batches_per_epoch"]})  # end of epoch: any count
+    for bad in ({"batch_size": 0}, {"batch_size": -5}, {"num_workers": -1}, {"eval_batch_size": 0}):
+        with pytest.raises(ValueError, match=f"data.{next(iter(bad))} must be"):
+            CTRDataModule(str(tiny_dataset), **bad)

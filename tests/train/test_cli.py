@@ -141,3 +141,37 @@ def test_old_keys_and_bad_blocks_stop_with_one_message(tmp_path: Path, capsys: p
             run(["fit", "--config", str(CONFIG), "--data.path", str(data), "--trainer.logger", "false", *extra])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and message in err, err[-2000:]
+
+
+def test_data_whose_content_differs_is_refused_and_an_identical_copy_passes(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    import pyarrow as pa
+
+    from recsys.export.exporter import export
+
+    data = write_dataset(tmp_path / "tiny")
+    ckpt = _fit(data, tmp_path / "runs")
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy, ignore=shutil.ignore_patterns("vocab"))  # new files, new times, same content
+    assert eval_main(["--ckpt", str(ckpt), "--data", str(copy), "--out", str(tmp_path / "r1"), "--bootstrap", "0"]) == 0
+    export(ckpt, tmp_path / "e", "fp32", data=copy, progress=False)
+    capsys.readouterr()
+
+    reordered = tmp_path / "reordered"  # the same ids, counted differently: the vocabulary is rebuilt in another order
+    shutil.copytree(data, reordered, ignore=shutil.ignore_patterns("vocab"))
+    train = reordered / "train" / "part-0.parquet"
+    table = pq.read_table(train)
+    rare = table.column("item").to_numpy()
+    counts = np.bincount(rare)
+    least = int(np.flatnonzero(counts)[np.argmin(counts[counts > 0])])
+    extra = table.filter(pa.compute.equal(table.column("item"), least))
+    pq.write_table(pa.concat_tables([table] + [extra] * 40), train)
+    assert eval_main(["--ckpt", str(ckpt), "--data", str(reordered), "--out", str(tmp_path / "r2")]) == 2
+    assert "differs from the data the model was trained on in the vocabulary of 'item'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="the vocabulary of 'item'"):
+        export(ckpt, tmp_path / "e2", "fp32", data=reordered, progress=False)
+    with pytest.raises(Exception, match="the vocabulary of 'item'"):  # recsys test --ckpt_path on that data
+        run(["test", "--config", str(CONFIG), "--data.path", str(reordered), "--model.init_args.embedding", '{"dim": 8}',
+             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--ckpt_path", str(ckpt)])
