@@ -123,6 +123,19 @@ def _check_batch(schema: Schema, batch: pa.RecordBatch, file: Path, first: int, 
                           lengths > spec.max_len, first)
 
 
+def _check_sequence_lengths(schema: Schema, batch: pa.RecordBatch, file: Path, first: int, tally: _Tally) -> None:
+    sequences = schema.sequences
+    if len(sequences) < 2:
+        return
+    lengths = [pc.fill_null(pc.list_value_length(batch.column(s.name)), 0).to_numpy(zero_copy_only=False) for s in sequences]
+    differ = np.zeros(len(lengths[0]), dtype=bool)
+    for other in lengths[1:]:
+        differ |= other != lengths[0]
+    names = [s.name for s in sequences]
+    tally.add("note", file, names[0], f"sequences {names} differ in length: DIN, which reads them together behavior by "
+              f"behavior by default, refuses such rows (or set its attention_groups)", differ, first)
+
+
 def check(data_dir: str | Path, progress: bool = True) -> Report:
     """Checks ``data_dir`` against its schema; never raises for a data problem (it reports it)."""
     data_dir = Path(data_dir)
@@ -175,6 +188,7 @@ def check(data_dir: str | Path, progress: bool = True) -> Report:
                         continue
                     for batch in table.to_batches(max_chunksize=65_536):
                         _check_batch(schema, batch, file, first, tally, split, usable)
+                        _check_sequence_lengths(schema, batch, file, first, tally)
                         label = pc.unique(batch.column(schema.label).cast(pa.float64())).to_pylist()
                         labels_seen.update(v for v in label if v in (0.0, 1.0))
                         first += batch.num_rows

@@ -267,6 +267,11 @@ class Scorer:
             missing = [f for f in self.features if f not in row]
             if missing:
                 raise RowError(f"row {i}: missing feature {missing[0]!r} (needs {sorted(self.features)})", missing[0])
+            for group in getattr(self.model, "aligned_sequences", []):  # DIN: read behavior by behavior, together
+                lengths = [len(row[s]) if isinstance(row[s], list) else None for s in group]
+                if None not in lengths and len(set(lengths)) > 1:
+                    raise RowError(f"row {i}: sequences {group} are read together behavior by behavior but have "
+                                   f"lengths {lengths}", group[1])
         columns = {name: self._column(name, rows) for name in self.features}
         columns[self.schema.label] = pa.array(np.zeros(len(rows), dtype=np.int64))
         group = self.schema.group

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from recsys.data.batch import Batch
+from recsys.data.parquet import POSITION_BITS
 from recsys.data.vocab import DatasetInfo
 from recsys.embedding.layer import Embedded
 from recsys.layers.attention import TargetAttention
@@ -82,14 +84,29 @@ class DIN(CTRModule):
         inputs += sum(width[s] for s in self.target_of) + len(self.schema.numeric)
         self.dnn = MLP(inputs, dnn_hidden_units, 1, dnn_activation, dnn_dropout)
 
+    @property
+    def aligned_sequences(self) -> list[list[str]]:
+        """Sequences read together behavior by behavior: each row's must have equal lengths."""
+        return [group for group in self.groups if len(group) > 1]
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        for group in self.aligned_sequences:
+            lengths = [batch.sequences[s].lengths() for s in group]
+            bad = torch.nonzero(torch.stack([ln != lengths[0] for ln in lengths[1:]]).any(0)).flatten()
+            if len(bad):
+                row = int(bad[0])
+                where = "" if batch.positions is None else \
+                    f" (file #{int(batch.positions[row]) >> POSITION_BITS} of the split, row {int(batch.positions[row]) & ((1 << POSITION_BITS) - 1)})"
+                raise ValueError(f"sequences {group} attend together but differ in length in {len(bad)} row(s) of this "
+                                 f"batch, first batch row {row}{where}: {[int(ln[row]) for ln in lengths]}; fix the data "
+                                 f"(`recsys data check` lists every such row by file) or set attention_groups")
+        return super().forward(batch)
+
     def head(self, embedded: Embedded, dense: torch.Tensor) -> torch.Tensor:
         targets = {t: embedded.jagged[t].values() for t in self.targets}  # [B, W] each: one id per row
         parts = ([embedded.cat(self.pooled)] if self.pooled else []) + list(targets.values())
         for attention, group in zip(self.attention, self.groups, strict=True):
             lengths = embedded.jagged[group[0]].lengths()
-            for s in group[1:]:
-                if not torch.equal(embedded.jagged[s].lengths(), lengths):
-                    raise ValueError(f"sequences {group} attend together but differ in length; set attention_groups")
             query = torch.cat([targets[self.target_of[s]] for s in group], dim=1)  # [B, W·|group|]
             keys = torch.cat([embedded.jagged[s].values() for s in group], dim=1)  # [N, W·|group|]
             parts.append(attention(query, keys, lengths))

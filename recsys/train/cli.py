@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +22,7 @@ from recsys.embedding.tables import tables_on
 from recsys.text.features import TextConfigError
 from recsys.train.callbacks import PredictionWriter, RunSummary, Throughput
 from recsys.train.module import CTRModule
+from recsys.train.runs import RunError, RunLock, check_run, resume_from, run_version
 from recsys.train.strategy import TorchrecStrategy  # noqa: F401  (registers --trainer.strategy torchrec)
 
 
@@ -34,13 +36,49 @@ class RecsysCLI(LightningCLI):
                                  "batch) or skip the batch")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        message = legacy_keys_message(_model_keys(args if args is not None else sys.argv[1:]))
+        raw = args if args is not None else sys.argv[1:]
+        message = legacy_keys_message(_model_keys(raw))
         if message:
             parser.error(message)
+        configs = [raw[i + 1] for i, a in enumerate(raw) if a in ("--config", "-c") and i + 1 < len(raw)] \
+            if isinstance(raw, list) else []
+        self._run_name = Path(configs[0]).stem if configs else "run"
         super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        # a resumable run (ckpt_path: last) lives in a directory named by its config: another config is
+        # another run, never a silent resumption of this one (recsys.train.runs)
+        self._resumable = None
+        if self.subcommand != "fit" or self.config.fit.get("ckpt_path") != "last":
+            return
+        resolved = yaml.safe_load(self.parser.dump(self.config, skip_check=True, skip_none=False)).get("fit", {})
+        logger = self.config.fit.trainer.get("logger")
+        init_args = logger.get("init_args") if hasattr(logger, "get") else None
+        if init_args is None:
+            self.parser.error("a resumable run (ckpt_path: last) needs a logger with a run directory "
+                              "(trainer.logger: TensorBoardLogger), where its checkpoints are found again")
+        if init_args.get("version") is None:
+            init_args.version = run_version(resolved, self._run_name)
+        self._resumable = resolved
 
     def before_fit(self) -> None:
         self.model.nonfinite_policy = self.config[self.subcommand]["nonfinite"]
+        if getattr(self, "_resumable", None) is not None and os.environ.get("LOCAL_RANK", "0") == "0" \
+                and os.environ.get("NODE_RANK", "0") == "0":
+            run_dir = Path(self.trainer.log_dir)
+            try:
+                check_run(run_dir, self._resumable)
+                self._lock = RunLock(run_dir)
+            except RunError as err:
+                self.parser.error(str(err))
+        if getattr(self, "_resumable", None) is not None:
+            callback = self.trainer.checkpoint_callback
+            directory = Path(callback.dirpath) if callback is not None and callback.dirpath else \
+                Path(self.trainer.log_dir) / "checkpoints"
+            try:
+                self.config_init["fit"]["ckpt_path"] = resume_from(directory)
+            except RunError as err:
+                self.parser.error(str(err))
 
     def instantiate_classes(self) -> None:
         # TorchrecStrategy(init_tables_on_meta=true): the model's tables are built on the meta device

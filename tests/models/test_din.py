@@ -97,8 +97,24 @@ def test_unequal_sequences_in_one_group_are_refused(tmp_path: Path) -> None:
     root = _two_sequences(tmp_path, same_lengths=False)
     dm = CTRDataModule(str(root), batch_size=16)
     model = DIN(dm.dataset_info, embedding={"dim": 4})
-    with pytest.raises(ValueError, match="differ in length; set attention_groups"):
+    with pytest.raises(ValueError, match=r"attend together but differ in length in \d+ row\(s\) of this batch, first "
+                                         r"batch row 0 \(file #0 of the split, row 0\)"):
         model(next(iter(dm.stream("val"))))
+    from recsys.data.check import check
+
+    notes = [f.text() for f in check(root, progress=False).notes]
+    assert any("val/part-0.parquet: column 'hist_item': sequences ['hist_item', 'hist_tag'] differ in length" in n
+               for n in notes), notes
+    # serving: a request whose grouped sequences differ in length is refused, naming the row
+    from recsys.export.exporter import export
+    from recsys.export.loader import RowError, load
+    from tests.test_composition import save_checkpoint
+
+    scorer = load(export(save_checkpoint(model, tmp_path / "din.ckpt"), tmp_path / "export", "fp32", progress=False))
+    row = {"user": 1000, "item": 3, "tags": [], "city": "paris", "price": 10.0, "hist_item": [1, 2], "hist_tag": ["paris"]}
+    with pytest.raises(RowError, match=r"row 0: sequences \['hist_item', 'hist_tag'\] .* lengths \[2, 1\]"):
+        scorer.score([row])
+    assert scorer.score([row | {"hist_tag": ["paris", "lyon"]}]).shape == (1,)
     with pytest.raises(ValueError, match="attention_groups must list each sequence feature"):
         DIN(dm.dataset_info, attention_groups=[["hist_item"]])
 
