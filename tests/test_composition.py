@@ -25,8 +25,12 @@ from recsys.data.resources import DatasetResources
 from recsys.export.exporter import export
 from recsys.export.loader import load
 from recsys.models.base import EmbeddingMLP
+from recsys.models.bst import BST
+from recsys.models.dcnv2 import DCNv2
+from recsys.models.deepfm import DeepFM
 from recsys.models.din import DIN
 from recsys.models.dlrm import DLRM
+from recsys.models.finalmlp import FinalMLP
 from recsys.models.two_tower import TwoTower
 from tests.conftest import write_dataset
 
@@ -37,6 +41,11 @@ MODELS = {
     "dlrm": (DLRM, {"bottom_hidden_units": [8], "top_hidden_units": [16]}),
     "two_tower": (TwoTower, {"user": "user", "item": "item", "history": "hist_item", "tower_hidden_units": [16],
                              "output_dim": 8, "temperature": 0.5}),
+    "deepfm": (DeepFM, {"dnn_hidden_units": [16]}),
+    "dcnv2": (DCNv2, {"cross_layers": 2, "dnn_hidden_units": [16]}),
+    "finalmlp": (FinalMLP, {"mlp1_hidden_units": [16], "mlp2_hidden_units": [8], "gate_hidden_units": [8],
+                            "gate1_context": ["user"]}),
+    "bst": (BST, {"transformer_dim": 8, "transformer_heads": 2, "transformer_dropout": 0.0, "dnn_hidden_units": [16]}),
 }
 KINDS = {
     "plain": {"dim": 8},
@@ -47,7 +56,8 @@ KINDS = {
 }
 CELLS = [(m, k) for m in MODELS for k in KINDS]
 # int8 and int4 on a subset that covers every model and every kind
-QUANTIZED = [("base", "plain"), ("din", "hashed"), ("dlrm", "unified"), ("two_tower", "supernet"), ("din", "compact")]
+QUANTIZED = [("base", "plain"), ("din", "hashed"), ("dlrm", "unified"), ("two_tower", "supernet"), ("din", "compact"),
+             ("deepfm", "unified"), ("dcnv2", "compact"), ("finalmlp", "hashed"), ("bst", "supernet")]
 STEPS, GLOBAL_BATCH, LR = 4, 128, 0.2
 
 

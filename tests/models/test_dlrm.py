@@ -4,19 +4,8 @@ import lightning as L
 import torch
 
 from recsys.data.datamodule import CTRDataModule
-from recsys.layers.interaction import dot_interaction
 from recsys.models.dlrm import DLRM
 from tests.conftest import TINY_SCHEMA, fit_and_auc, write_dataset
-
-
-def test_dot_interaction_matches_a_plain_loop() -> None:
-    torch.manual_seed(0)
-    vectors = torch.randn(3, 5, 4)
-    expected = torch.stack([
-        torch.stack([vectors[b, i] @ vectors[b, j] for i in range(5) for j in range(i + 1, 5)]) for b in range(3)
-    ])
-    torch.testing.assert_close(dot_interaction(vectors), expected)
-    assert dot_interaction(vectors).shape == (3, 10)
 
 
 def test_forward_shapes_and_widths(tiny_dataset: Path) -> None:
