@@ -59,8 +59,8 @@ class FeatureGating(nn.Module):
 
     def __init__(self, in_features: int, context_features: int, hidden_units: list[int]) -> None:
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(1, max(context_features, 1))) if context_features == 0 else None
-        self.gate = MLP(max(context_features, 1), hidden_units, in_features, "relu")
+        self.bias = nn.Parameter(torch.ones(1, 1)) if context_features == 0 else None  # (zeros: no first-layer gradient)
+        self.gate = MLP(context_features or 1, hidden_units, in_features, "relu")
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = self.bias.expand(x.shape[0], -1) if self.bias is not None else context

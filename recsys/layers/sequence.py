@@ -61,9 +61,10 @@ class SequenceTransformer(nn.Module):
             raise ValueError(f"a row has {width} behaviors; this encoder has positions for {self.max_len} (the schema's max_len)")
         padded, mask = jagged_to_padded(behaviors, lengths, width)
         tokens = torch.cat([target.unsqueeze(1), padded], dim=1)  # [B, 1 + L, D_in]
-        valid = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # the target is always there
+        valid = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)  # the target is always there
         x = self.project(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device))
-        encoded = self.encoder(x, src_key_padding_mask=~valid)  # [B, 1 + L, dim]
+        padding = None if bool(valid.all()) else ~valid  # (torch's fast path rejects an all-valid [B, 1] mask)
+        encoded = self.encoder(x, src_key_padding_mask=padding)  # [B, 1 + L, dim]
         weights = valid.unsqueeze(-1).to(encoded.dtype)
         mean = (encoded * weights).sum(1) / weights.sum(1)
         return torch.cat([encoded[:, 0], mean], dim=1)

@@ -42,3 +42,12 @@ def test_padding_and_other_rows_do_not_change_a_row() -> None:
     torch.testing.assert_close(with_long_row[0], alone[0], atol=1e-5, rtol=1e-5)
     shuffled = encoder(target, behaviors.flip(0), torch.tensor([2]))  # positions: order matters
     assert not torch.allclose(shuffled, alone)
+
+
+def test_a_batch_without_any_history_encodes_the_target_alone() -> None:
+    torch.manual_seed(2)
+    encoder = SequenceTransformer(in_features=4, dim=8, heads=2, layers=1, dropout=0.0, max_len=3).eval()
+    target = torch.randn(5, 4)
+    out = encoder(target, torch.zeros(0, 4), torch.zeros(5, dtype=torch.int32))
+    encoded = encoder.encoder((encoder.project(target) + encoder.position.weight[0]).unsqueeze(1))[:, 0]
+    torch.testing.assert_close(out, torch.cat([encoded, encoded], dim=1), atol=1e-5, rtol=1e-5)  # one token: mean = itself
