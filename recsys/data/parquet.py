@@ -96,14 +96,14 @@ def column_problems(schema: Schema, arrow_schema: pa.Schema, file: Path) -> list
     def wrong(column: str, want: str) -> str:
         return f"{file}: column {column!r} has type {arrow_schema.field(column).type}, expected {want}"
 
-    if schema.label in names:
+    if schema.label in names and arrow_schema.names.count(schema.label) == 1:
         label_type = arrow_schema.field(schema.label).type
         if not (pa.types.is_integer(label_type) or pa.types.is_boolean(label_type) or pa.types.is_floating(label_type)):
             problems.append(wrong(schema.label, "a 0/1 integer, boolean or float label"))
-    if schema.group and schema.group in names and not _is_id_type(arrow_schema.field(schema.group).type):
+    if schema.group and arrow_schema.names.count(schema.group) == 1 and not _is_id_type(arrow_schema.field(schema.group).type):
         problems.append(wrong(schema.group, "an integer or string group id"))
     for f in schema.features:
-        if f.name not in names:
+        if f.name not in names or arrow_schema.names.count(f.name) > 1:
             continue
         t = arrow_schema.field(f.name).type
         if f.type is FeatureType.CATEGORICAL and not _is_id_type(t):

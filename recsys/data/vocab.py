@@ -355,7 +355,7 @@ class Vocabulary:
                         if f.missing == "error":
                             bad = int(np.flatnonzero(~finite)[0])
                             raise DataError(f"{file}: column {f.name!r} row {file_rows - batch.num_rows + bad}: numeric value "
-                                            f"{x[bad]!r} is missing, non-finite or beyond float32's range (declare "
+                                            f"{float(x[bad])!r} is missing, non-finite or beyond float32's range (declare "
                                             f"`missing: mean` or `missing: zero` in the schema to impute it)")
                         x = x[finite]  # statistics over the values present
                     sums[f.name] += (len(x), x.sum(), (x * x).sum())

@@ -111,7 +111,8 @@ class ScoringServer(HTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self, "pool"):  # (a bind that failed closes the server before the pool exists)
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -66,8 +66,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{file}: refused — it holds Python objects, not only tensors and plain values, and "
                               f"loading them could run code ({str(err).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{file}: cannot be read (truncated or not a checkpoint: {err})") from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, struct.error... for a damaged file
+        first = str(err).split(". ")[0].strip() or type(err).__name__
+        raise CheckpointError(f"{file}: cannot be read (truncated or not a checkpoint: {first})") from None
     if not isinstance(checkpoint, dict) or "recsys" not in checkpoint:
         raise CheckpointError(f"{file}: not a recsys checkpoint (no 'recsys' entry)")
     return checkpoint

@@ -80,6 +80,11 @@ class RecsysCLI(LightningCLI):
             except RunError as err:
                 self.parser.error(str(err))
 
+    def after_fit(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:  # (a process that dies releases it too)
+            lock.release()
+
     def instantiate_classes(self) -> None:
         # TorchrecStrategy(init_tables_on_meta=true): the model's tables are built on the meta device
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
@@ -142,6 +147,11 @@ def run(args: list[str] | None = None, subcommand: bool = True) -> RecsysCLI:
 
 
 class _ParseOnly(RecsysCLI):
+    def after_fit(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:  # (a process that dies releases it too)
+            lock.release()
+
     def instantiate_classes(self) -> None:
         pass  # the resolved config is all that is wanted
 

@@ -18,9 +18,9 @@ from recsys.data.vocab import Vocabulary
 from tests.conftest import TINY_SCHEMA, write_dataset
 
 
-def _edit(file: Path, column: str, values: list) -> None:
+def _edit(file: Path, column: str, values: list, kind: pa.DataType | None = None) -> None:
     table = pq.read_table(file)
-    pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(values)), file,
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(values, type=kind)), file,
                    row_group_size=256)
 
 
@@ -46,7 +46,7 @@ def test_an_all_null_numeric_column_has_no_mean_to_impute(tmp_path: Path) -> Non
                                                                      "{name: price, type: numeric, missing: mean}"))
     for split in ("train", "val", "test"):
         file = data / split / "part-0.parquet"
-        _edit(file, "price", pa.nulls(pq.read_metadata(file).num_rows, pa.float64()).to_pylist())
+        _edit(file, "price", [None] * pq.read_metadata(file).num_rows, pa.float64())
     assert any("column 'price': no usable value in train: `missing: mean` has no mean" in m for m in _messages(data))
     with pytest.raises(DataError, match="column 'price' has no usable value in the train split"):
         Vocabulary.load_or_build(data)
