@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from recsys.eval.report import machine, write_doc_section
@@ -40,7 +39,7 @@ def main() -> None:
 
     def step(batch) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = F.binary_cross_entropy_with_logits(model(batch), batch.labels) + model.regularization(batch)
+        loss = model.training_loss(batch) + model.embedding.regularization()
         loss.backward()
         optimizer.step()
 

@@ -97,6 +97,7 @@ class EmbeddingLayer(nn.Module):
         self.jagged_features = [f for f in self.id_features if f in set(jagged)]
         self.owner = {f: schema[f].table for f in self.id_features}
         owners = list(dict.fromkeys(self.owner.values()))
+        self._vocab_rows = dict(info.num_embeddings)
         self._resolve_compact(owners, resources)
         self.plans = {o: p for o, p in self.spec.plans(schema, info.num_embeddings).items() if o in owners}
         self.vocab_rows = {f: info.num_embeddings[o] for f, o in self.owner.items()}
@@ -132,13 +133,20 @@ class EmbeddingLayer(nn.Module):
         if missing:
             raise EmbeddingConfigError(f"{WHERE}.artifact: {self.spec.artifact} has no searched width for table "
                                        f"{missing[0]!r} (searched: {sorted(result['dims'])})")
-        self._kept = {o: result["kept"][o] for o in compact}
+        self._kept = {o: torch.as_tensor(result["kept"][o]).bool() for o in compact}
+        for o, kept in self._kept.items():
+            rows = self._vocab_rows[o]
+            if kept.numel() != rows:
+                raise EmbeddingConfigError(f"{WHERE}.artifact: {self.spec.artifact} was searched on a table {o!r} of "
+                                           f"{kept.numel()} rows; this dataset's has {rows} (another dataset or "
+                                           f"vocabulary): search again on this one")
         self.spec.dims = {o: int(result["dims"][o]) for o in compact}
         self.spec.kept_rows = {o: int(self._kept[o].sum()) for o in compact}
 
     def _build_text(self, schema, resources) -> None:  # noqa: ANN001
         self.item_text, self.row_text = nn.ModuleDict(), nn.ModuleDict()
         self.text_dims: dict[str, int] = {}
+        self._init_text: dict[str, ItemText] = {}  # combine: init — used once, to start the ID table
         spec = self.text_spec
         if spec is None:
             return
@@ -164,13 +172,17 @@ class EmbeddingLayer(nn.Module):
                                       f"{column.item!r} is {plan.kind!r}")
             if column.item in self.item_text:
                 raise TextConfigError(f"{schema.source}: two text columns describe {column.item!r}")
+            states = resources.item_text_states(column.name, column.item, spec.model_path, spec.max_length) \
+                if resources is not None and not resources.serving else None
+            if spec.combine == "init":  # the texts only start the ID table: nothing of them stays in the model
+                if states is not None:
+                    self._init_text[column.item] = ItemText(spec, plan.vocab_rows, dim, *states)
+                continue
             if resources is not None and resources.serving:
                 self.item_text[column.item] = ItemTextTable(column.item, plan.vocab_rows, dim)
             else:
-                states = resources.item_text_states(column.name, column.item, spec.model_path, spec.max_length) \
-                    if resources is not None else None
                 self.item_text[column.item] = ItemText(spec, plan.vocab_rows, dim, *(states or (None, None)))
-            self.text_dims[column.item] = 0 if spec.combine in ("sum", "init") else dim
+            self.text_dims[column.item] = 0 if spec.combine == "sum" else dim
         for column in rows:
             encoder = resources.text_encoder(spec.model_path, spec.max_length) if resources is not None else None
             self.row_text[column.name] = RowText(spec, spec.dim or self.spec.dim, encoder)
@@ -242,12 +254,12 @@ class EmbeddingLayer(nn.Module):
         self.optembed = Supernet(optembed, [self.plans[o].dim for o in optembed], spec.alpha, spec.threshold_init,
                                  spec.threshold_lr, spec.prune_rows, spec.sample_dims) \
             if optembed and spec.stage == "supernet" else None
-        if self.text_spec is not None and self.text_spec.combine == "init" and resources is not None and table_device() is None:
-            for owner, module in self.item_text.items():
-                if isinstance(module, ItemText):
-                    weight = self.table_weight(f"t_{owner}")
-                    with torch.no_grad():
-                        weight.copy_(module.initial_rows(float(weight.std())))
+        if table_device() is None:
+            for owner, module in self._init_text.items():
+                weight = self.table_weight(f"t_{owner}")
+                with torch.no_grad():
+                    weight.copy_(module.initial_rows(float(weight.std())))
+        self._init_text = {}
 
     def _build_counts(self, resources) -> None:  # noqa: ANN001
         """Per table row, its train occurrences mapped through the transforms (MBA's ``n_j``)."""
@@ -320,8 +332,7 @@ class EmbeddingLayer(nn.Module):
             values = self._mask_rows(owner, values, rows[lookups[0].key].values(), jagged.lengths(), widths)
             if owner in self.item_text:
                 text = self.item_text[owner](jagged.values())
-                values = values + text if self.text_spec.combine == "sum" else \
-                    values if self.text_spec.combine == "init" else torch.cat([values, text], dim=1)
+                values = values + text if self.text_spec.combine == "sum" else torch.cat([values, text], dim=1)
             if f in self.jagged_features:
                 result.jagged[f] = JaggedTensor(values=values, lengths=jagged.lengths())
             else:
@@ -339,6 +350,7 @@ class EmbeddingLayer(nn.Module):
 
     def _kjt(self, rows: dict[str, JaggedTensor], keys: list[str], batch_size: int) -> KeyedJaggedTensor:
         """One collection's input: its keys in its order; a feature not embedded now reads nothing."""
+        device = next(iter(rows.values())).values().device if rows else None
         empty = None
         values, lengths = [], []
         for key in keys:
@@ -346,8 +358,8 @@ class EmbeddingLayer(nn.Module):
                 values.append(rows[key].values())
                 lengths.append(rows[key].lengths().to(torch.int32))
             else:
-                empty = empty if empty is not None else torch.zeros(batch_size, dtype=torch.int32)
-                values.append(torch.zeros(0, dtype=torch.int64))
+                empty = empty if empty is not None else torch.zeros(batch_size, dtype=torch.int32, device=device)
+                values.append(torch.zeros(0, dtype=torch.int64, device=device))
                 lengths.append(empty)
         return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=batch_size)
 
@@ -366,18 +378,29 @@ class EmbeddingLayer(nn.Module):
     def narrow(self, embedded: Embedded, dims: dict[str, int]) -> Embedded:
         """``embedded`` (computed at full widths) with supernet table ``o`` cut to its first ``dims[o]``
         columns: exactly the forward under ``set_eval_dims(dims)``, from cached outputs."""
+        if not self.narrowable:
+            raise ValueError("item text is summed into the OptEmbed rows: the widths cannot be cut from cached "
+                             "outputs; score with set_eval_dims and a forward instead")
         out = Embedded(dict(embedded.pooled), dict(embedded.jagged))
         for f, owner in self.owner.items():
             if owner not in self.optembed.index:
                 continue
             width = self.output_dims()[f]
-            keep = torch.ones(width)
+            tensor = out.pooled[f] if f in out.pooled else out.jagged[f].values()
+            keep = torch.ones(width, device=tensor.device, dtype=tensor.dtype)
             keep[int(dims[owner]):self.plans[owner].width] = 0
             if f in out.pooled:
                 out.pooled[f] = out.pooled[f] * keep
             elif f in out.jagged:
                 out.jagged[f] = JaggedTensor(values=out.jagged[f].values() * keep, lengths=out.jagged[f].lengths())
         return out
+
+    @property
+    def narrowable(self) -> bool:
+        """Whether ``narrow`` is exact: not when item text is summed into a supernet table's rows (the
+        forward cuts the ID part before the sum, which cached outputs no longer separate)."""
+        summed = self.text_spec is not None and self.text_spec.combine == "sum"
+        return not (summed and self.optembed is not None and set(self.item_text) & set(self.optembed.index))
 
     def row_masks(self) -> dict[str, Tensor]:
         """Supernet owner → bool ``[rows]``: the rows its learned threshold keeps (unsharded tables)."""

@@ -234,6 +234,10 @@ class EmbeddingSpec:
                 spec.dims = {k: _width(v, f"dims.{k}") for k, v in values.items()}
             else:
                 spec.kept_rows = {k: _number(v, f"kept_rows.{k}", int, 0) for k, v in values.items()}
+        if set(spec.dims) != set(spec.kept_rows):
+            lacking = sorted(set(spec.dims) ^ set(spec.kept_rows))
+            raise EmbeddingConfigError(f"{WHERE}.dims / kept_rows: both name the same tables (a compact checkpoint "
+                                       f"writes them together); {lacking} in only one")
         if "hashed" in kinds_used or "unified" in kinds_used:
             needs_size = [o for o in owners if spec.kind_of(o) == "unified"
                           or (spec.kind_of(o) == "hashed" and spec.features.get(o, FeatureEntry()).rows is None)]
@@ -301,6 +305,10 @@ class EmbeddingSpec:
         for owner in owners:
             name, kind = owner.name, self.kind_of(owner.name)
             entry = self.features.get(name, FeatureEntry())
+            if kind != "unified" and entry.dim is None and owner.embedding_dim is not None and owner.embedding_dim % 4:
+                raise EmbeddingConfigError(f"{schema.source}: feature {name!r}: embedding_dim {owner.embedding_dim} is not "
+                                           f"a multiple of 4; FBGEMM's fused table kernels and int8/int4 export rows need "
+                                           f"multiples of 4 (or set {WHERE}.features.{name}.dim)")
             dim = self.dim if kind == "unified" else entry.dim or owner.embedding_dim or self.dim
             vocab = num_embeddings[name]
             probes = (entry.probes or self.probes) if kind in ("hashed", "unified") else 1

@@ -222,6 +222,7 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | P
 
     check_same_content(served.info, Vocabulary.load_saved(data_dir, served.schema).info(), data_dir)
     text_tables = _item_text_tables(trained, source)
+    zero_rows = {f"t_{o}" for o in served.embedding.compact}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -234,12 +235,16 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | P
                 entry["source"] = "item text vectors (the trained text head over the encoder's states)"
             else:
                 weight = source.load({entry["key"]: torch.empty(entry["rows"], entry["dim"])})[entry["key"]]
+            if entry["name"] in zero_rows:  # compact OptEmbed: row 0 (pruned ids) is stored as zeros, as specified
+                weight = weight.clone()
+                weight[0] = 0
             rows = quantize_rows(weight, dtype)
             del weight
             entry.update(dtype=dtype, row_bytes=row_bytes(entry["dim"], dtype), file=f"tables/{entry['key']}.safetensors")
             save_file({"rows": rows}, work / entry["file"])
         table_keys = {e["key"] for e in tables}
-        dense_like = {k: v for k, v in served.state_dict().items() if k not in table_keys}
+        dense_like = {k: v for k, v in served.state_dict().items()
+                      if k not in table_keys and not k.startswith(served.training_only_state())}
         dense = {k: v.detach().clone().contiguous() for k, v in source.load(dense_like).items()}
         save_file(dense, work / "dense.safetensors")
         served.load_state_dict(dense, strict=False)

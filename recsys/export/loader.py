@@ -162,6 +162,19 @@ def _quantized_collection(entries: list[dict[str, Any]], directory: Path) -> tor
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") is valid JSON but not a string Arrow can hold
+        return False
+    return True
+
+
+def _check_text(value: Any, row: int, name: str) -> None:
+    if isinstance(value, str) and not _encodable(value):
+        raise RowError(f"row {row}: feature {name!r} holds a string that is not valid UTF-8 (a lone surrogate)", name)
 _ARROW = {"int": pa.int64(), "str": pa.string(), "list<int>": pa.list_(pa.int64()), "list<str>": pa.list_(pa.string())}
 
 
@@ -179,7 +192,7 @@ class Scorer:
         tables = self.manifest["tables"]
         table_keys = {t["key"] for t in tables}
         dense = _read_tensors(inside(self.directory, self.manifest["dense"]["file"]))
-        expected = {k for k in model.state_dict() if k not in table_keys}
+        expected = {k for k in model.state_dict() if k not in table_keys and not k.startswith(model.training_only_state())}
         if set(dense) != expected:
             raise ExportError(f"{self.directory}: dense tensors do not match the model "
                               f"(missing {sorted(expected - set(dense))[:5]}, unexpected {sorted(set(dense) - expected)[:5]})")
@@ -215,18 +228,27 @@ class Scorer:
             for i, row in enumerate(rows):
                 if row[name] is not None and not isinstance(row[name], str):
                     raise RowError(f"row {i}: feature {name!r} (text) must be a string, got {type(row[name]).__name__}", name)
+                _check_text(row[name], i, name)
             return pa.array([row[name] for row in rows], type=pa.string())
         if info["type"] == FeatureType.NUMERIC.value:
             values = []
             mean, std = info.get("mean", 0.0), info.get("std", 1.0)
+            imputed = self.schema[name].missing != "error"  # as in training: the train mean or 0
             for i, row in enumerate(rows):
                 v = row[name]
+                if v is None and imputed:
+                    values.append(None)
+                    continue
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise RowError(f"row {i}: feature {name!r} must be a number, got {type(v).__name__} {v!r}", name)
-                if not math.isfinite(v) or not abs((float(v) - mean) / std) < FLOAT32_MAX:
+                try:
+                    x = float(v)  # an int beyond a double's range overflows here
+                except OverflowError:
+                    x = math.inf
+                if not math.isfinite(x) or not abs((x - mean) / std) < FLOAT32_MAX:
                     raise RowError(f"row {i}: feature {name!r} must be a finite number the model can represent "
-                                   f"(|(x − mean) / std| < 3.4e38 in float32), got {v!r}", name)
-                values.append(float(v))
+                                   f"(|(x − mean) / std| < 3.4e38 in float32), got {str(v)[:40]}", name)
+                values.append(x)
             return pa.array(values, type=pa.float64())
         kind = info["id_kind"]
         scalar = "int" if kind.endswith("int>") or kind == "int" else "str"
@@ -249,7 +271,11 @@ class Scorer:
             if scalar == "int":
                 wide = [x for x in (v if listy else [v]) if x is not None and not -(2**63) <= x < 2**63]
                 if wide:
-                    raise RowError(f"row {i}: feature {name!r}: id {wide[0]} does not fit a signed 64-bit integer", name)
+                    raise RowError(f"row {i}: feature {name!r}: id {str(wide[0])[:40]} does not fit a signed 64-bit "
+                                   f"integer", name)
+            else:
+                for x in v if listy else [v]:
+                    _check_text(x, i, name)
         return pa.array([row[name] for row in rows], type=_ARROW[kind])
 
     def ignored_fields(self, rows: list[dict[str, Any]]) -> list[str]:
@@ -275,9 +301,11 @@ class Scorer:
         columns = {name: self._column(name, rows) for name in self.features}
         columns[self.schema.label] = pa.array(np.zeros(len(rows), dtype=np.int64))
         group = self.schema.group
-        if group and group not in columns:
+        if group and group not in columns:  # only GAUC reads it: anything else than plain ids becomes 0
             given = [row.get(group) for row in rows]
-            columns[group] = pa.array(given) if all(isinstance(g, (int, str)) for g in given) else pa.array(np.zeros(len(rows), np.int64))
+            plain = all(isinstance(g, int) and not isinstance(g, bool) and -(2**63) <= g < 2**63 for g in given) or \
+                all(isinstance(g, str) and _encodable(g) for g in given)
+            columns[group] = pa.array(given) if plain else pa.array(np.zeros(len(rows), np.int64))
         chunk = self.encoder.encode(pa.RecordBatch.from_pydict(columns), Path("<request>"), 0)
         return chunk.to_batch()
 

@@ -60,6 +60,9 @@ class TwoTower(CTRModule):
         counts = torch.ones(self.info.num_embeddings[item]) if counts is None else torch.as_tensor(counts).float()
         self.register_buffer("log_q", torch.log((counts + 1) / (counts + 1).sum()))
 
+    def training_only_state(self) -> tuple[str, ...]:
+        return (*super().training_only_state(), "log_q")  # the in-batch softmax's correction
+
     # -- towers ----------------------------------------------------------------------------------
     def _users(self, embedded: Embedded) -> torch.Tensor:
         return F.normalize(self.user_tower(embedded.cat(self.user_features)), dim=1)

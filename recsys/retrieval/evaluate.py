@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from recsys.data.parquet import ChunkEncoder, split_files
-from recsys.data.vocab import Vocabulary
+from recsys.data.vocab import Vocabulary, check_same_content
 from recsys.eval.metrics import ndcg_at_k, recall_at_k
 from recsys.retrieval.index import VectorIndex
 
@@ -136,6 +136,7 @@ class Retriever:
 
         self.tt = two_tower.eval()
         self.vocab = Vocabulary.load_or_build(data_dir)
+        check_same_content(two_tower.info, self.vocab.info(), data_dir)
         schema = self.vocab.schema
         self.user, self.item, self.label = two_tower.user, two_tower.item, schema.label
         self.catalogue = Catalogue(data_dir, self.vocab, self.item, text_feature, text_with)

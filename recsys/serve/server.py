@@ -15,7 +15,8 @@ Under load: the socket listens with a backlog of ``--backlog``; ``--workers`` th
 connections and at most ``--queue`` more wait for one, beyond which a connection is answered 503
 (``Retry-After: 1``) at once; a client idle or slow for ``--timeout`` seconds is dropped (a slow
 client cannot hold a worker forever); a worker serving a keep-alive connection hands it back after
-each response when others are waiting. Scoring runs one batch at a time (``torch`` uses
+each response when others are waiting; a whole request must arrive and be answered within 3 ×
+``--timeout``. Scoring runs one batch at a time (``torch`` uses
 ``--threads`` threads inside it); JSON parsing and validation run on the workers in parallel.
 Limits: ``--max-bytes`` per request body and ``--max-rows`` per request (413 beyond).
 """
@@ -39,6 +40,8 @@ import torch
 from recsys.export.loader import ExportError, RowError, Scorer, load
 
 log = logging.getLogger(__name__)
+
+REQUEST_DEADLINE = 3  # × --timeout: the most a request (with its reply) may take from its first byte
 
 class ScoringServer(HTTPServer):
     """An HTTP server with a bounded pool of worker threads and a bounded wait queue.
@@ -102,6 +105,11 @@ class ScoringServer(HTTPServer):
         head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
                 f"Retry-After: 1\r\nConnection: close\r\n\r\n").encode()
         try:
+            request.settimeout(0.05)
+            try:
+                request.recv(1 << 16)  # what the client sent already: closing on unread input would reset the 503
+            except OSError:
+                pass
             request.settimeout(1.0)
             request.sendall(head + body)
         except OSError:
@@ -120,8 +128,25 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def setup(self) -> None:
-        self.timeout = self.server.timeout_s  # idle and read timeout of this connection
+        self.timeout = self.server.timeout_s  # idle and read timeout of each read on this connection
         super().setup()
+
+    def handle_one_request(self) -> None:
+        # a whole request must arrive and be answered within a deadline: a client trickling a byte
+        # just inside the read timeout cannot hold a worker
+        deadline = threading.Timer(self.server.timeout_s * REQUEST_DEADLINE, self._cut)
+        deadline.start()
+        try:
+            super().handle_one_request()
+        finally:
+            deadline.cancel()
+
+    def _cut(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (BaseHTTPRequestHandler's name)
         log.debug("%s " + format, self.address_string(), *args)
@@ -161,7 +186,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> bytes | None:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):
             self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length header required")
             self.close_connection = True
             return None

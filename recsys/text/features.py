@@ -193,11 +193,13 @@ class RowText(nn.Module):
         dim: projected width.
         encoder: a callable ``texts → (states [L, n, T, D], mask [n, T])`` (``TextEncoder``); given by
             the resources at build time (training) or by the export loader (serving).
+        cache_bytes: the most the cache of encoded texts may hold (it is emptied beyond).
     """
 
-    def __init__(self, spec: TextSpec, dim: int, encoder: Any = None, cache_size: int = 200_000) -> None:
+    def __init__(self, spec: TextSpec, dim: int, encoder: Any = None, cache_bytes: int = 256 << 20) -> None:
         super().__init__()
-        self.spec, self.dim, self.cache_size = spec, dim, cache_size
+        self.spec, self.dim, self.cache_bytes = spec, dim, cache_bytes
+        self._held = 0  # bytes the cache holds: bounded, whatever texts arrive (a server sees any)
         self.head = spec.head()
         self.proj = nn.Linear(int(spec.encoder_dim), dim)
         self.fixed = spec.pooling in FIXED_HEADS
@@ -208,8 +210,6 @@ class RowText(nn.Module):
         if self.encoder is None:
             raise RuntimeError("row-level text needs its text encoder: build the model with its dataset's resources "
                                "(or load an export, which carries the encoder)")
-        if len(self._cache) + len(texts) > self.cache_size:
-            self._cache.clear()
         for start in range(0, len(texts), 256):
             part = texts[start:start + 256]
             with torch.inference_mode():
@@ -218,8 +218,10 @@ class RowText(nn.Module):
             for i, text in enumerate(part):
                 length = int(mask[i].sum())
                 one = states[:, i:i + 1, :length]
-                self._cache[text] = (self._head(one, torch.ones(1, length, dtype=torch.long))[0] if self.fixed
-                                     else one.half(), torch.ones(length, dtype=torch.long))
+                entry = (self._head(one, torch.ones(1, length, dtype=torch.long))[0] if self.fixed else one.half(),
+                         torch.ones(length, dtype=torch.long))
+                self._cache[text] = entry
+                self._held += entry[0].numel() * entry[0].element_size() + len(text)
 
     def _head(self, states: Tensor, mask: Tensor) -> Tensor:
         return self.head(states if states.shape[0] > 1 else states[0], mask)
@@ -227,6 +229,9 @@ class RowText(nn.Module):
     def forward(self, texts: list[str]) -> Tensor:
         unique, inverse = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
         unique = [str(t) for t in unique]
+        if self._held > self.cache_bytes:  # (before this batch's lookups, so none of its texts goes missing)
+            self._cache.clear()
+            self._held = 0
         missing = [t for t in unique if t not in self._cache]
         if missing:
             self._encode(missing)

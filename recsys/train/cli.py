@@ -45,12 +45,19 @@ class RecsysCLI(LightningCLI):
         self._run_name = Path(configs[0]).stem if configs else "run"
         super().parse_arguments(parser, args)
 
+    def _set_seed(self) -> None:
+        self._random_seed = self._get(self.config, "seed_everything") is True  # Lightning draws one
+        super()._set_seed()
+
     def before_instantiate_classes(self) -> None:
         # a resumable run (ckpt_path: last) lives in a directory named by its config: another config is
         # another run, never a silent resumption of this one (recsys.train.runs)
         self._resumable = None
         if self.subcommand != "fit" or self.config.fit.get("ckpt_path") != "last":
             return
+        if getattr(self, "_random_seed", False):
+            self.parser.error("a resumable run (ckpt_path: last) needs a fixed seed: set seed_everything to a number "
+                              "(a restart must replay the same shuffle, and the run directory is named by its config)")
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_check=True, skip_none=False)).get("fit", {})
         logger = self.config.fit.trainer.get("logger")
         init_args = logger.get("init_args") if hasattr(logger, "get") else None
@@ -63,8 +70,7 @@ class RecsysCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.model.nonfinite_policy = self.config[self.subcommand]["nonfinite"]
-        if getattr(self, "_resumable", None) is not None and os.environ.get("LOCAL_RANK", "0") == "0" \
-                and os.environ.get("NODE_RANK", "0") == "0":
+        if getattr(self, "_resumable", None) is not None and _first_process():
             run_dir = Path(self.trainer.log_dir)
             try:
                 check_run(run_dir, self._resumable)
@@ -98,6 +104,15 @@ class RecsysCLI(LightningCLI):
             if cause is None:
                 raise
             self.parser.error(str(cause))
+
+
+def _first_process() -> bool:
+    """Global rank 0, before the process group exists: torchrun's RANK, SLURM's SLURM_PROCID, or
+    Lightning's launcher's NODE_RANK and LOCAL_RANK."""
+    for variable in ("RANK", "SLURM_PROCID"):
+        if variable in os.environ:
+            return os.environ[variable] == "0"
+    return os.environ.get("NODE_RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def _config_error(err: BaseException | None) -> BaseException | None:

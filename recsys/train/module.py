@@ -77,6 +77,10 @@ class CTRModule(L.LightningModule):
             hp["text"] = layer.text_spec.to_dict()
         return layer
 
+    def training_only_state(self) -> tuple[str, ...]:
+        """State-dict key prefixes only training reads (mini-batch aware L2's counts): left out of exports."""
+        return ("embedding.inverse_counts.",)
+
     # -- to implement ----------------------------------------------------------------------
     def head(self, embedded: Embedded, dense: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Click logits ``[B]`` from the layer's output and the numeric features ``[B, n_dense]``."""

@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recsys.data.parquet import ParquetStream
-from recsys.data.vocab import Vocabulary
+from recsys.data.vocab import Vocabulary, check_same_content
 from recsys.embedding.optembed import ARTIFACT, sparsity
 from recsys.eval.metrics import auc
 
@@ -74,7 +74,8 @@ class ValCache:
         batches, labels = [], []
         with torch.inference_mode():
             for batch in tqdm(stream, desc="embedding val", unit="batch", leave=False):
-                batches.append((layer(batch), batch.dense))
+                # narrowable: the layer's outputs; else (text summed into the rows) the batch, re-run per candidate
+                batches.append((layer(batch), batch.dense) if layer.narrowable else batch)
                 labels.append(batch.labels)
         self.batches = batches
         self.labels = torch.cat(labels).numpy()
@@ -83,8 +84,13 @@ class ValCache:
         """Val AUC with per-table widths ``dims`` (in ``layer.optembed.owners`` order)."""
         widths = dict(zip(self.layer.optembed.owners, (int(d) for d in dims), strict=True))
         with torch.inference_mode():
-            logits = torch.cat([self.model.head(self.layer.narrow(embedded, widths), dense)
-                                for embedded, dense in self.batches])
+            if self.layer.narrowable:
+                logits = torch.cat([self.model.head(self.layer.narrow(embedded, widths), dense)
+                                    for embedded, dense in self.batches])
+            else:
+                self.layer.set_eval_dims(widths)
+                logits = torch.cat([self.model(batch) for batch in self.batches])
+                self.layer.set_eval_dims(None)
         return auc(self.labels, logits.float().numpy())
 
 
@@ -194,7 +200,9 @@ def search(ckpt: str | Path, out: str | Path, config: SearchConfig, data: str | 
 
     model = load_model(str(ckpt))
     data_dir = Path(data) if data else Path(model.info.path)
-    stream = ParquetStream(data_dir, "val", Vocabulary.load_or_build(data_dir), batch_size=batch_size)
+    vocab = Vocabulary.load_or_build(data_dir)
+    check_same_content(model.info, vocab.info(), data_dir)
+    stream = ParquetStream(data_dir, "val", vocab, batch_size=batch_size)
     cache = ValCache(model, stream)
     layer = model.embedding
     owners = layer.optembed.owners

@@ -7,7 +7,7 @@ The configs must give the model ``embedding: {kind: optembed, stage: supernet, .
 ``--`` go to both training runs. Each stage writes into ``--out``::
 
     supernet/<fp>/checkpoints/best.ckpt  stage 1: recsys fit with the configs (the supernet)
-    search/optembed.pt, search.json      stage 2: the evolutionary widths search on val (pareto.csv/png)
+    search/<fp>/optembed.pt, search.json stage 2: the evolutionary widths search on val (pareto.csv/png)
     compact/<fp>/checkpoints/best.ckpt   stage 3: recsys fit, embedding stage compact from search/
     compact/<fp>/eval_test/report.json   the compact model on the test split (read once)
     result.json                          the summary printed at the end
@@ -52,6 +52,11 @@ def _best(out: Path, stage: str, fingerprint: str) -> Path:
 def _fit(args: list[str], out: Path, stage: str, fingerprint: str) -> Path:
     from recsys.train.cli import run
 
+    run_dir = out / stage / fingerprint
+    if run_dir.exists():  # a run of this stage that was interrupted: kept aside, not mixed with the new one
+        aside = run_dir.with_name(f"{fingerprint}.interrupted-{sum(1 for _ in run_dir.parent.glob(f'{fingerprint}.*')) + 1}")
+        run_dir.rename(aside)
+        print(f"[optembed] {run_dir} holds an interrupted run: moved to {aside.name}", flush=True)
     run(["fit", *args, "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(out),
          "--trainer.logger.init_args.name", stage, "--trainer.logger.init_args.version", fingerprint])
     best = _best(out, stage, fingerprint)
@@ -77,7 +82,7 @@ def pipeline(configs: list[str], out: Path, search_args: argparse.Namespace, ext
     if config.budget is None and block.get("budget") is not None:
         config.budget = float(block["budget"])
     out.mkdir(parents=True, exist_ok=True)
-    printed = {"configs": configs, "out": str(out)}
+    printed = {"configs": configs, "out": str(out), "search": None}
 
     supernet_key = _fingerprint("supernet", resolved)
     supernet = _best(out, "supernet", supernet_key)
@@ -86,12 +91,13 @@ def pipeline(configs: list[str], out: Path, search_args: argparse.Namespace, ext
         _fit(fit_args, out, "supernet", supernet_key)
         _finish(out / "supernet", supernet_key)
     search_key = _fingerprint(supernet_key, vars(config))
-    if not _done(out / "search", search_key):
-        print(f"[optembed] stage 2/3: search (budget {config.budget}) → {out / 'search'}", flush=True)
-        search(supernet, out / "search", config, batch_size=search_args.batch_size)
-        _finish(out / "search", search_key)
-    found = json.loads((out / "search" / "search.json").read_text())
-    compact_block = {**block, "stage": "compact", "artifact": str(out / "search")}
+    search_dir = out / "search" / search_key  # one per budget and settings: none overwrites another
+    if not _done(search_dir, search_key):
+        print(f"[optembed] stage 2/3: search (budget {config.budget}) → {search_dir}", flush=True)
+        search(supernet, search_dir, config, batch_size=search_args.batch_size)
+        _finish(search_dir, search_key)
+    found = json.loads((search_dir / "search.json").read_text())
+    compact_block = {**block, "stage": "compact", "artifact": str(search_dir)}
     EmbeddingSpec.parse(compact_block, _schema(resolved))  # a bad block stops here, not after training
     compact_key = _fingerprint(search_key, resolved)
     compact = _best(out, "compact", compact_key)
@@ -102,6 +108,7 @@ def pipeline(configs: list[str], out: Path, search_args: argparse.Namespace, ext
         evaluate(compact, split="test", out=report_file.parent, bootstrap=0)
         _finish(out / "compact", compact_key)
     report = json.loads(report_file.read_text())
+    printed["search"] = str(search_dir)
     result = printed | {
         "test_auc": report["auc"], "test_gauc": report["gauc"], "test_logloss": report["logloss"],
         "sparsity": found["sparsity"], "row_sparsity": found["row_sparsity"], "params": found["params"],

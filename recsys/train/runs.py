@@ -89,6 +89,10 @@ class RunLock:
             self.handle.close()
             raise RunError(f"{run_dir} is being trained by {owner}; two runs into one directory would overwrite each "
                            f"other's checkpoints. Wait for it, or use another logger version") from None
+        except OSError as err:
+            self.handle.close()
+            raise RunError(f"{run_dir}: cannot lock it ({err}); the filesystem may not support locks — put the run "
+                           f"directory (trainer.logger.init_args.save_dir) on one that does") from None
         self.handle.seek(0)
         self.handle.truncate()
         self.handle.write(f"pid {os.getpid()}")
@@ -113,7 +117,7 @@ def resume_from(directory: Path) -> str | None:
     unreadable = []
     for candidate in found:
         try:
-            read_checkpoint(candidate)
+            read_checkpoint(candidate, mmap=candidate.is_file())  # mapped, not read into memory: only its loadability
         except (CheckpointError, FileNotFoundError) as err:
             unreadable.append(f"{candidate.name} ({str(err).split(': ', 1)[-1]})")
             continue

@@ -22,7 +22,8 @@ OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 
 
 def _snapshot(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's part of every table (its shards) and every dense weight, copied."""
+    """This rank's part of every table (its shards) and every dense weight, copied (floating-point state:
+    not the supernet's step counter, which counts the step whatever happens to it)."""
     out = {}
     for name, value in net.state_dict().items():
         local = value.local_shards() if hasattr(value, "local_shards") else None
@@ -33,7 +34,7 @@ def _snapshot(net: torch.nn.Module) -> dict[str, torch.Tensor]:
             out[name] = value.to_local().detach().clone()
         elif isinstance(value, torch.Tensor):
             out[name] = value.detach().clone()
-    return out
+    return {k: v for k, v in out.items() if v.is_floating_point()}
 
 
 def _worker(rank: int, world: int, rendezvous: str, data: str, out: str) -> None:
