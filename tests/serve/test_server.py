@@ -59,6 +59,8 @@ def test_every_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_servin
         (json.dumps([row | {"user": 2**63}]).encode(), 400, "'user': id 9223372036854775808 does not fit", "user"),
         (json.dumps([row | {"user": -(2**63) - 1}]).encode(), 400, "does not fit a signed 64-bit integer", "user"),
         (b"[" * 90_000 + b"]" * 90_000, 400, "nested too deeply", None),
+        (json.dumps([row | {"price": 10**400}]).encode(), 400, "'price' must be a finite number", "price"),
+        (json.dumps([row | {"city": "\ud800"}]).encode(), 400, "'city' holds a string that is not valid UTF-8", "city"),
         (json.dumps([row | {"price": "12"}]).encode(), 400, "'price' must be a number", "price"),
         (json.dumps([row | {"user": [1000]}]).encode(), 400, "'user' .*must be one int id", "user"),
         (json.dumps([row | {"tags": {"a": 1}}]).encode(), 400, "'tags' .*must be a list", "tags"),
@@ -76,6 +78,11 @@ def test_every_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_servin
         assert request(server, "GET", "/healthz")[0] == 200  # still serving
     assert request(server, "GET", "/nope")[0] == 404
     assert request(server, "POST", "/nope", b"[]")[0] == 404
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as raw:  # "²".isdigit() is True
+        raw.sendall("POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1"))
+        assert raw.recv(4096).startswith(b"HTTP/1.1 411")
     assert score(server, [row])[0] == 200
 
 
@@ -105,6 +112,18 @@ def test_busy_server_answers_503_and_drops_idle_clients(trained: dict, tmp_path:
         assert request(busy, "GET", "/healthz") == (200, {"status": "ok"})
         for sock in idle:
             sock.close()
+        # a client trickling one byte just inside the read timeout is cut at the request deadline (3 × 0.5 s)
+        trickle = socket.create_connection(address)
+        started = time.perf_counter()
+        try:
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n":
+                trickle.sendall(bytes([byte]))
+                time.sleep(0.3)
+        except OSError:
+            pass  # the server closed it
+        assert time.perf_counter() - started < 5  # (the whole request would take 11 s)
+        trickle.close()
+        assert request(busy, "GET", "/healthz") == (200, {"status": "ok"})
     finally:
         busy.shutdown()
         busy.server_close()
