@@ -76,30 +76,44 @@ def train_and_score(config: str, seed: int, out: Path, extra: list[str], kind: s
 
 
 def kinds_table(args: argparse.Namespace, extra: list[str], started: float) -> str:
-    results = {(c, k): [train_and_score(c, s, args.out, extra, k) for s in args.seeds] for c in args.configs for k in args.kinds}
-    rows, summary = [], {}
-    for (config, kind), runs in results.items():
-        stats = {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
-                 for k in ("auc", "gauc", "logloss", "samples_per_s", "embedding_params")}
-        summary[f"{config} × {kind}"] = {"per_seed": [{k: r[k] for k in ("seed", "auc", "gauc", "logloss", "samples_per_s",
-                                                                           "embedding_params")} for r in runs], **stats}
+    if args.render:  # the table again from an earlier invocation's results (e.g. with a quiet speed pass)
+        summary = json.loads((args.out / "kinds.json").read_text())
+        data = summary.pop("_data", "ml100k-ctr")
+    else:
+        results = {(c, k): [train_and_score(c, s, args.out, extra, k) for s in args.seeds]
+                   for c in args.configs for k in args.kinds}
+        summary = {}
+        for (config, kind), runs in results.items():
+            stats = {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
+                     for k in ("auc", "gauc", "logloss", "samples_per_s", "embedding_params")}
+            summary[f"{config} × {kind}"] = {"per_seed": [{k: r[k] for k in ("seed", "auc", "gauc", "logloss",
+                                                                               "samples_per_s", "embedding_params")}
+                                                          for r in runs], **stats}
+        data = Path(next(iter(results.values()))[0]["data"]).name
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "kinds.json").write_text(json.dumps(summary | {"_data": data}, indent=2))
+    speed = json.loads(Path(args.speed_from).read_text()) if args.speed_from else {}
+    rows = []
+    for cell, stats in summary.items():
+        config, kind = cell.split(" × ")
+        rate = speed[cell]["samples_per_s"][0] if cell in speed else stats["samples_per_s"][0]
         rows.append(f"| `{Path(config).stem}` | {kind} | {stats['auc'][0]:.4f} ± {stats['auc'][1]:.4f} | "
                     f"{stats['gauc'][0]:.4f} ± {stats['gauc'][1]:.4f} | {stats['embedding_params'][0]:,.0f} | "
-                    f"{stats['samples_per_s'][0]:,.0f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kinds.json").write_text(json.dumps(summary, indent=2))
+                    f"{rate:,.0f} |")
     seeds = " ".join(map(str, args.seeds))
-    data = Path(next(iter(results.values()))[0]["data"]).name
+    timing = (f"Samples/s: a separate quiet pass (`{args.speed_from}`: seed 1, the same configs, training epochs' mean "
+              f"as logged, data loading included)." if args.speed_from else
+              "Samples/s: the training epochs' mean as each run logged it (data loading included).")
     return "\n".join([
         f"## Every model × table kind on `{data}` (`scripts/compare_models.py --kinds`)",
         "",
         f"Command: `python scripts/compare_models.py --configs {' '.join(args.configs)} --kinds {' '.join(args.kinds)} "
         f"--seeds {seeds} --section {args.section}" + (f" -- {' '.join(extra)}" if extra else "") + "`  ",
         f"Machine: {machine()}, {args.threads} torch threads; seeds {seeds}; best-val-AUC checkpoint of each run, test "
-        f"read once per run; {time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s in all. Kinds are the overlays "
+        f"read once per run; {time.strftime('%Y-%m-%d')}. Kinds are the overlays "
         "in `configs/embedding/` (hashed and unified at 40% of the full tables' parameters; `optembed` = `recsys "
         "optembed run`: supernet, widths search on val at budget 0.5, compact retrain — its parameters and samples/s "
-        "are the compact model's). Samples/s: the training epochs' mean as the run logged it (data loading included).",
+        f"are the compact model's). {timing}",
         "",
         "| model | kind | test AUC | test GAUC | embedding parameters | training samples/s |",
         "|---|---|---|---|---:|---:|",
@@ -117,6 +131,8 @@ def main() -> None:
     parser.add_argument("--section", default="compare_models", help="block of the doc to (re)write")
     parser.add_argument("--kinds", nargs="+", choices=list(KIND_OVERLAYS),
                         help="run every config with each table kind (a model × kind table)")
+    parser.add_argument("--render", action="store_true", help="--kinds: rewrite the table from --out/kinds.json")
+    parser.add_argument("--speed-from", help="--kinds: take samples/s from another invocation's kinds.json (a quiet pass)")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more LightningCLI options after --")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
