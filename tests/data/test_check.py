@@ -51,7 +51,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path, capsys: pytest.Captur
     report = check(root, progress=False)
     texts = [f.text() for f in report.errors]
     assert any("column 'click': label is not 0 or 1 (or missing) (2 row(s), first at row 7)" in t for t in texts), texts
-    assert any("column 'price': missing, NaN or inf numeric value (schema: missing: error) (3 row(s), first at row 3)" in t
+    assert any("column 'price': missing, NaN, inf or beyond float32 (|x| > 3.4e38) numeric value (schema: missing: error) (3 row(s), first at row 3)" in t
                for t in texts), texts
     assert any(str(drifted) in t and "str ids here but int ids in train (schema drift)" in t for t in texts), texts
     assert any("missing column(s) ['price']" in t for t in texts), texts
