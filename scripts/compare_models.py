@@ -10,11 +10,21 @@ against the first config) goes to docs/benchmarks.md and runs/compare/results.js
 ``--kinds``, every config runs with every table kind (``configs/embedding/<kind>.yaml``; ``optembed``
 is the whole ``recsys optembed run`` pipeline, its compact model scored) and the table gives test
 AUC / GAUC, embedding parameters and the training samples/s the run logged.
+
+A finished run (same config files, seed and extra options: ``result.json`` under ``--out``) is
+reused, so the configs can be split over several invocations (e.g. one per core) and one last
+invocation over all of them writes the table. ``--speed-from`` takes samples/s from a quiet pass:
+
+    python scripts/compare_models.py --configs configs/movielens/{base,din}.yaml --seeds 1 \
+        --out runs/compare_speed --doc /tmp/speed.md -- --trainer.max_epochs 2
+    python scripts/compare_models.py --configs configs/movielens/{base,din}.yaml \
+        --speed-from runs/compare_speed/results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import time
@@ -42,17 +52,53 @@ def logged_rate(run_dir: Path) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def embedding_parameters(ckpt: str | Path) -> int:
+def parameter_counts(ckpt: str | Path) -> tuple[int, int]:
+    """(embedding-table parameters, all other parameters) of the model in ``ckpt``."""
     from recsys.train.checkpoint import load_model
     from recsys.train.strategy import table_parameters
 
-    return sum(p.numel() for p in table_parameters(load_model(ckpt)))
+    model = load_model(ckpt)
+    tables = sum(p.numel() for p in table_parameters(model))
+    return tables, sum(p.numel() for p in model.parameters()) - tables
+
+
+def run_fingerprint(configs: list[str], seed: int, extra: list[str]) -> str:
+    """Hash of the config files' text, the seed and the extra options: a finished run is reused only if equal."""
+    digest = hashlib.sha256(json.dumps([seed, extra]).encode())
+    for config in configs:
+        digest.update(Path(config).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def train_and_score(config: str, seed: int, out: Path, extra: list[str], kind: str | None = None) -> dict:
+    """Trains ``config`` (with the ``kind`` overlay) at ``seed``, scores its best-val checkpoint on test.
+
+    A finished run with the same fingerprint under ``out`` is reused (so configs can be split over
+    several invocations and rendered by one); any other leftover is deleted first.
+    """
     name = Path(config).stem + (f"/{kind}" if kind else "")
-    shutil.rmtree(out / name / f"seed{seed}", ignore_errors=True)  # a stale best.ckpt must not be scored
-    overlays = [a for o in KIND_OVERLAYS[kind or "plain"] for a in ("--config", o)]
+    run_dir = out / name / f"seed{seed}"
+    fingerprint = run_fingerprint([config, *KIND_OVERLAYS[kind or "plain"]], seed, extra)
+    done = run_dir / "result.json"
+    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
+        result = json.loads(done.read_text())
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a stale best.ckpt must not be scored
+        ckpt = train(config, seed, out, name, extra, kind)
+        report = evaluate(ckpt, split="test", bootstrap=0)
+        embedding, dense = parameter_counts(ckpt)
+        result = {"seed": seed, **{k: report[k] for k in ("auc", "gauc", "logloss", "rows", "data", "out")},
+                  "samples_per_s": logged_rate(Path(ckpt).parent.parent), "embedding_params": embedding,
+                  "dense_params": dense, "fingerprint": fingerprint}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(result, indent=2))
+    predictions = pq.read_table(Path(result["out"]) / "predictions.parquet").to_pandas()
+    return {**result, "prob": predictions["prob"].to_numpy(), "label": predictions["label"].to_numpy(),
+            "group": predictions["group"].to_numpy()}
+
+
+def train(config: str, seed: int, out: Path, name: str, extra: list[str], kind: str | None) -> str:
+    """Path of the best-val-AUC checkpoint of one training run (the OptEmbed pipeline's compact model)."""
     if kind == "optembed":
         from argparse import Namespace
 
@@ -60,19 +106,13 @@ def train_and_score(config: str, seed: int, out: Path, extra: list[str], kind: s
 
         search = Namespace(budget=None, population=50, generations=30, keep=15, mutations=10, crossovers=10,
                            mutation_prob=0.1, seed=seed, dim_step=4, batch_size=8192)
-        ckpt = pipeline([config, *KIND_OVERLAYS[kind]], out / name / f"seed{seed}", search,
+        return pipeline([config, *KIND_OVERLAYS[kind]], out / name / f"seed{seed}", search,
                         ["--seed_everything", str(seed), *extra])["checkpoint"]
-    else:
-        cli = run(["fit", "--config", config, *overlays, "--seed_everything", str(seed), "--trainer.enable_progress_bar",
-                   "false", "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", name,
-                   "--trainer.logger.init_args.version", f"seed{seed}", *extra])
-        ckpt = cli.trainer.checkpoint_callback.best_model_path
-    report = evaluate(ckpt, split="test", bootstrap=0)
-    predictions = pq.read_table(Path(report["out"]) / "predictions.parquet").to_pandas()
-    return {"seed": seed, **{k: report[k] for k in ("auc", "gauc", "logloss", "rows", "data")},
-            "prob": predictions["prob"].to_numpy(), "label": predictions["label"].to_numpy(),
-            "group": predictions["group"].to_numpy(), "samples_per_s": logged_rate(Path(ckpt).parent.parent),
-            "embedding_params": embedding_parameters(ckpt)}
+    overlays = [a for o in KIND_OVERLAYS[kind or "plain"] for a in ("--config", o)]
+    cli = run(["fit", "--config", config, *overlays, "--seed_everything", str(seed), "--trainer.enable_progress_bar",
+               "false", "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", name,
+               "--trainer.logger.init_args.version", f"seed{seed}", *extra])
+    return cli.trainer.checkpoint_callback.best_model_path
 
 
 def kinds_table(args: argparse.Namespace, extra: list[str], started: float) -> str:
@@ -148,33 +188,45 @@ def main() -> None:
     base = args.configs[0]
     base_auc = np.mean([r["auc"] for r in results[base]])
     base_gauc = np.mean([r["gauc"] for r in results[base]])
+    speed = json.loads(Path(args.speed_from).read_text()) if args.speed_from else {}
     rows, summary = [], {}
     for config, runs in results.items():
-        stats = {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))) for k in ("auc", "gauc", "logloss")}
-        line = f"| `{config}` | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in stats.values())
+        stats = {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
+                 for k in ("auc", "gauc", "logloss", "samples_per_s")}
+        rate = speed[config]["samples_per_s"][0] if config in speed else stats["samples_per_s"][0]
+        cells = [f"`{Path(config).stem}`", *(f"{stats[k][0]:.4f} ± {stats[k][1]:.4f}" for k in ("auc", "gauc", "logloss"))]
         if config == base:
-            line += " | — | — |"
+            cells += ["—", "—"]
         else:
-            p = paired_bootstrap_pvalue(runs[0]["label"], [r["prob"] for r in runs], [r["prob"] for r in results[base]],
-                                        runs[0]["group"], num_samples=2000)
-            line += f" | {rela_impr(stats['auc'][0], base_auc):+.2f}% / {rela_impr(stats['gauc'][0], base_gauc):+.2f}% | {p:.4f} |"
+            seed_mean = [np.mean([r["prob"] for r in rs], axis=0) for rs in (runs, results[base])]  # per row
+            p = paired_bootstrap_pvalue(runs[0]["label"], *seed_mean, runs[0]["group"], num_samples=2000)
+            cells += [f"{rela_impr(stats['auc'][0], base_auc):+.2f}% / {rela_impr(stats['gauc'][0], base_gauc):+.2f}%",
+                      f"{p:.4f}"]
             stats["gauc_p_value_vs_base"] = p
-        rows.append(line)
-        summary[config] = {"per_seed": [{k: r[k] for k in ("seed", "auc", "gauc", "logloss")} for r in runs], **stats}
+        cells += [f"{runs[0]['embedding_params']:,}", f"{runs[0]['dense_params']:,}", f"{rate:,.0f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+        summary[config] = {"per_seed": [{k: r[k] for k in ("seed", "auc", "gauc", "logloss", "samples_per_s")} for r in runs],
+                           "embedding_params": runs[0]["embedding_params"], "dense_params": runs[0]["dense_params"], **stats}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "results.json").write_text(json.dumps(summary | {"_threads": args.threads}, indent=2))
     seeds = " ".join(map(str, args.seeds))
+    timing = (f"samples/s from a separate quiet pass (`{args.speed_from}`: seed 1, one run at a time, "
+              f"{speed.get('_threads', '?')} torch threads)" if args.speed_from
+              else "samples/s: the training epochs' mean as each run logged it")
     md = "\n".join([
         f"## Test metrics on `{Path(results[base][0]['data']).name}` (`scripts/compare_models.py`)",
         "",
-        f"Command: `python scripts/compare_models.py --configs {' '.join(args.configs)} --seeds {seeds}"
+        f"Command: `python scripts/compare_models.py --configs {' '.join(args.configs)} --seeds {seeds} --section {args.section}"
         + (f" -- {' '.join(extra)}" if extra else "") + "`  ",
         f"Machine: {machine()}, {args.threads} torch threads; seeds {seeds}; "
-        f"{results[base][0]['rows']:,} test rows; best-val-AUC checkpoint of each run; "
-        f"{time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s in all.",
+        f"{results[base][0]['rows']:,} test rows; best-val-AUC checkpoint of each run, test read once per run; "
+        f"{time.strftime('%Y-%m-%d')}. Metrics: mean ± std over seeds; RelaImpr against the first config; p: paired "
+        "bootstrap over users (2,000 resamples) of GAUC on the per-row mean of the seeds' predictions, one-sided "
+        f"(row better than the first config); {timing} (training epochs' mean, data loading included).",
         "",
-        "| config | test AUC | test GAUC | test logloss | RelaImpr AUC / GAUC vs first | p (GAUC > first, paired bootstrap over users) |",
-        "|---|---|---|---|---|---|",
+        "| config | test AUC | test GAUC | test logloss | RelaImpr AUC / GAUC vs first | p (GAUC > first) "
+        "| embedding params | dense params | training samples/s |",
+        "|---|---|---|---|---|---|---:|---:|---:|",
         *rows,
     ])
     write_doc_section(Path(args.doc), args.section, md)
