@@ -52,7 +52,6 @@ def main() -> None:
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    started = time.time()
     grid = list(itertools.product(args.lrs, args.mba))
     results = {m: {f"lr={lr}, mba_lambda={mba}": trial(m, lr, mba, args.seed, args.out) for lr, mba in grid}
                for m in args.models}
@@ -62,7 +61,7 @@ def main() -> None:
     lines = [
         f"`python scripts/tune_models.py --models {' '.join(args.models)} --lrs {' '.join(map(str, args.lrs))} "
         f"--mba {' '.join(map(str, args.mba))} --seed {args.seed}` — {machine()}, {args.threads} torch threads; "
-        f"{time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s. Every model config gets the same {len(grid)} "
+        f"{time.strftime('%Y-%m-%d')}. Every model config gets the same {len(grid)} "
         "trials (learning rate × mini-batch aware L2), each scored by its best val AUC (seed "
         f"{args.seed}); test is not read. The best point goes into `configs/movielens/<model>.yaml`.",
         "",
