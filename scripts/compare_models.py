@@ -189,20 +189,24 @@ def main() -> None:
     base_auc = np.mean([r["auc"] for r in results[base]])
     base_gauc = np.mean([r["gauc"] for r in results[base]])
     speed = json.loads(Path(args.speed_from).read_text()) if args.speed_from else {}
+    grouped = len(np.unique(results[base][0]["group"])) > 1  # GAUC needs the schema's group column
     rows, summary = [], {}
     for config, runs in results.items():
         stats = {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
                  for k in ("auc", "gauc", "logloss", "samples_per_s")}
         rate = speed[config]["samples_per_s"][0] if config in speed else stats["samples_per_s"][0]
-        cells = [f"`{Path(config).stem}`", *(f"{stats[k][0]:.4f} ± {stats[k][1]:.4f}" for k in ("auc", "gauc", "logloss"))]
+        cells = [f"`{Path(config).stem}`", *(f"{stats[k][0]:.4f} ± {stats[k][1]:.4f}" if k != "gauc" or grouped
+                                             else "—" for k in ("auc", "gauc", "logloss"))]
         if config == base:
             cells += ["—", "—"]
-        else:
+        elif grouped:
             seed_mean = [np.mean([r["prob"] for r in rs], axis=0) for rs in (runs, results[base])]  # per row
             p = paired_bootstrap_pvalue(runs[0]["label"], *seed_mean, runs[0]["group"], num_samples=2000)
             cells += [f"{rela_impr(stats['auc'][0], base_auc):+.2f}% / {rela_impr(stats['gauc'][0], base_gauc):+.2f}%",
                       f"{p:.4f}"]
             stats["gauc_p_value_vs_base"] = p
+        else:
+            cells += [f"{rela_impr(stats['auc'][0], base_auc):+.2f}% / —", "—"]
         cells += [f"{runs[0]['embedding_params']:,}", f"{runs[0]['dense_params']:,}", f"{rate:,.0f}"]
         rows.append("| " + " | ".join(cells) + " |")
         summary[config] = {"per_seed": [{k: r[k] for k in ("seed", "auc", "gauc", "logloss", "samples_per_s")} for r in runs],
@@ -212,7 +216,7 @@ def main() -> None:
     seeds = " ".join(map(str, args.seeds))
     timing = (f"samples/s from a separate quiet pass (`{args.speed_from}`: seed 1, one run at a time, "
               f"{speed.get('_threads', '?')} torch threads)" if args.speed_from
-              else "samples/s: the training epochs' mean as each run logged it")
+              else "samples/s as each run logged it")
     md = "\n".join([
         f"## Test metrics on `{Path(results[base][0]['data']).name}` (`scripts/compare_models.py`)",
         "",
@@ -222,7 +226,8 @@ def main() -> None:
         f"{results[base][0]['rows']:,} test rows; best-val-AUC checkpoint of each run, test read once per run; "
         f"{time.strftime('%Y-%m-%d')}. Metrics: mean ± std over seeds; RelaImpr against the first config; p: paired "
         "bootstrap over users (2,000 resamples) of GAUC on the per-row mean of the seeds' predictions, one-sided "
-        f"(row better than the first config); {timing} (training epochs' mean, data loading included).",
+        f"(row better than the first config){'' if grouped else ' — this dataset has no group column, so no GAUC'}; "
+        f"{timing} (training epochs' mean, data loading included).",
         "",
         "| config | test AUC | test GAUC | test logloss | RelaImpr AUC / GAUC vs first | p (GAUC > first) "
         "| embedding params | dense params | training samples/s |",
