@@ -11,6 +11,7 @@ each rank's share (what data-parallel training optimizes).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ KINDS = {
     "compact": {"kind": "optembed", "stage": "compact", "dim": 8, "artifact": "fixed"},
 }
 CELLS = [(m, k) for m in MODELS for k in KINDS]
+POOLED_ONLY = {"base", "dlrm", "two_tower", "deepfm", "dcnv2", "finalmlp"}  # exported with a torch.export head
 # int8 and int4 on a subset that covers every model and every kind
 QUANTIZED = [("base", "plain"), ("din", "hashed"), ("dlrm", "unified"), ("two_tower", "supernet"), ("din", "compact"),
              ("deepfm", "unified"), ("dcnv2", "compact"), ("finalmlp", "hashed"), ("bst", "supernet")]
@@ -145,7 +147,7 @@ def one_process(data: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
                 loss = model.training_loss(batch) + model.embedding.regularization()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         with torch.no_grad():
             after = float(model.eval().training_loss(val))
         ckpt = save_checkpoint(model, root / f"{model_name}-{kind}.ckpt")
@@ -161,10 +163,19 @@ def test_one_process_trains_and_the_fp32_export_scores_the_same(one_process: dic
     assert result["after"] < result["before"], (result["before"], result["after"])  # it learned something
     model = result["model"].eval()
     _, val = batches(data)
-    scorer = load(export(result["ckpt"], tmp_path / "fp32", "fp32", progress=False))
+    out = export(result["ckpt"], tmp_path / "fp32", "fp32", progress=False)
+    scorer = load(out)
     with torch.no_grad():
         expected = torch.sigmoid(model(val)).numpy()
     np.testing.assert_allclose(scorer.score_batch(val), expected, atol=1e-5, rtol=0)
+    program = json.loads((out / "manifest.json").read_text())["dense"]["program"]
+    assert (program is not None) == (cell[0] in POOLED_ONLY), program
+    if program is not None:  # pooled-only models: the exported program is the model's head after the lookups
+        head = torch.export.load(out / program["file"]).module()
+        with torch.no_grad():
+            embedded = model.embedding(val)
+            pooled = embedded.cat(model.embedding.pooled_features)
+            torch.testing.assert_close(head(pooled, val.dense), model.head(embedded, val.dense))
     if cell in QUANTIZED:
         for dtype, bound in (("int8", 1e-2), ("int4", 0.1)):
             quantized = load(export(result["ckpt"], tmp_path / dtype, dtype, progress=False)).score_batch(val)
