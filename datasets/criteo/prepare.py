@@ -24,7 +24,8 @@ import pyarrow.compute as pc
 from pyarrow import csv
 from tqdm.auto import tqdm
 
-from recsys.data.writer import SPLITS, SplitWriter, criteo_schema_yaml
+from recsys.data.arrow import SPLITS
+from recsys.data.writer import SplitWriter, criteo_schema_yaml
 
 NUM_DENSE, NUM_SPARSE = 13, 26
 COLUMNS = ["label"] + [f"I{i}" for i in range(1, NUM_DENSE + 1)] + [f"C{i}" for i in range(1, NUM_SPARSE + 1)]

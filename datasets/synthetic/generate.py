@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from recsys.data.writer import SPLITS, SplitWriter, criteo_schema_yaml
+from recsys.data.arrow import SPLITS
+from recsys.data.writer import SplitWriter, criteo_schema_yaml
 
 
 class Generator:

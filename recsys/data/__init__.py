@@ -1,7 +1,8 @@
 """The dataset contract: schema, vocabularies, streaming Parquet, ``Batch``."""
 
+from recsys.data.arrow import DataError, split_files
 from recsys.data.batch import Batch, make_kjt
-from recsys.data.parquet import DataError, ParquetStream, split_files
+from recsys.data.parquet import ParquetStream
 from recsys.data.schema import (
     FeatureSpec,
     FeatureType,

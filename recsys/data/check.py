@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from recsys.data.parquet import (
+from recsys.data.arrow import (
     SPLITS,
     DataError,
     bad_numbers,

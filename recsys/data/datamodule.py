@@ -18,7 +18,8 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from recsys.data.parquet import SPLITS, DataError, ParquetStream, release_freed_memory
+from recsys.data.arrow import SPLITS, DataError
+from recsys.data.parquet import ParquetStream, release_freed_memory
 from recsys.data.resources import DatasetResources
 from recsys.data.vocab import Vocabulary
 

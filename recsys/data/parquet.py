@@ -1,4 +1,4 @@
-"""Parquet side of the contract: split files, column type checks, and the streaming dataset.
+"""The streaming dataset: one split of Parquet files as ready ``Batch`` objects.
 
 ``ParquetStream`` reads record batches of a split with pyarrow (never the whole split),
 encodes them into id/jagged numpy arrays with the dataset's vocabulary, optionally shuffles
@@ -16,265 +16,25 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from recsys.data.batch import Batch, jagged_take, make_kjt
-from recsys.data.schema import FeatureSpec, FeatureType, Schema, SchemaError
+from recsys.data.arrow import DataError, check_columns, log_extra_columns, open_parquet, split_files
+from recsys.data.batch import Batch
+from recsys.data.encode import Chunk, ChunkEncoder
 
 if TYPE_CHECKING:
     from recsys.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-POSITION_BITS = 40  # a row's position: file_index << 40 | row in file
-
-
-class DataError(ValueError):
-    """A data file breaks the contract; the message names the file, column and row."""
-
-
-def split_files(data_dir: str | Path, split: str) -> list[Path]:
-    """Parquet files of ``split``: ``<dir>/<split>/*.parquet`` or ``<dir>/<split>.parquet``."""
-    data_dir = Path(data_dir)
-    folder, single = data_dir / split, data_dir / f"{split}.parquet"
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if not files and single.exists():
-        files = [single]
-    if not files:
-        raise DataError(f"{data_dir}: split {split!r} has no Parquet files (looked for {folder}/*.parquet and {single})")
-    return files
-
-
-def open_parquet(file: Path) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(file)
-    except Exception as err:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{file}: cannot read as Parquet: {err}") from err
-
-
-def _is_id_type(t: pa.DataType) -> bool:
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
-
-
-def _is_list(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t)
-
-
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def bad_numbers(x: np.ndarray) -> np.ndarray:
-    """Numeric values a model cannot take: missing, NaN, inf, or beyond float32's range (|x| > 3.4e38,
-    which becomes inf in the model's float32 and overflows the statistics)."""
-    with np.errstate(invalid="ignore"):
-        return ~np.isfinite(x) | (np.abs(x) > FLOAT32_MAX)
-
-
-def column_problems(schema: Schema, arrow_schema: pa.Schema, file: Path) -> list[str]:
-    """Every missing, duplicated or mistyped column of ``file``, each message naming the file and column."""
-    names = set(arrow_schema.names)
-    missing = [c for c in schema.columns() if c not in names]
-    problems = [f"{file}: missing column(s) {missing} required by {schema.source}"] if missing else []
-    for column in schema.columns():
-        count = arrow_schema.names.count(column)
-        if count > 1:
-            problems.append(f"{file}: column {column!r} appears {count} times; which one is meant is ambiguous")
-
-    def wrong(column: str, want: str) -> str:
-        return f"{file}: column {column!r} has type {arrow_schema.field(column).type}, expected {want}"
-
-    if schema.label in names and arrow_schema.names.count(schema.label) == 1:
-        label_type = arrow_schema.field(schema.label).type
-        if not (pa.types.is_integer(label_type) or pa.types.is_boolean(label_type) or pa.types.is_floating(label_type)):
-            problems.append(wrong(schema.label, "a 0/1 integer, boolean or float label"))
-    if schema.group and arrow_schema.names.count(schema.group) == 1 and not _is_id_type(arrow_schema.field(schema.group).type):
-        problems.append(wrong(schema.group, "an integer or string group id"))
-    for f in schema.features:
-        if f.name not in names or arrow_schema.names.count(f.name) > 1:
-            continue
-        t = arrow_schema.field(f.name).type
-        if f.type is FeatureType.CATEGORICAL and not _is_id_type(t):
-            problems.append(wrong(f.name, "an integer or string id (categorical)"))
-        elif f.type in (FeatureType.CATEGORICAL_LIST, FeatureType.SEQUENCE):
-            if not (_is_list(t) and _is_id_type(t.value_type)):
-                problems.append(wrong(f.name, f"a list of integer or string ids ({f.type.value})"))
-        elif f.type is FeatureType.NUMERIC and not (
-            pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
-        ):
-            problems.append(wrong(f.name, "a number (numeric)"))
-        elif f.type is FeatureType.TEXT and not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-            problems.append(wrong(f.name, "a string (text)"))
-    return problems
-
-
-def check_columns(schema: Schema, arrow_schema: pa.Schema, file: Path) -> None:
-    """Raises ``DataError`` naming the file and column when a column is missing or mistyped."""
-    problems = column_problems(schema, arrow_schema, file)
-    if problems:
-        raise DataError(problems[0])
-
-
-def id_kind(t: pa.DataType) -> str:
-    """"int", "str", "list<int>" or "list<str>": what decides how ids are looked up."""
-    if _is_list(t):
-        return f"list<{id_kind(t.value_type)}>"
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    return "int" if pa.types.is_integer(t) else "str" if _is_id_type(t) else str(t)
-
-
-def log_extra_columns(schema: Schema, arrow_schema: pa.Schema, file: Path) -> None:
-    extra = sorted(set(arrow_schema.names) - set(schema.columns()))
-    if extra:
-        log.info("%s: ignoring column(s) not in the schema: %s", file, extra)
-
-
-def flat_ids(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """(flattened values, lengths[int64]) of a scalar or list column; null lists are empty."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if _is_list(column.type):
-        lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy().astype(np.int64)
-        return pc.list_flatten(column), lengths
-    return column, np.ones(len(column), dtype=np.int64)
-
-
-def keep_most_recent(values: np.ndarray, lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Truncates each jagged row to its last ``max_len`` items (the most recent are last)."""
-    if len(lengths) == 0 or lengths.max(initial=0) <= max_len:
-        return values, lengths
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    position = np.arange(len(values)) - starts
-    keep = position >= np.repeat(lengths - max_len, lengths)
-    return values[keep], np.minimum(lengths, max_len)
-
-
-@dataclass
-class Chunk:
-    """Encoded rows: everything a ``Batch`` needs, as numpy arrays (jagged as values+lengths)."""
-
-    labels: np.ndarray  # [N] float32
-    groups: np.ndarray  # [N] int64
-    dense: np.ndarray  # [N, n_dense] float32
-    sparse: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (values, lengths)
-    sequences: dict[str, tuple[np.ndarray, np.ndarray]]
-    positions: np.ndarray  # [N] int64: file_index << 40 | row in file
-    text: dict[str, np.ndarray] = field(default_factory=dict)  # row-level text columns: name -> [N] str objects
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def take(self, rows: np.ndarray) -> Chunk:
-        return Chunk(
-            labels=self.labels[rows],
-            groups=self.groups[rows],
-            dense=self.dense[rows],
-            sparse={k: jagged_take(v, ln, rows) for k, (v, ln) in self.sparse.items()},
-            sequences={k: jagged_take(v, ln, rows) for k, (v, ln) in self.sequences.items()},
-            positions=self.positions[rows],
-            text={k: v[rows] for k, v in self.text.items()},
-        )
-
-    @staticmethod
-    def concat(chunks: list[Chunk]) -> Chunk:
-        if len(chunks) == 1:
-            return chunks[0]
-
-        def cat_jagged(key: str, attr: str) -> tuple[np.ndarray, np.ndarray]:
-            parts = [getattr(c, attr)[key] for c in chunks]
-            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-        first = chunks[0]
-        return Chunk(
-            labels=np.concatenate([c.labels for c in chunks]),
-            groups=np.concatenate([c.groups for c in chunks]),
-            dense=np.concatenate([c.dense for c in chunks]),
-            sparse={k: cat_jagged(k, "sparse") for k in first.sparse},
-            sequences={k: cat_jagged(k, "sequences") for k in first.sequences},
-            positions=np.concatenate([c.positions for c in chunks]),
-            text={k: np.concatenate([c.text[k] for c in chunks]) for k in first.text},
-        )
-
-    def to_batch(self) -> Batch:
-        return Batch(
-            dense=torch.from_numpy(self.dense),
-            sparse=make_kjt(self.sparse),
-            sequences=make_kjt(self.sequences),
-            labels=torch.from_numpy(self.labels),
-            groups=torch.from_numpy(self.groups),
-            positions=torch.from_numpy(self.positions),
-            text={k: v.tolist() for k, v in self.text.items()} or None,
-        )
-
-
-class ChunkEncoder:
-    """Turns a pyarrow record batch into a validated ``Chunk`` using the dataset's vocabulary."""
-
-    def __init__(self, schema: Schema, vocab: Vocabulary) -> None:
-        self.schema = schema
-        self.vocab = vocab
-
-    def _ids(self, spec: FeatureSpec, column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        values, lengths = flat_ids(column)
-        ids = self.vocab.lookup(spec.table, values)
-        if spec.type is FeatureType.SEQUENCE:
-            ids, lengths = keep_most_recent(ids, lengths, spec.max_len or 50)
-        return ids, lengths
-
-    def encode(self, batch: pa.RecordBatch, file: Path, first_row: int, file_index: int = 0) -> Chunk:
-        schema = self.schema
-        label_col = batch.column(schema.label)
-        labels = label_col.to_numpy(zero_copy_only=False).astype(np.float32)
-        bad = np.flatnonzero(~((labels == 0) | (labels == 1)))  # also catches NaN and nulls
-        if len(bad):
-            row = first_row + int(bad[0])
-            raw = label_col[int(bad[0])].as_py()
-            raise DataError(
-                f"{file}: column {schema.label!r} row {row}: label must be 0 or 1, got {raw!r} "
-                f"({len(bad)} bad row(s) in this batch)"
-            )
-        if schema.group:
-            groups = self.vocab.group_ids(batch.column(schema.group))
-        else:
-            groups = np.zeros(len(labels), dtype=np.int64)
-
-        dense_cols = []
-        for spec in schema.numeric:
-            column = batch.column(spec.name)
-            x = pc.fill_null(column.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
-            bad = np.flatnonzero(bad_numbers(x))
-            mean, std = self.vocab.numeric_stats[spec.name]
-            if len(bad) and spec.missing == "error":
-                raise DataError(
-                    f"{file}: column {spec.name!r} row {first_row + int(bad[0])}: numeric value is "
-                    f"{column[int(bad[0])].as_py()!r} ({len(bad)} missing, non-finite or beyond float32 in this "
-                    f"batch); clean it, or declare `missing: mean` or `missing: zero` for it in the schema"
-                )
-            if len(bad):
-                x = x.copy()
-                x[bad] = mean if spec.missing == "mean" else 0.0
-            dense_cols.append(((x - mean) / std).astype(np.float32))
-        dense = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((len(labels), 0), np.float32)
-
-        sparse = {s.name: self._ids(s, batch.column(s.name)) for s in schema.sparse}
-        sequences = {s.name: self._ids(s, batch.column(s.name)) for s in schema.sequences}
-        positions = (np.int64(file_index) << np.int64(POSITION_BITS)) + np.arange(first_row, first_row + len(labels), dtype=np.int64)
-        text = {s.name: pc.fill_null(batch.column(s.name), "").to_numpy(zero_copy_only=False).astype(object)
-                for s in schema.row_text}
-        return Chunk(labels, groups, dense, sparse, sequences, positions, text)
 
 
 @dataclass(frozen=True)
@@ -509,16 +269,3 @@ _TRIM = None
 
 def _assemble(rows: Chunk, start: int, end: int) -> Batch:
     return rows.take(np.arange(start, end)).to_batch()
-
-
-__all__ = [
-    "SPLITS",
-    "Chunk",
-    "ChunkEncoder",
-    "DataError",
-    "ParquetStream",
-    "SchemaError",
-    "bad_numbers",
-    "check_columns",
-    "split_files",
-]

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from recsys.data.parquet import open_parquet, split_files
+from recsys.data.arrow import open_parquet, split_files
 from recsys.data.vocab import DatasetInfo, Vocabulary
 
 

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from recsys.data.parquet import (
+from recsys.data.arrow import (
     DataError,
     bad_numbers,
     check_columns,

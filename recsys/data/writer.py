@@ -7,8 +7,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SPLITS = ("train", "val", "test")
-
 
 class SplitWriter:
     """Appends Arrow tables to ``<out>/<split>/part-NNNNN.parquet``, rolling files every ``rows_per_file``."""

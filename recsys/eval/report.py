@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from recsys.data.parquet import SPLITS, DataError, ParquetStream
+from recsys.data.arrow import SPLITS, DataError
+from recsys.data.parquet import ParquetStream
 from recsys.data.schema import SchemaError
 from recsys.data.vocab import Vocabulary, check_same_content
 from recsys.eval.metrics import (

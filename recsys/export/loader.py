@@ -30,7 +30,7 @@ from torchrec import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
 
-from recsys.data.parquet import ChunkEncoder
+from recsys.data.encode import ChunkEncoder
 from recsys.data.resources import Resources
 from recsys.data.schema import FeatureType
 from recsys.data.vocab import Vocabulary

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from recsys.data.batch import Batch
-from recsys.data.parquet import POSITION_BITS
+from recsys.data.encode import POSITION_BITS
 from recsys.data.vocab import DatasetInfo
 from recsys.embedding.layer import Embedded
 from recsys.layers.attention import TargetAttention

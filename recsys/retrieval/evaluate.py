@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from recsys.data.parquet import ChunkEncoder, split_files
+from recsys.data.arrow import split_files
+from recsys.data.encode import ChunkEncoder
 from recsys.data.vocab import Vocabulary, check_same_content
 from recsys.eval.metrics import ndcg_at_k, recall_at_k
 from recsys.retrieval.index import VectorIndex

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from recsys.data.arrow import DataError
 from recsys.data.check import check
-from recsys.data.parquet import DataError
 from recsys.data.vocab import Vocabulary
 from tests.conftest import TINY_SCHEMA, write_dataset
 

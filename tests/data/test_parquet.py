@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from recsys.data.arrow import DataError
 from recsys.data.batch import jagged_take
-from recsys.data.parquet import DataError, ParquetStream, keep_most_recent
+from recsys.data.encode import keep_most_recent
+from recsys.data.parquet import ParquetStream
 from recsys.data.vocab import Vocabulary
 from tests.conftest import TINY_SCHEMA, write_dataset
 

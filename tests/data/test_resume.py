@@ -39,8 +39,8 @@ def test_a_resumed_pass_yields_exactly_the_unseen_batches(tiny_dataset: Path, wo
 
 
 def test_a_mid_epoch_resume_with_another_worker_count_is_refused_naming_both(tiny_dataset: Path) -> None:
+    from recsys.data.arrow import DataError
     from recsys.data.datamodule import CTRDataModule
-    from recsys.data.parquet import DataError
 
     def loader(workers: int):  # noqa: ANN202
         dm = CTRDataModule(str(tiny_dataset), batch_size=64, num_workers=workers)
