@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from recsys.data.datamodule import CTRDataModule
 from recsys.embedding.spec import EmbeddingConfigError, legacy_keys_message
@@ -146,6 +146,15 @@ def _model_keys(args: list[str] | dict) -> list[str]:
     return keys
 
 
+class SaveConfigWithLogs(SaveConfigCallback):
+    """Saves the resolved ``config.yaml`` next to the run's logs, and nowhere when the run has no logger
+    (Lightning would write it into the working directory, e.g. a repository root)."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if trainer.logger is not None:
+            super().setup(trainer, pl_module, stage)
+
+
 def run(args: list[str] | None = None, subcommand: bool = True) -> RecsysCLI:
     """Runs ``args`` (``[subcommand, options...]``); with ``subcommand=False`` it only builds
     the model, data module and trainer from ``args`` (options only) and returns the CLI."""
@@ -154,6 +163,7 @@ def run(args: list[str] | None = None, subcommand: bool = True) -> RecsysCLI:
         CTRDataModule,
         subclass_mode_model=True,
         trainer_defaults={"callbacks": [PredictionWriter(), RunSummary(), Throughput()]},
+        save_config_callback=SaveConfigWithLogs,
         save_config_kwargs={"overwrite": True},
         args=args,
         auto_configure_optimizers=False,

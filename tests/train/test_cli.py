@@ -175,3 +175,15 @@ def test_data_whose_content_differs_is_refused_and_an_identical_copy_passes(tmp_
     with pytest.raises(Exception, match="the vocabulary of 'item'"):  # recsys test --ckpt_path on that data
         run(["test", "--config", str(CONFIG), "--data.path", str(reordered), "--model.init_args.embedding", '{"dim": 8}',
              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--ckpt_path", str(ckpt)])
+
+
+def test_a_run_without_a_logger_writes_no_config_into_the_working_directory(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    data = write_dataset(tmp_path / "tiny")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # Lightning's default log_dir without a logger
+    run(["fit", "--config", str(CONFIG), "--data.path", str(data), "--trainer.logger", "false",
+         "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
+         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"])
+    assert not (work / "config.yaml").exists(), sorted(p.name for p in work.iterdir())
