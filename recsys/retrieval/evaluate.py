@@ -2,7 +2,7 @@
 
     recsys retrieve --two-tower TT.ckpt --din DIN.ckpt --out runs/retrieval     # ml100k-ctr test split
 
-Per user with a click in the evaluated split (PROTOCOLS.md): the positives are the items clicked
+Per user with a click in the evaluated split (docs/protocols.md): the positives are the items clicked
 there; every catalogue item the user met in train is excluded from the candidates. The
 catalogue is every item of every split, so items absent from train (cold items) are candidates
 too. Rankings:

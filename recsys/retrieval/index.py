@@ -2,7 +2,7 @@
 
 ``VectorIndex(vectors, ids)`` picks the index by catalogue size: exact (``IndexFlatIP``) up to
 ``exact_limit`` items, HNSW above it (``kind="hnsw"``), or IVF (``kind="ivf"``). ``search``
-can exclude, per query, ids the user has already seen (PROTOCOLS.md: items seen in train are
+can exclude, per query, ids the user has already seen (docs/protocols.md: items seen in train are
 not candidates).
 """
 

@@ -1,4 +1,4 @@
-"""The ml100k-ctr protocol (PROTOCOLS.md) reproduced exactly."""
+"""The ml100k-ctr protocol (docs/protocols.md) reproduced exactly."""
 
 import importlib.util
 from pathlib import Path
