@@ -27,6 +27,13 @@ def jagged_take(values: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> tu
     return values[index], take_lengths
 
 
+def jagged_rows(lengths: torch.Tensor, num_values: int) -> torch.Tensor:
+    """Row index of every jagged value: ``[0]*lengths[0] + [1]*lengths[1] + ...`` → ``[N]`` (the segment
+    ids of pooling, attention and padding)."""
+    rows = torch.arange(lengths.numel(), device=lengths.device)
+    return torch.repeat_interleave(rows, lengths.long(), output_size=num_values)
+
+
 def make_kjt(features: dict[str, tuple[np.ndarray, np.ndarray]]) -> KeyedJaggedTensor:
     """A KeyedJaggedTensor from ``{key: (values, lengths)}`` (lengths are per row, same row count)."""
     keys = list(features)

@@ -18,6 +18,8 @@ import torch
 from torchrec import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from recsys.data.batch import jagged_rows
+
 TORCHREC_POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 _TABLE_DEVICE: ContextVar[torch.device | None] = ContextVar("recsys_table_device", default=None)
@@ -67,7 +69,7 @@ def pool_jagged(values: torch.Tensor, lengths: torch.Tensor, pooling: str) -> to
     if pooling not in TORCHREC_POOLING:
         raise ValueError(f"pooling must be one of {sorted(TORCHREC_POOLING)}, got {pooling!r}")
     bags = lengths.numel()
-    segment = torch.repeat_interleave(torch.arange(bags, device=values.device), lengths, output_size=values.shape[0])
+    segment = jagged_rows(lengths, values.shape[0])
     out = values.new_zeros(bags, values.shape[1]).index_add(0, segment, values)
     if pooling == "mean":
         out = out / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)

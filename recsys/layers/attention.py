@@ -18,14 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from recsys.data.batch import jagged_rows
 from recsys.layers.activations import make_activation
 from recsys.layers.mlp import MLP
-
-
-def jagged_rows(lengths: Tensor, num_values: int) -> Tensor:
-    """Row index of every jagged value: ``[0]*lengths[0] + [1]*lengths[1] + ...`` → ``[N]``."""
-    rows = torch.arange(lengths.numel(), device=lengths.device)
-    return torch.repeat_interleave(rows, lengths.long(), output_size=num_values)
 
 
 def segment_softmax(scores: Tensor, rows: Tensor, num_rows: int) -> Tensor:

@@ -18,12 +18,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from recsys.data.batch import jagged_rows
+
 
 def jagged_to_padded(values: Tensor, lengths: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """Jagged rows ``values [N, D]`` (``lengths [B]``, oldest first) → ``[B, width, D]`` most recent first,
     left-aligned, zero-padded, and the validity mask ``[B, width]``."""
     batch = lengths.numel()
-    rows = torch.repeat_interleave(torch.arange(batch, device=values.device), lengths.long(), output_size=values.shape[0])
+    rows = jagged_rows(lengths, values.shape[0])
     starts = torch.cumsum(lengths.long(), 0) - lengths.long()
     within = torch.arange(values.shape[0], device=values.device) - starts[rows]  # 0 = oldest
     column = lengths.long()[rows] - 1 - within  # 0 = most recent
