@@ -298,7 +298,7 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     args = parser.parse_args()
     if args.from_json:
-        from recsys.eval.report import write_doc_section
+        from benchdoc import write_doc_section
 
         write_doc_section(args.doc, "bench_dense", to_markdown(json.loads(args.from_json.read_text()), args.command))
         return

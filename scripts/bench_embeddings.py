@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from recsys.eval.report import machine, write_doc_section
+from benchdoc import machine, write_doc_section
 
 NUM_TABLES = 26
 WARMUP = 5  # untimed steps: first touches of optimizer state and caches

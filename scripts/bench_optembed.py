@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchdoc import machine, write_doc_section
 
-from recsys.eval.report import evaluate, machine, write_doc_section
+from recsys.eval.report import evaluate
 from recsys.train.cli import run
 from recsys.train.optembed_run import pipeline as optembed_pipeline
 

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from recsys.eval.report import machine, write_doc_section
+from benchdoc import machine, write_doc_section
 
 OUT = Path("runs/bench_scale")
 MAX_CARDINALITY = 100_000

@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from benchdoc import machine, write_doc_section
 
 from recsys.data.datamodule import CTRDataModule
 from recsys.eval.metrics import auc
-from recsys.eval.report import machine, predict_split, write_doc_section
+from recsys.eval.report import predict_split
 from recsys.export.exporter import export
 from recsys.export.loader import load
 from recsys.train.checkpoint import load_model

@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchdoc import machine, write_doc_section
 
-from recsys.eval.report import evaluate, machine, write_doc_section
+from recsys.eval.report import evaluate
 from recsys.text.pooling import HEADS
 from recsys.train.cli import run
 
@@ -51,7 +52,7 @@ def test_auc(ckpt: Path) -> float:
 
 
 def retrieve(name: str, two_tower: Path, extra: list[str]) -> dict:
-    from recsys.retrieval.evaluate import main as retrieve_main
+    from recsys.commands.retrieve import main as retrieve_main
 
     out = OUT / "retrieval" / name
     if not (out / "report.json").exists():

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import torch
+from benchdoc import machine, write_doc_section
 
-from recsys.eval.report import machine, write_doc_section
 from recsys.train.callbacks import Throughput
 from recsys.train.cli import run
 

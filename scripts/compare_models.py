@@ -33,9 +33,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from benchdoc import machine, write_doc_section
 
 from recsys.eval.metrics import paired_bootstrap_pvalue, rela_impr
-from recsys.eval.report import evaluate, machine, write_doc_section
+from recsys.eval.report import evaluate
 from recsys.train.cli import run
 
 KIND_OVERLAYS = {"plain": [], "hashed": ["configs/embedding/hashed.yaml"], "unified": ["configs/embedding/unified.yaml"],

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from recsys.eval.report import machine, write_doc_section
+from benchdoc import machine, write_doc_section
 
 
 def main() -> None:

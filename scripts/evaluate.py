@@ -1,8 +1,5 @@
-"""Offline CTR evaluation of a checkpoint; the same as `recsys eval` (see `--help`)."""
+"""Moved: offline evaluation is `recsys eval` (this alias is kept only to say so)."""
 
 import sys
 
-from recsys.eval.report import main
-
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit("scripts/evaluate.py moved: run `recsys eval --ckpt CKPT [--data DIR] [--split test]` (recsys eval --help)")

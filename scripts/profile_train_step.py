@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import torch
+from benchdoc import machine, write_doc_section
 from torch.profiler import ProfilerActivity, profile
 
-from recsys.eval.report import machine, write_doc_section
 from recsys.train.cli import run
 
 

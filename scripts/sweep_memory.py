@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchdoc import machine, write_doc_section
 
-from recsys.eval.report import evaluate, machine, write_doc_section
+from recsys.eval.report import evaluate
 from recsys.train.cli import run
 
 DIM = 16

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+from benchdoc import machine, write_doc_section
 
-from recsys.eval.report import machine, write_doc_section
 from recsys.train.cli import run
 
 MODELS = ["base", "din", "bst", "deepfm", "dcnv2", "finalmlp", "dlrm"]

@@ -10,10 +10,8 @@ beside the checkpoint's run directory).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,9 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from recsys.data.arrow import SPLITS, DataError
 from recsys.data.parquet import ParquetStream
-from recsys.data.schema import SchemaError
 from recsys.data.vocab import Vocabulary, check_same_content
 from recsys.eval.metrics import (
     bootstrap_intervals,
@@ -183,75 +179,3 @@ def _markdown(report: dict[str, Any], bins: dict[str, np.ndarray]) -> str:
             lo, hi = bins["edges"][i], bins["edges"][i + 1]
             lines.append(f"| {lo:.1f}–{hi:.1f} | {n:,} | {bins['predicted'][i]:.3f} | {bins['observed'][i]:.3f} |")
     return "\n".join(lines) + "\n"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="recsys eval",
-        description="Offline CTR evaluation of a checkpoint: AUC, GAUC, logloss, RelaImpr against a "
-        "baseline report, 95%% bootstrap intervals and a reliability plot.",
-    )
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by `recsys fit`")
-    parser.add_argument("--data", help="dataset directory (default: the one the model was trained on)")
-    parser.add_argument("--split", default="test", choices=SPLITS, help="split to score (default: test)")
-    parser.add_argument("--out", help="output directory (default: <run dir>/eval_<split>)")
-    parser.add_argument("--baseline", help="another report.json; adds RelaImpr against it")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
-    parser.add_argument("--batch-size", type=int, default=8192, help="rows per scoring batch")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        report = evaluate(args.ckpt, args.data, args.split, args.out, args.baseline, args.bootstrap, args.batch_size, args.seed)
-    except (FileNotFoundError, DataError, SchemaError, ValueError) as err:
-        print(f"recsys eval: error: {err}", file=sys.stderr)
-        return 2
-    ci = report["ci95"]
-    summary = "  ".join(
-        (f"{k}={report[k]:.4f}" if math.isfinite(report[k]) else f"{k}=undefined")
-        + (f" [{ci[k][0]:.4f}, {ci[k][1]:.4f}]" if k in ci and all(map(math.isfinite, ci[k])) else "")
-        for k in ("auc", "gauc", "logloss")
-    )
-    print(f"[recsys eval] {report['split']} ({report['rows']:,} rows): {summary}")
-    if not math.isfinite(report["auc"]):
-        print(f"[recsys eval] AUC is undefined: the {report['split']} split has one class only "
-              f"(positive rate {report['positive_rate']:.3f}); report.json holds null", file=sys.stderr)
-    if "rela_impr_auc" in report:
-        print(f"[recsys eval] RelaImpr vs baseline: AUC {report['rela_impr_auc']:+.2f}%  GAUC {report['rela_impr_gauc']:+.2f}%")
-    print(f"[recsys eval] report: {report['out']}/report.md  (report.json, reliability.png, predictions.parquet)")
-    return 0 if all(math.isfinite(report[k]) for k in ("auc", "logloss")) else 1
-
-
-def write_doc_section(path: str | Path, name: str, markdown: str) -> None:
-    """Replaces (or appends) the ``<!-- name:start -->``…``<!-- name:end -->`` block of a doc.
-
-    Each benchmark script owns one block of docs/benchmarks.md and rewrites only that.
-    """
-    path = Path(path)
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{markdown.rstrip()}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
-def machine() -> str:
-    """CPU model, cores and torch build, for benchmark tables."""
-    import os
-    import platform
-
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"

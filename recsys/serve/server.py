@@ -23,8 +23,6 @@ Limits: ``--max-bytes`` per request body and ``--max-rows`` per request (413 bey
 
 from __future__ import annotations
 
-import argparse
-import errno
 import json
 import logging
 import socket
@@ -35,9 +33,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
-import torch
-
-from recsys.export.loader import ExportError, RowError, Scorer, load
+from recsys.export.loader import RowError, Scorer, load
 
 log = logging.getLogger(__name__)
 
@@ -260,43 +256,3 @@ def serve(directory: str, host: str = "127.0.0.1", port: int = 8080, max_bytes: 
                            queue, timeout)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="recsys serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("directory", help="export directory (recsys export --out)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--max-bytes", type=int, default=8 << 20, help="largest request body (bytes)")
-    parser.add_argument("--max-rows", type=int, default=4096, help="most rows per request")
-    parser.add_argument("--workers", type=int, default=8, help="threads handling connections")
-    parser.add_argument("--queue", type=int, default=64, help="connections waiting for a worker before 503")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds a connection may stay idle or slow")
-    parser.add_argument("--backlog", type=int, default=1024, help="listen backlog of the socket")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads for scoring (0: torch's default)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from recsys.export.loader import read_manifest
-
-    try:
-        read_manifest(args.directory)  # not an export: stop here, before the port is taken
-    except (ExportError, FileNotFoundError) as err:
-        print(f"recsys serve: {err}", file=sys.stderr)
-        return 1
-    try:
-        server = ScoringServer((args.host, args.port), None, args.directory, args.max_bytes, args.max_rows, args.workers,
-                               args.queue, args.timeout, args.backlog)
-    except OSError as err:
-        reason = "is in use (another server?); pass --port" if err.errno == errno.EADDRINUSE else f"cannot be opened ({err})"
-        print(f"recsys serve: {args.host}:{args.port} {reason}", file=sys.stderr)
-        return 1
-    print(f"serving {args.directory} on http://{args.host}:{server.server_address[1]} (POST /score, GET /healthz, "
-          f"GET /metadata); /healthz answers 200 once the export is loaded", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 1 if server.load_error else 0

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -250,56 +249,9 @@ def search(ckpt: str | Path, out: str | Path, config: SearchConfig, data: str | 
     return result
 
 
-def add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    """The search's own flags (shared by ``recsys optembed search`` and ``recsys optembed run``)."""
-    parser.add_argument("--budget", type=float, help="max embedding parameters as a fraction of the full tables' (0-1]")
-    defaults = SearchConfig()
-    for name in ("population", "generations", "keep", "mutations", "crossovers", "seed", "dim_step"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--mutation-prob", type=float, default=defaults.mutation_prob)
-    parser.add_argument("--batch-size", type=int, default=8192, help="val rows per batch while embedding the split")
-
-
 def search_config(args: argparse.Namespace) -> SearchConfig:
     if args.budget is not None and not 0 < args.budget <= 1:
         raise ValueError(f"--budget must lie in (0, 1], got {args.budget}")
     return SearchConfig(population=args.population, generations=args.generations, keep=args.keep,
                         mutations=args.mutations, crossovers=args.crossovers, mutation_prob=args.mutation_prob,
                         budget=args.budget, seed=args.seed, dim_step=args.dim_step)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recsys optembed search", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="supernet checkpoint (.ckpt file or sharded checkpoint dir)")
-    parser.add_argument("--out", required=True, help="output directory (optembed.pt, search.json, pareto.csv/png)")
-    parser.add_argument("--data", help="dataset directory (default: the one the supernet was trained on)")
-    add_search_arguments(parser)
-    return parser
-
-
-USAGE = """usage: recsys optembed run --config MODEL.yaml --config configs/embedding/optembed_supernet.yaml --out DIR
-       recsys optembed search --ckpt SUPERNET --out DIR [--budget B]
-(recsys optembed run --help, recsys optembed search --help)"""
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("search", "run"):
-        print(USAGE, file=sys.stderr)
-        return 2
-    if argv[0] == "run":
-        from recsys.train.optembed_run import main as run_main
-
-        return run_main(argv[1:])
-    args = build_parser().parse_args(argv[1:])
-    try:
-        config = search_config(args)
-    except ValueError as err:
-        print(f"recsys optembed search: {err}", file=sys.stderr)
-        return 2
-    result = search(args.ckpt, args.out, config, data=args.data, batch_size=args.batch_size)
-    print(json.dumps({k: result[k] for k in ("dims", "kept_rows", "val_auc", "full_dims_val_auc", "sparsity")}, indent=2))
-    print(f"wrote {args.out}/{ARTIFACT}; retrain with --config configs/embedding/optembed_retrain.yaml "
-          f"--model.init_args.embedding.artifact {args.out}")
-    return 0

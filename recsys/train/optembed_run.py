@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 from recsys.embedding.spec import EmbeddingSpec
@@ -124,23 +123,3 @@ def _schema(resolved: dict):  # noqa: ANN202
     from recsys.data.schema import load_schema
 
     return load_schema(((resolved.get("data") or {}).get("path")) or "data/ml100k-ctr")
-
-
-def main(argv: list[str]) -> int:
-    from recsys.train.optembed import add_search_arguments
-
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="recsys optembed run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", required=True, help="LightningCLI config(s), as for recsys fit")
-    parser.add_argument("--out", required=True, help="pipeline directory (a rerun resumes at the first stage to do)")
-    add_search_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        result = pipeline(args.config, Path(args.out), args, extra)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"recsys optembed run: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in result.items() if k not in ("dims", "kept_rows")}, indent=2))
-    return 0

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from recsys.commands.data import main as check_main
 from recsys.data.arrow import DataError
 from recsys.data.check import check
-from recsys.data.check import main as check_main
 from recsys.data.parquet import ParquetStream
 from recsys.data.vocab import Vocabulary
 from tests.conftest import TINY_SCHEMA, write_dataset

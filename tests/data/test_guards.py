@@ -81,8 +81,8 @@ def test_a_corrupt_data_page_names_the_file_and_row_group(tmp_path: Path) -> Non
 def test_a_one_class_split_reports_auc_as_undefined_not_zero(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import torch
 
+    from recsys.commands.eval import main as eval_main
     from recsys.data.datamodule import CTRDataModule
-    from recsys.eval.report import main as eval_main
     from recsys.models.base import EmbeddingMLP
     from tests.test_composition import save_checkpoint
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from recsys.commands.optembed import main as optembed_main
 from recsys.data.batch import Batch, make_kjt
 from recsys.data.datamodule import CTRDataModule
 from recsys.data.resources import Resources
@@ -22,7 +23,6 @@ from recsys.embedding.optembed import (
 )
 from recsys.train.checkpoint import load_model
 from recsys.train.optembed import Search, SearchConfig
-from recsys.train.optembed import main as optembed_main
 from tests.conftest import ROOT, write_dataset
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from recsys.commands.optembed import main as optembed_main
 from recsys.train.cli import run
-from recsys.train.optembed import main as optembed_main
 from tests.conftest import ROOT, write_dataset
 
 CONFIGS = ROOT / "configs" / "movielens"

@@ -163,7 +163,7 @@ def test_healthz_says_ready_only_once_the_export_can_score(trained: dict, tmp_pa
 
 
 def test_a_busy_port_is_named_not_a_traceback(server, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
-    from recsys.serve.server import main
+    from recsys.commands.serve import main
 
     directory = server.scorer.directory
     assert main([str(directory), "--port", str(server.server_address[1])]) == 1

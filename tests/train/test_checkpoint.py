@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from recsys.commands.eval import main as eval_main
 from recsys.data.datamodule import CTRDataModule
-from recsys.eval.report import main as eval_main
 from recsys.models.base import EmbeddingMLP
 from recsys.train.checkpoint import CheckpointError, load_model, read_checkpoint
 from tests.test_composition import save_checkpoint

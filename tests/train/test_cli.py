@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
+from recsys.commands.eval import main as eval_main
 from recsys.data.datamodule import CTRDataModule
 from recsys.eval.metrics import ctr_metrics, rela_impr
-from recsys.eval.report import main as eval_main
 from recsys.train.cli import run
 from tests.conftest import ROOT, write_dataset
 

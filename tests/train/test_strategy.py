@@ -253,7 +253,7 @@ def test_checkpoints_move_from_one_rank_to_two(tiny: str, tmp_path: Path) -> Non
 
 
 def test_plan_dry_run(tiny: str, capsys: pytest.CaptureFixture) -> None:
-    from recsys.train.plan import main as plan_main
+    from recsys.commands.plan import main as plan_main
 
     config = str(ROOT / "configs/movielens/din.yaml")
     assert plan_main(["--config", config, "--world-size", "4", "--", "--data.path", tiny]) == 0

@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from recsys.commands.table import example
 from recsys.embedding.sharding import describe_plan, embedding_tables, plan_model
 
 OPTIMIZER_SLOTS = {"sgd": 0.0, "adagrad": 1.0, "rowwise_adagrad": 0.0, "adam": 2.0}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="recsys plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="recsys plan", description=__doc__, epilog=example("plan"), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, action="append", help="LightningCLI config(s), as for recsys fit")
     parser.add_argument("--world-size", type=int, required=True, help="number of ranks (processes / GPUs)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="what the ranks compute on")

@@ -1,0 +1,50 @@
+"""``recsys retrieve``: arguments and printing; the work is in ``recsys.retrieval.evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from recsys.commands.table import example
+from recsys.retrieval import evaluate
+from recsys.retrieval.evaluate import Retriever, markdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="recsys retrieve", description=evaluate.__doc__, epilog=example("retrieve"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--two-tower", required=True, help="TwoTower checkpoint (recsys fit --config configs/movielens/two_tower.yaml)")
+    parser.add_argument("--din", help="DIN checkpoint for re-ranking (optional)")
+    parser.add_argument("--data", help="dataset directory (default: the two-tower's)")
+    parser.add_argument("--text-feature", default="movie_title")
+    parser.add_argument("--pooling", default="mean", help="pooling head for content vectors (parameter-free unless --text-head)")
+    parser.add_argument("--text-head", help="a DIN checkpoint with text features whose trained pooling head to use")
+    parser.add_argument("--text-with", nargs="*", default=[],
+                        help="item-level columns appended to the item text for content retrieval (e.g. genres)")
+    parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--rerank-depth", type=int, default=100)
+    parser.add_argument("--split", default="test", choices=["val", "test"])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from recsys.train.checkpoint import load_model
+
+    tt = load_model(args.two_tower)
+    data = Path(args.data or tt.info.path)
+    head, pooling = None, args.pooling
+    if args.text_head:
+        text_model = load_model(args.text_head)
+        if not len(text_model.embedding.item_text):
+            parser.error(f"--text-head {args.text_head}: the model has no item text (train it with --config configs/text/<head>.yaml)")
+        head = next(iter(text_model.embedding.item_text.values())).head
+        pooling = text_model.embedding.text_spec.pooling
+    retriever = Retriever(tt, data, args.text_feature, pooling, head, text_with=args.text_with)
+    report = retriever.evaluate(load_model(args.din) if args.din else None, args.k, args.rerank_depth, args.split)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report) + "\n")
+    print(markdown(report))
+    print(f"α (val) = {report['alpha']:.1f}; {report['users']} users, {report['catalogue']} items "
+          f"({report['cold_items']} cold); wrote {out}/report.json")
+    return 0
