@@ -41,7 +41,8 @@ bench: $(STAMP) $(DATA)/PREPARED.json
 	$(PY) scripts/profile_train_step.py --config configs/movielens/din.yaml
 
 compare: $(STAMP) $(DATA)/PREPARED.json
-	$(PY) scripts/compare_models.py --configs configs/movielens/base.yaml configs/movielens/din.yaml --seeds 1 2 3
+	$(PY) scripts/compare_models.py --seeds 1 2 3 --configs \
+		$(foreach m,base din bst deepfm dcnv2 finalmlp dlrm,configs/movielens/$(m).yaml)
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
