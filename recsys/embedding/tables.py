@@ -19,8 +19,9 @@ from torchrec import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from recsys.data.batch import jagged_rows
+from recsys.embedding.spec import TABLE_POOLINGS
 
-TORCHREC_POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+TORCHREC_POOLING = {name: PoolingType[name.upper()] for name in TABLE_POOLINGS}  # the spec's names
 
 _TABLE_DEVICE: ContextVar[torch.device | None] = ContextVar("recsys_table_device", default=None)
 
