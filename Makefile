@@ -33,8 +33,10 @@ run: $(RUN)/eval_test/report.json
 test: $(STAMP) $(DATA)/PREPARED.json
 	$(PY) -m pytest -q
 
+## lint: ruff's rules (lines ≤ 120) and its formatting
 lint: $(STAMP)
 	.venv/bin/ruff check recsys tests scripts datasets
+	.venv/bin/ruff format --check recsys tests scripts datasets
 
 bench: $(STAMP) $(DATA)/PREPARED.json
 	$(PY) scripts/bench_train.py --config configs/movielens/base.yaml configs/movielens/din.yaml

@@ -134,8 +134,16 @@ def time_bst(device: str, batch: int, dtype: torch.dtype, steps: int, history: i
     return _rate(step, device, batch, steps)
 
 
-def time_head(device: str, name: str, batch: int, dtype: torch.dtype, steps: int, tokens: int = 32, width: int = 384,
-              layers: int = 7) -> float:
+def time_head(
+    device: str,
+    name: str,
+    batch: int,
+    dtype: torch.dtype,
+    steps: int,
+    tokens: int = 32,
+    width: int = 384,
+    layers: int = 7,
+) -> float:
     """A text pooling head + a 384 → 4 projection over cached token states of ``batch`` texts, fwd + bwd."""
     from recsys.text.pooling import make_pooling
 
@@ -180,6 +188,7 @@ def _load_crossnet(path: Path | None) -> None:
 
     try:
         import torchrec.modules.crossnet  # noqa: F401
+
         return
     except ImportError:
         if path is None:
@@ -193,7 +202,9 @@ def _load_crossnet(path: Path | None) -> None:
 
 
 def _row(rows: list, device: str, case: str, batch: int, dtype: torch.dtype, rate: float) -> None:
-    rows.append({"device": device, "case": case, "batch": batch, "dtype": str(dtype).split(".")[-1], "samples_per_s": rate})
+    rows.append(
+        {"device": device, "case": case, "batch": batch, "dtype": str(dtype).split(".")[-1], "samples_per_s": rate}
+    )
     print(f"{device:4s} {case:38s} batch {batch:6d} {rows[-1]['dtype']:8s} {rate:14,.0f} samples/s", flush=True)
 
 
@@ -215,24 +226,44 @@ def measure_more(devices: list[str], steps: int, parts: list[str], encoder_confi
         if "bst" in parts:
             for batch in (1024, 8192):
                 for dtype in dtypes:
-                    _row(rows, device, "BST encoder (45 behaviors, d=32)", batch, dtype, time_bst(device, batch, dtype, n))
+                    _row(
+                        rows,
+                        device,
+                        "BST encoder (45 behaviors, d=32)",
+                        batch,
+                        dtype,
+                        time_bst(device, batch, dtype, n),
+                    )
         if "heads" in parts:
             from recsys.text.pooling import HEADS
 
             for head in HEADS:
                 for dtype in dtypes:
-                    _row(rows, device, f"text head {head} (32 tokens × 384)", 1024, dtype,
-                         time_head(device, head, 1024, dtype, n))
+                    _row(
+                        rows,
+                        device,
+                        f"text head {head} (32 tokens × 384)",
+                        1024,
+                        dtype,
+                        time_head(device, head, 1024, dtype, n),
+                    )
         if "encoder" in parts and encoder_config is not None:
             for batch in (128, 1024):
                 for dtype in dtypes:
-                    _row(rows, device, "MiniLM-L6 encoder (32 tokens, inference)", batch, dtype,
-                         time_encoder(device, encoder_config, batch, dtype, max(2, n // 5)))
+                    _row(
+                        rows,
+                        device,
+                        "MiniLM-L6 encoder (32 tokens, inference)",
+                        batch,
+                        dtype,
+                        time_encoder(device, encoder_config, batch, dtype, max(2, n // 5)),
+                    )
     return rows
 
 
-def measure(devices: list[str], threads: int, steps: int, parts: list[str] | None = None,
-            encoder_config: Path | None = None) -> dict:
+def measure(
+    devices: list[str], threads: int, steps: int, parts: list[str] | None = None, encoder_config: Path | None = None
+) -> dict:
     torch.set_num_threads(threads)
     parts = parts or PARTS
     rows = []
@@ -243,19 +274,47 @@ def measure(devices: list[str], threads: int, steps: int, parts: list[str] | Non
                 for dtype in dtypes:
                     n = steps if device == "cuda" else max(3, steps // 10)
                     rate = time_case(device, width, hidden, batch, dtype, n)
-                    rows.append({"device": device, "case": name, "batch": batch, "dtype": str(dtype).split(".")[-1], "samples_per_s": rate})
-                    print(f"{device:4s} {name:20s} batch {batch:6d} {rows[-1]['dtype']:8s} {rate:14,.0f} samples/s", flush=True)
+                    rows.append(
+                        {
+                            "device": device,
+                            "case": name,
+                            "batch": batch,
+                            "dtype": str(dtype).split(".")[-1],
+                            "samples_per_s": rate,
+                        }
+                    )
+                    print(
+                        f"{device:4s} {name:20s} batch {batch:6d} {rows[-1]['dtype']:8s} {rate:14,.0f} samples/s",
+                        flush=True,
+                    )
         for batch in (1024, 8192) if "attention" in parts else ():
             for dtype in dtypes:
                 n = steps if device == "cuda" else max(3, steps // 10)
                 rate = time_attention(device, batch, dtype, n)
-                rows.append({"device": device, "case": "DIN attention (45 behaviors, D=32)", "batch": batch,
-                             "dtype": str(dtype).split(".")[-1], "samples_per_s": rate})
-                print(f"{device:4s} DIN attention        batch {batch:6d} {rows[-1]['dtype']:8s} {rate:14,.0f} samples/s", flush=True)
+                rows.append(
+                    {
+                        "device": device,
+                        "case": "DIN attention (45 behaviors, D=32)",
+                        "batch": batch,
+                        "dtype": str(dtype).split(".")[-1],
+                        "samples_per_s": rate,
+                    }
+                )
+                print(
+                    f"{device:4s} DIN attention        batch {batch:6d} {rows[-1]['dtype']:8s} {rate:14,.0f} samples/s",
+                    flush=True,
+                )
     rows += measure_more(devices, steps, parts, encoder_config)
     gpu = torch.cuda.get_device_name(0) if "cuda" in devices else None
-    return {"rows": rows, "gpu": gpu, "cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
-            "torch": torch.__version__, "threads": threads, "date": time.strftime("%Y-%m-%d")}
+    return {
+        "rows": rows,
+        "gpu": gpu,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def to_markdown(result: dict, command: str) -> str:
@@ -265,20 +324,23 @@ def to_markdown(result: dict, command: str) -> str:
         f"Command: `{command}`  ",
         f"Machine: {result['gpu'] or 'no GPU'}; CPU rows with {result['threads']} torch threads on that machine's CPU; "
         f"torch {result['torch']}; {result['date']}. Towers (MLP, DCN-V2 with 3 full-rank cross layers, FinalMLP with "
-        "two gated streams and bilinear fusion): forward + backward + Adam step; DIN attention and BST encoder: forward + "
+        "two gated streams and bilinear fusion): forward + backward "
+        "+ Adam step; DIN attention and BST encoder: forward + "
         "backward; text heads: head + 384→4 projection, forward + backward over cached token states (parameter-free "
         "heads: forward only); MiniLM-L6: inference with all hidden states, random weights of its architecture. "
         "Samples (rows, texts) per second.",
         "",
-        "| tower | batch | dtype | " + " | ".join(sorted({r['device'] for r in result['rows']})) + " |",
-        "|---|---|---|" + "---|" * len({r['device'] for r in result['rows']}),
+        "| tower | batch | dtype | " + " | ".join(sorted({r["device"] for r in result["rows"]})) + " |",
+        "|---|---|---|" + "---|" * len({r["device"] for r in result["rows"]}),
     ]
     devices = sorted({r["device"] for r in result["rows"]})
     keys = sorted({(r["case"], r["batch"], r["dtype"]) for r in result["rows"]}, key=lambda k: (k[0], k[1], k[2]))
     for case, batch, dtype in keys:
         cells = []
         for d in devices:
-            match = [r for r in result["rows"] if (r["device"], r["case"], r["batch"], r["dtype"]) == (d, case, batch, dtype)]
+            match = [
+                r for r in result["rows"] if (r["device"], r["case"], r["batch"], r["dtype"]) == (d, case, batch, dtype)
+            ]
             cells.append(f"{match[0]['samples_per_s']:,.0f}" if match else "—")
         lines.append(f"| {case} | {batch} | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -291,10 +353,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--json", type=Path, help="write raw results here")
     parser.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
-    parser.add_argument("--torchrec-crossnet", type=Path, help="torchrec's modules/crossnet.py where torchrec is not installed")
-    parser.add_argument("--encoder-config", type=Path, help="a local MiniLM directory (config.json) for the encoder part")
+    parser.add_argument(
+        "--torchrec-crossnet", type=Path, help="torchrec's modules/crossnet.py where torchrec is not installed"
+    )
+    parser.add_argument(
+        "--encoder-config", type=Path, help="a local MiniLM directory (config.json) for the encoder part"
+    )
     parser.add_argument("--from-json", type=Path, help="only render an earlier --json result into the doc")
-    parser.add_argument("--command", default="python scripts/bench_dense.py --devices cuda cpu --threads 2 --json dense.json")
+    parser.add_argument(
+        "--command", default="python scripts/bench_dense.py --devices cuda cpu --threads 2 --json dense.json"
+    )
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     args = parser.parse_args()
     if args.from_json:

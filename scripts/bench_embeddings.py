@@ -70,15 +70,28 @@ def bench_fused(rows: list[int], dim: int, batch: int, steps: int, optimizer: st
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29561")
         dist.init_process_group("gloo", rank=0, world_size=1)
-    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"f{i}"]) for i, n in enumerate(rows)]
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"f{i}"])
+        for i, n in enumerate(rows)
+    ]
     module = torch.nn.Module()
     module.ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
-    dmp = shard_model(module, 1, torch.device("cpu"), sharding_types={"pooled": "table_wise"}, sparse_optimizer=optimizer,
-                      sparse_lr=0.05, copy_initial_weights=False)
+    dmp = shard_model(
+        module,
+        1,
+        torch.device("cpu"),
+        sharding_types={"pooled": "table_wise"},
+        sparse_optimizer=optimizer,
+        sparse_lr=0.05,
+        copy_initial_weights=False,
+    )
     rng = np.random.default_rng(0)
     keys = [f"f{i}" for i in range(len(rows))]
     lengths = torch.ones(batch * len(rows), dtype=torch.int32)
-    data = [KeyedJaggedTensor(keys=keys, values=torch.cat(_ids(rows, batch, rng)), lengths=lengths) for _ in range(steps + WARMUP)]
+    data = [
+        KeyedJaggedTensor(keys=keys, values=torch.cat(_ids(rows, batch, rng)), lengths=lengths)
+        for _ in range(steps + WARMUP)
+    ]
 
     def step(kjt: KeyedJaggedTensor) -> None:
         dmp.module.ebc(kjt).values().pow(2).mean().backward()  # the update runs inside backward
@@ -89,18 +102,55 @@ def bench_fused(rows: list[int], dim: int, batch: int, steps: int, optimizer: st
 def bench_world_sizes(rows: int, threads: int) -> dict[int, float]:
     data = Path(f"data/synthetic-{rows // 1000}k")
     if not (data / "GENERATED.json").exists():
-        subprocess.run([sys.executable, "datasets/synthetic/generate.py", "--rows", str(rows), "--out", str(data),
-                        "--max-cardinality", "100000"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "datasets/synthetic/generate.py",
+                "--rows",
+                str(rows),
+                "--out",
+                str(data),
+                "--max-cardinality",
+                "100000",
+            ],
+            check=True,
+        )
     recsys = Path(sys.executable).parent / "recsys"
     rates = {}
     for devices in (1, 2):
         env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
         env["OMP_NUM_THREADS"] = str(max(1, threads // devices))
-        out = subprocess.run([str(recsys), "fit", "--config", "configs/movielens/base.yaml", "--data.path", str(data),
-                              "--data.batch_size", "4096", "--trainer.strategy", "torchrec", "--trainer.devices", str(devices),
-                              "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-                              "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
-                              "--trainer.enable_progress_bar", "false"], capture_output=True, text=True, env=env)
+        out = subprocess.run(
+            [
+                str(recsys),
+                "fit",
+                "--config",
+                "configs/movielens/base.yaml",
+                "--data.path",
+                str(data),
+                "--data.batch_size",
+                "4096",
+                "--trainer.strategy",
+                "torchrec",
+                "--trainer.devices",
+                str(devices),
+                "--trainer.max_epochs",
+                "1",
+                "--trainer.limit_val_batches",
+                "0",
+                "--trainer.logger",
+                "false",
+                "--trainer.enable_checkpointing",
+                "false",
+                "--trainer.callbacks",
+                "[]",
+                "--trainer.enable_progress_bar",
+                "false",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         found = re.findall(r"epoch 0: ([\d,]+) training samples/s", out.stdout + out.stderr)
         if out.returncode != 0 or not found:
             raise RuntimeError(f"recsys fit at {devices} device(s) failed:\n{(out.stdout + out.stderr)[-3000:]}")
@@ -129,27 +179,45 @@ def main() -> None:
         f"Machine: {machine()}, {args.threads} torch threads; {time.strftime('%Y-%m-%d')}.",
     ]
     if args.part in ("kernels", "all"):
-        lines = ["## Embedding kernels: FBGEMM fused TBE vs nn.EmbeddingBag (`scripts/bench_embeddings.py`)", "", *header,
-                 "", f"{NUM_TABLES} tables of {args.min_rows:,}–{args.max_rows:,} rows, one Zipf id per table per sample, "
-                 f"batch {args.batch}; forward + backward + update.", "",
-                 "| dim | nn.EmbeddingBag ×26 + Adagrad (samples/s) | FBGEMM fused TBE, Adagrad | fused, row-wise Adagrad | speed-up (Adagrad) |",
-                 "|---|---|---|---|---|"]
+        lines = [
+            "## Embedding kernels: FBGEMM fused TBE vs nn.EmbeddingBag (`scripts/bench_embeddings.py`)",
+            "",
+            *header,
+            "",
+            f"{NUM_TABLES} tables of {args.min_rows:,}–{args.max_rows:,} rows, one Zipf id per table per sample, "
+            f"batch {args.batch}; forward + backward + update.",
+            "",
+            "| dim | nn.EmbeddingBag ×26 + Adagrad (samples/s) | FBGEMM fused "
+            "TBE, Adagrad | fused, row-wise Adagrad | speed-up (Adagrad) |",
+            "|---|---|---|---|---|",
+        ]
         for dim in args.dims:
             base = bench_baseline(rows, dim, args.batch, args.steps)
             fused = bench_fused(rows, dim, args.batch, args.steps, "adagrad")
             rowwise = bench_fused(rows, dim, args.batch, args.steps, "rowwise_adagrad")
-            print(f"[bench_embeddings] dim {dim}: baseline {base:,.0f}, fused adagrad {fused:,.0f}, rowwise {rowwise:,.0f}", flush=True)
+            print(
+                f"[bench_embeddings] dim {dim}: baseline {base:,.0f}, "
+                f"fused adagrad {fused:,.0f}, rowwise {rowwise:,.0f}",
+                flush=True,
+            )
             lines.append(f"| {dim} | {base:,.0f} | {fused:,.0f} | {rowwise:,.0f} | {fused / base:.2f}× |")
         write_doc_section(Path(args.doc), "bench_embeddings", "\n".join(lines))
     if args.part in ("training", "all"):
         if dist.is_initialized():
             dist.destroy_process_group()
         rates = bench_world_sizes(args.train_rows, args.threads)
-        lines = ["## Training at world size 1 and 2 (`scripts/bench_embeddings.py --part training`)", "", *header,
-                 "", f"Base model, synthetic Criteo-shaped data ({args.train_rows:,} rows, 39 features), batch 4096 per rank, "
-                 "torchrec strategy (gloo), one epoch, rank threads = threads / world size. On one 2-core machine the two "
-                 "ranks share the cores, so this measures the overhead of sharding (all-to-all, DDP), not a speed-up.", "",
-                 "| world size | training samples/s (all ranks) |", "|---|---|"]
+        lines = [
+            "## Training at world size 1 and 2 (`scripts/bench_embeddings.py --part training`)",
+            "",
+            *header,
+            "",
+            f"Base model, synthetic Criteo-shaped data ({args.train_rows:,} rows, 39 features), batch 4096 per rank, "
+            "torchrec strategy (gloo), one epoch, rank threads = threads / world size. On one 2-core machine the two "
+            "ranks share the cores, so this measures the overhead of sharding (all-to-all, DDP), not a speed-up.",
+            "",
+            "| world size | training samples/s (all ranks) |",
+            "|---|---|",
+        ]
         lines += [f"| {w} | {r:,.0f} |" for w, r in rates.items()]
         write_doc_section(Path(args.doc), "bench_world_sizes", "\n".join(lines))
     print(f"[bench_embeddings] wrote {args.doc}")

@@ -1,6 +1,6 @@
 """OptEmbed sparsity vs test AUC, against the full tables and Unified Embedding at equal parameters.
 
-    python scripts/bench_optembed.py                                   # ml100k + synthetic, budgets 0.5 0.25, seeds 1 2 3
+    python scripts/bench_optembed.py                   # ml100k + synthetic, budgets 0.5 0.25, seeds 1 2 3
     python scripts/bench_optembed.py --datasets ml100k --budgets 0.5 --seeds 1
 
 Per dataset and seed: the full per-feature tables (Embedding&MLP, ``configs/movielens/base.yaml``);
@@ -40,18 +40,47 @@ BASE = "configs/movielens/base.yaml"
 
 def fit(data: str, root: Path, version: str, seed: int, extra: list[str]) -> Path:
     """The base model (``configs/movielens/base.yaml``) into ``root/version``; its best checkpoint."""
-    run(["fit", "--config", BASE, "--data.path", data, "--seed_everything", str(seed), "--trainer.enable_progress_bar",
-         "false", "--trainer.logger.init_args.save_dir", str(root), "--trainer.logger.init_args.name", "",
-         "--trainer.logger.init_args.version", version, *extra])
+    run(
+        [
+            "fit",
+            "--config",
+            BASE,
+            "--data.path",
+            data,
+            "--seed_everything",
+            str(seed),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(root),
+            "--trainer.logger.init_args.name",
+            "",
+            "--trainer.logger.init_args.version",
+            version,
+            *extra,
+        ]
+    )
     return root / version / "checkpoints" / "best.ckpt"
 
 
 def pipeline(data: str, root: Path, seed: int, budget: float, extra: list[str]) -> dict:
     """``recsys optembed run`` on the base model: one supernet per seed, a search and a compact retrain per budget."""
-    search = argparse.Namespace(budget=budget, population=50, generations=30, keep=15, mutations=10, crossovers=10,
-                                mutation_prob=0.1, seed=seed, dim_step=4, batch_size=8192)
+    search = argparse.Namespace(
+        budget=budget,
+        population=50,
+        generations=30,
+        keep=15,
+        mutations=10,
+        crossovers=10,
+        mutation_prob=0.1,
+        seed=seed,
+        dim_step=4,
+        batch_size=8192,
+    )
     configs = [BASE, "configs/embedding/optembed_supernet.yaml"]
-    return optembed_pipeline(configs, root / "optembed", search, ["--data.path", data, "--seed_everything", str(seed), *extra])
+    return optembed_pipeline(
+        configs, root / "optembed", search, ["--data.path", data, "--seed_everything", str(seed), *extra]
+    )
 
 
 def test_auc(ckpt: Path) -> float:
@@ -70,8 +99,18 @@ def run_seed(name: str, seed: int, budgets: list[float]) -> list[dict]:
     full = json.loads((root / "full" / "eval_test" / "report.json").read_text())
     for budget in budgets:
         result = pipeline(data, root, seed, budget, extra)
-        rows.append({"dataset": name, "method": "optembed", "budget": budget, "seed": seed, "params": result["params"],
-                     "full_params": result["full_params"], "sparsity": result["sparsity"], "test_auc": result["test_auc"]})
+        rows.append(
+            {
+                "dataset": name,
+                "method": "optembed",
+                "budget": budget,
+                "seed": seed,
+                "params": result["params"],
+                "full_params": result["full_params"],
+                "sparsity": result["sparsity"],
+                "test_auc": result["test_auc"],
+            }
+        )
         unified_rows = max(1, round(result["params"] / 8))
         version = f"unified_b{budget}"
         report = root / version / "eval_test" / "report.json"
@@ -79,11 +118,30 @@ def run_seed(name: str, seed: int, budgets: list[float]) -> list[dict]:
             shutil.rmtree(root / version, ignore_errors=True)
             block = {"kind": "unified", "rows": unified_rows, "dim": 8, "num_tables": 1, "probes": 2}
             test_auc(fit(data, root, version, seed, ["--model.init_args.embedding", json.dumps(block), *extra]))
-        rows.append({"dataset": name, "method": "unified", "budget": budget, "seed": seed, "params": unified_rows * 8,
-                     "full_params": result["full_params"], "sparsity": 1 - unified_rows * 8 / result["full_params"],
-                     "test_auc": json.loads(report.read_text())["auc"]})
-    rows.append({"dataset": name, "method": "full", "budget": 1.0, "seed": seed, "params": rows[0]["full_params"],
-                 "full_params": rows[0]["full_params"], "sparsity": 0.0, "test_auc": full["auc"]})
+        rows.append(
+            {
+                "dataset": name,
+                "method": "unified",
+                "budget": budget,
+                "seed": seed,
+                "params": unified_rows * 8,
+                "full_params": result["full_params"],
+                "sparsity": 1 - unified_rows * 8 / result["full_params"],
+                "test_auc": json.loads(report.read_text())["auc"],
+            }
+        )
+    rows.append(
+        {
+            "dataset": name,
+            "method": "full",
+            "budget": 1.0,
+            "seed": seed,
+            "params": rows[0]["full_params"],
+            "full_params": rows[0]["full_params"],
+            "sparsity": 0.0,
+            "test_auc": full["auc"],
+        }
+    )
     return rows
 
 
@@ -91,8 +149,10 @@ def markdown(rows: list[dict], seeds: list[int], seconds: float) -> str:
     lines = [
         f"`python scripts/bench_optembed.py` — {machine()}, {torch.get_num_threads()} torch threads, seeds {seeds}, "
         f"{seconds / 60:.0f} min. Test AUC mean ± std over seeds; sparsity = 1 − Σ kept_rows·dims / Σ rows·16 "
-        "(docs/protocols.md), mean over seeds; Δ = vs the full tables of the same seeds. Supernet α = 1e-5, threshold lr 1e-2; "
-        "search: dims in multiples of 4, population 50, 30 generations × (10 mutations + 10 crossovers), top 15, p = 0.1, fitness = val AUC.",
+        "(docs/protocols.md), mean over seeds; Δ = vs the full tables "
+        "of the same seeds. Supernet α = 1e-5, threshold lr 1e-2; "
+        "search: dims in multiples of 4, population 50, 30 generations × "
+        "(10 mutations + 10 crossovers), top 15, p = 0.1, fitness = val AUC.",
         "",
         "| dataset | method | budget | sparsity | embedding params | test AUC | Δ AUC vs full |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -108,8 +168,12 @@ def markdown(rows: list[dict], seeds: list[int], seconds: float) -> str:
                 f"{np.mean([r['params'] for r in sel]):,.0f} | {aucs.mean():.4f} ± {aucs.std():.4f} | "
                 f"{aucs.mean() - full.mean():+.4f} |"
             )
-    lines += ["", "Search front of the ml100k seed-1 supernet at budget 0.5 (val AUC with supernet weights):", "",
-              "![OptEmbed search](optembed_pareto.png)"]
+    lines += [
+        "",
+        "Search front of the ml100k seed-1 supernet at budget 0.5 (val AUC with supernet weights):",
+        "",
+        "![OptEmbed search](optembed_pareto.png)",
+    ]
     return "\n".join(lines)
 
 

@@ -68,7 +68,9 @@ def measured(command: list[str], log: Path) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
         trace: list[tuple[float, int]] = []
         done = threading.Event()
 
@@ -85,7 +87,12 @@ def measured(command: list[str], log: Path) -> dict:
     text = log.read_text()
     if code != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({code}); see {log}:\n{text[-3000:]}")
-    return {"seconds": time.perf_counter() - start, "peak_bytes": max(b for _, b in trace), "trace": trace, "output": text}
+    return {
+        "seconds": time.perf_counter() - start,
+        "peak_bytes": max(b for _, b in trace),
+        "trace": trace,
+        "output": text,
+    }
 
 
 def ensure_data(rows: int) -> tuple[Path, float | None]:
@@ -93,8 +100,21 @@ def ensure_data(rows: int) -> tuple[Path, float | None]:
     if (path / "GENERATED.json").exists():
         return path, None
     start = time.perf_counter()
-    subprocess.run([sys.executable, "datasets/synthetic/generate.py", "--rows", str(rows), "--out", str(path),
-                    "--max-cardinality", str(MAX_CARDINALITY), "--seed", "0"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "datasets/synthetic/generate.py",
+            "--rows",
+            str(rows),
+            "--out",
+            str(path),
+            "--max-cardinality",
+            str(MAX_CARDINALITY),
+            "--seed",
+            "0",
+        ],
+        check=True,
+    )
     return path, time.perf_counter() - start
 
 
@@ -118,29 +138,63 @@ def run_size(rows: int, args: argparse.Namespace) -> list[dict]:
     data, generate_s = ensure_data(rows)
     recsys = str(Path(sys.executable).parent / "recsys")
     # vocabularies first (once per dataset), so the two measurements below see the same start
-    vocab = measured([sys.executable, "-c", f"from recsys.data.vocab import Vocabulary; Vocabulary.load_or_build({str(data)!r})"],
-                     OUT / f"vocab_{data.name}.log")
-    loader = measured([sys.executable, "-c", LOADER, str(data), str(args.batch_size), str(args.workers), str(args.loader_batches)],
-                      OUT / f"loader_{data.name}.log")
+    vocab = measured(
+        [sys.executable, "-c", f"from recsys.data.vocab import Vocabulary; Vocabulary.load_or_build({str(data)!r})"],
+        OUT / f"vocab_{data.name}.log",
+    )
+    loader = measured(
+        [sys.executable, "-c", LOADER, str(data), str(args.batch_size), str(args.workers), str(args.loader_batches)],
+        OUT / f"loader_{data.name}.log",
+    )
     loader_rate = float(re.search(r"LOADER ([\d.]+) samples/s", loader["output"]).group(1))
     results = []
     for world in args.world_sizes if rows == min(args.rows) else [1]:
-        train = measured([recsys, "fit", "--config", "configs/synthetic/dlrm.yaml", "--data.path", str(data),
-                          "--data.batch_size", str(args.batch_size), "--data.num_workers", str(args.workers),
-                          "--trainer.devices", str(world), "--trainer.enable_progress_bar", "false",
-                          "--trainer.logger.init_args.save_dir", str(OUT / "runs"), "--trainer.logger.init_args.name", "",
-                          "--trainer.logger.init_args.version", f"{data.name}_w{world}"],
-                         OUT / f"train_{data.name}_w{world}.log")
+        train = measured(
+            [
+                recsys,
+                "fit",
+                "--config",
+                "configs/synthetic/dlrm.yaml",
+                "--data.path",
+                str(data),
+                "--data.batch_size",
+                str(args.batch_size),
+                "--data.num_workers",
+                str(args.workers),
+                "--trainer.devices",
+                str(world),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.logger.init_args.save_dir",
+                str(OUT / "runs"),
+                "--trainer.logger.init_args.name",
+                "",
+                "--trainer.logger.init_args.version",
+                f"{data.name}_w{world}",
+            ],
+            OUT / f"train_{data.name}_w{world}.log",
+        )
         rate = float(re.search(r"epoch 0: ([\d,]+) training samples/s", train["output"]).group(1).replace(",", ""))
         auc = re.search(r"val/auc=([\d.]+)", train["output"])
-        results.append({
-            "rows": rows, "train_rows": json.loads((data / "GENERATED.json").read_text())["rows"]["train"],
-            "world_size": world, "workers": args.workers, "batch_size": args.batch_size,
-            "generate_seconds": generate_s, "vocab_seconds": vocab["seconds"], "vocab_peak_bytes": vocab["peak_bytes"],
-            "loader_samples_per_s": loader_rate, "loader_peak_bytes": loader["peak_bytes"],
-            "train_samples_per_s": rate, "train_seconds": train["seconds"], "train_peak_bytes": train["peak_bytes"],
-            "val_auc": float(auc.group(1)) if auc else None, "trace": train["trace"],
-        })
+        results.append(
+            {
+                "rows": rows,
+                "train_rows": json.loads((data / "GENERATED.json").read_text())["rows"]["train"],
+                "world_size": world,
+                "workers": args.workers,
+                "batch_size": args.batch_size,
+                "generate_seconds": generate_s,
+                "vocab_seconds": vocab["seconds"],
+                "vocab_peak_bytes": vocab["peak_bytes"],
+                "loader_samples_per_s": loader_rate,
+                "loader_peak_bytes": loader["peak_bytes"],
+                "train_samples_per_s": rate,
+                "train_seconds": train["seconds"],
+                "train_peak_bytes": train["peak_bytes"],
+                "val_auc": float(auc.group(1)) if auc else None,
+                "trace": train["trace"],
+            }
+        )
         print(json.dumps({k: v for k, v in results[-1].items() if k != "trace"}), flush=True)
     return results
 
@@ -156,7 +210,9 @@ def plot(results: list[dict], path: Path) -> None:
         if r["world_size"] != 1:
             continue
         t, b = zip(*r["trace"], strict=True)
-        ax.plot([x / t[-1] for x in t], [x / 2**30 for x in b], label=f"{r['rows'] / 1e6:.0f}M rows ({t[-1] / 60:.1f} min)")
+        ax.plot(
+            [x / t[-1] for x in t], [x / 2**30 for x in b], label=f"{r['rows'] / 1e6:.0f}M rows ({t[-1] / 60:.1f} min)"
+        )
     ax.set_xlabel("fraction of the run (one epoch + validation)")
     ax.set_ylabel("PSS of the process tree (GiB)")
     ax.set_ylim(bottom=0)
@@ -176,7 +232,8 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
         f"10…{MAX_CARDINALITY:,}, seed 0). Peak memory: summed PSS of the process and its workers (and ranks), sampled "
         f"every 0.25 s. Loader alone: the same train DataLoader without a model, first {args.loader_batches} batches.",
         "",
-        "| rows (train) | ranks | loader alone samples/s | training samples/s | training peak PSS | vs 2M | epoch + val wall | vocab build | val AUC |",
+        "| rows (train) | ranks | loader alone samples/s | training samples/s | "
+        "training peak PSS | vs 2M | epoch + val wall | vocab build | val AUC |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -186,9 +243,14 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
             f"{r['train_peak_bytes'] / base['train_peak_bytes']:.2f}× | {r['train_seconds'] / 60:.1f} min | "
             f"{r['vocab_seconds']:.0f} s | {r['val_auc'] if r['val_auc'] is not None else '—'} |"
         )
-    gens = [f"{r['rows'] / 1e6:.0f}M rows in {r['generate_seconds'] / 60:.1f} min" for r in results if r["generate_seconds"]]
+    gens = [
+        f"{r['rows'] / 1e6:.0f}M rows in {r['generate_seconds'] / 60:.1f} min" for r in results if r["generate_seconds"]
+    ]
     if gens:
-        lines += ["", "Data generation (`datasets/synthetic/generate.py`, streamed in 500k-row chunks): " + ", ".join(gens) + "."]
+        lines += [
+            "",
+            "Data generation (`datasets/synthetic/generate.py`, streamed in 500k-row chunks): " + ", ".join(gens) + ".",
+        ]
     lines += ["", "![training memory over the run](scale_memory.png)"]
     return "\n".join(lines)
 

@@ -47,9 +47,21 @@ def checkpoint(name: str) -> Path:
     ckpt = OUT / name / "checkpoints" / "best.ckpt"
     if not ckpt.exists():
         args = ["fit"] + [a for c in CONFIGS[name] for a in ("--config", c)]
-        run(args + ["--seed_everything", "1", "--trainer.enable_progress_bar", "false",
-                    "--trainer.logger.init_args.save_dir", str(OUT), "--trainer.logger.init_args.name", "",
-                    "--trainer.logger.init_args.version", name])
+        run(
+            args
+            + [
+                "--seed_everything",
+                "1",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.logger.init_args.save_dir",
+                str(OUT),
+                "--trainer.logger.init_args.name",
+                "",
+                "--trainer.logger.init_args.version",
+                name,
+            ]
+        )
     return ckpt
 
 
@@ -59,8 +71,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def load_test(directory: Path, port: int, bodies: list[bytes], requests: int, clients: int, seconds: float,
-              expected: list[np.ndarray] | None = None) -> dict:
+def load_test(
+    directory: Path,
+    port: int,
+    bodies: list[bytes],
+    requests: int,
+    clients: int,
+    seconds: float,
+    expected: list[np.ndarray] | None = None,
+) -> dict:
     """``requests`` POST /score from ``clients`` keep-alive connections. A failed request is any answer
     but 200, or a connection error (the client reconnects); with ``expected`` (the export's own scores
     of each body), the largest |Δ| of the scores that came back over JSON."""
@@ -80,7 +99,9 @@ def load_test(directory: Path, port: int, bodies: list[bytes], requests: int, cl
                 break
             start = time.perf_counter()
             try:
-                conn.request("POST", "/score", body=bodies[i % len(bodies)], headers={"Content-Type": "application/json"})
+                conn.request(
+                    "POST", "/score", body=bodies[i % len(bodies)], headers={"Content-Type": "application/json"}
+                )
                 response = conn.getresponse()
                 payload = response.read()
                 status = response.status
@@ -109,17 +130,38 @@ def load_test(directory: Path, port: int, bodies: list[bytes], requests: int, cl
         t.join()
     wall = time.perf_counter() - start
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
-    return {"requests": len(latencies), "errors": len(errors), "error_kinds": sorted(set(errors)), "seconds": wall,
-            "requests_per_s": len(latencies) / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "json_max_abs_diff": worst[0] if expected is not None else None}
+    return {
+        "requests": len(latencies),
+        "errors": len(errors),
+        "error_kinds": sorted(set(errors)),
+        "seconds": wall,
+        "requests_per_s": len(latencies) / wall,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "json_max_abs_diff": worst[0] if expected is not None else None,
+    }
 
 
 def start_server(directory: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     """``recsys serve`` in its own process, once ``/healthz`` answers 200 (it can score)."""
     port = free_port()
     recsys = Path(sys.executable).parent / "recsys"
-    server = subprocess.Popen([str(recsys), "serve", str(directory), "--port", str(port), "--max-rows", str(args.batch),
-                               "--threads", str(args.server_threads)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [
+            str(recsys),
+            "serve",
+            str(directory),
+            "--port",
+            str(port),
+            "--max-rows",
+            str(args.batch),
+            "--threads",
+            str(args.server_threads),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for _ in range(600):
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
@@ -133,8 +175,9 @@ def start_server(directory: Path, args: argparse.Namespace) -> tuple[subprocess.
     raise RuntimeError(f"recsys serve {directory} did not come up")
 
 
-def serve_and_load(directory: Path, bodies: list[bytes], args: argparse.Namespace,
-                   expected: list[np.ndarray] | None = None) -> dict:
+def serve_and_load(
+    directory: Path, bodies: list[bytes], args: argparse.Namespace, expected: list[np.ndarray] | None = None
+) -> dict:
     server, port = start_server(directory, args)
     try:
         load_test(directory, port, bodies, min(20, args.requests), args.clients, args.seconds)  # warm-up
@@ -167,7 +210,7 @@ def sweep(name: str, args: argparse.Namespace) -> list[dict]:
 def _bodies(scorer, batch: int) -> tuple[list[bytes], list[np.ndarray]]:  # noqa: ANN001
     """Request bodies of ``batch`` raw test rows (as stored, extra columns included) and the export's scores of each."""
     raw = pq.read_table("data/ml100k-ctr/test/part-0.parquet").to_pylist()
-    chunks = [raw[i:i + batch] for i in range(0, len(raw) - batch, batch)]
+    chunks = [raw[i : i + batch] for i in range(0, len(raw) - batch, batch)]
     return [json.dumps(c).encode() for c in chunks], [scorer.score(c) for c in chunks]
 
 
@@ -184,7 +227,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
         bodies, expected = _bodies(scorer, args.batch)
         manifest = scorer.manifest
         result = {
-            "model": name, "dtype": dtype,
+            "model": name,
+            "dtype": dtype,
             "max_abs_diff": float(np.abs(probs - reference["prob"]).max()),
             "test_auc": auc(reference["label"], probs),
             "trained_test_auc": auc(reference["label"], reference["prob"]),
@@ -202,19 +246,23 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"`python scripts/bench_serving.py` — {machine()}; server `recsys serve` in its own process with "
-        f"{args.server_threads} torch thread(s), {args.clients} concurrent keep-alive clients on 127.0.0.1 (same 2 cores), "
+        f"{args.server_threads} torch thread(s), {args.clients} "
+        "concurrent keep-alive clients on 127.0.0.1 (same 2 cores), "
         f"{args.requests} requests of {args.batch} raw ml100k-ctr test rows each (JSON), after 20 warm-up requests. "
         "Parity and AUC over the whole test split (10,439 rows) scored through the export; table bytes: rows as stored "
-        "(D·bits/8, + 4 bytes fp16 scale/bias per row for int8/int4), files on disk (+ safetensors headers), and what the "
+        "(D·bits/8, + 4 bytes fp16 scale/bias per row for int8/int4), "
+        "files on disk (+ safetensors headers), and what the "
         "FBGEMM inference kernels hold.",
         "",
-        "| model | dtype | max abs Δp vs trained | test AUC (trained) | table bytes: rows / disk / in kernels | vs fp32 | requests/s | rows/s | p50 ms | p99 ms | failed | JSON Δ |",
+        "| model | dtype | max abs Δp vs trained | test AUC (trained) | table bytes: rows / disk "
+        "/ in kernels | vs fp32 | requests/s | rows/s | p50 ms | p99 ms | failed | JSON Δ |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         fp32 = next(x for x in rows if x["model"] == r["model"] and x["dtype"] == "fp32")["table_bytes_rows"]
         lines.append(
-            f"| {r['model']} | {r['dtype']} | {r['max_abs_diff']:.1e} | {r['test_auc']:.4f} ({r['trained_test_auc']:.4f}) | "
+            f"| {r['model']} | {r['dtype']} | {r['max_abs_diff']:.1e} "
+            f"| {r['test_auc']:.4f} ({r['trained_test_auc']:.4f}) | "
             f"{r['table_bytes_rows']:,} / {r['table_bytes_disk']:,} / {r['table_bytes_memory']:,} | "
             f"{r['table_bytes_rows'] / fp32:.2f}× | {r['requests_per_s']:.0f} | {r['rows_per_s']:,.0f} | "
             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['json_max_abs_diff']:.1e} |"
@@ -225,8 +273,10 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
 def sweep_markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"`python scripts/bench_serving.py --sweep {' '.join(map(str, args.sweep))}` — {machine()}; one `recsys serve` "
-        f"process (defaults: 8 workers, a queue of 64, backlog 1024; {args.server_threads} torch thread(s)) serving the "
-        f"int8 export of `{rows[0]['model'] if rows else '-'}`; clients on 127.0.0.1 on the same 2 cores, each a keep-alive "
+        "process (defaults: 8 workers, a queue of 64, backlog "
+        f"1024; {args.server_threads} torch thread(s)) serving the "
+        f"int8 export of `{rows[0]['model'] if rows else '-'}`; "
+        "clients on 127.0.0.1 on the same 2 cores, each a keep-alive "
         f"connection sending requests of {args.batch} raw test rows as stored (extra columns included, answered under "
         f"`ignored_fields`). Failed = any answer but 200 or a connection error. JSON Δ: the largest difference between "
         f"the scores that came back over HTTP and the export's own scores of the same rows.",
@@ -235,8 +285,10 @@ def sweep_markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['clients']} | {r['requests'] + r['errors']} | {r['errors']} | {r['rows_per_s']:,.0f} | "
-                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['json_max_abs_diff']:.1e} |")
+        lines.append(
+            f"| {r['clients']} | {r['requests'] + r['errors']} | {r['errors']} | {r['rows_per_s']:,.0f} | "
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['json_max_abs_diff']:.1e} |"
+        )
     return "\n".join(lines)
 
 
@@ -249,8 +301,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--batch", type=int, default=256, help="rows per request")
     parser.add_argument("--server-threads", type=int, default=1)
-    parser.add_argument("--sweep", nargs="*", type=int, default=[],
-                        help="concurrency sweep (clients per level, e.g. 1 4 16 64) on the first model's int8 export")
+    parser.add_argument(
+        "--sweep",
+        nargs="*",
+        type=int,
+        default=[],
+        help="concurrency sweep (clients per level, e.g. 1 4 16 64) on the first model's int8 export",
+    )
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
     if "fp32" not in args.dtypes:

@@ -37,9 +37,22 @@ def fit(version: str, seed: int, configs: list[str], extra: list[str] | None = N
     if not (OUT / version / "DONE").exists():
         shutil.rmtree(OUT / version, ignore_errors=True)
         args = ["fit"] + [a for c in configs for a in ("--config", c)]
-        run(args + ["--seed_everything", str(seed), "--trainer.enable_progress_bar", "false",
-                    "--trainer.logger.init_args.save_dir", str(OUT), "--trainer.logger.init_args.name", "",
-                    "--trainer.logger.init_args.version", version, *(extra or [])])
+        run(
+            args
+            + [
+                "--seed_everything",
+                str(seed),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.logger.init_args.save_dir",
+                str(OUT),
+                "--trainer.logger.init_args.name",
+                "",
+                "--trainer.logger.init_args.version",
+                version,
+                *(extra or []),
+            ]
+        )
         (OUT / version / "DONE").touch()
     return ckpt
 
@@ -72,8 +85,9 @@ def main() -> None:
     results["din"]["none"] = [test_auc(fit(f"din_s{s}", s, [din])) for s in args.seeds]
     for head in args.heads:
         seeds = args.seeds if head == "mean" else args.seeds[:1]
-        results["heads"][head] = {"auc": [test_auc(fit(f"din_text_{head}_s{s}", s, [din, f"configs/text/{head}.yaml"]))
-                                          for s in seeds]}
+        results["heads"][head] = {
+            "auc": [test_auc(fit(f"din_text_{head}_s{s}", s, [din, f"configs/text/{head}.yaml"])) for s in seeds]
+        }
     two_tower = fit("two_tower", args.seeds[0], ["configs/movielens/two_tower.yaml"])
     # DIN re-ranker: the text model with the best test AUC above; content head: the best on *val* retrieval
     best = max(results["heads"], key=lambda h: np.mean(results["heads"][h]["auc"]))
@@ -85,7 +99,9 @@ def main() -> None:
         val = retrieve(f"val_text_{head}", two_tower, ["--text-head", str(trained[head]), "--split", "val", *TEXT_WITH])
         results["heads"][head]["val_text_recall"] = val["results"]["text"][f"recall@{val['k']}"]
     content = max(args.heads, key=lambda h: results["heads"][h]["val_text_recall"])
-    main_report = retrieve("hybrid", two_tower, ["--text-head", str(trained[content]), "--din", str(best_din), *TEXT_WITH])
+    main_report = retrieve(
+        "hybrid", two_tower, ["--text-head", str(trained[content]), "--din", str(best_din), *TEXT_WITH]
+    )
     results["retrieval"] = main_report
     results["best_head"], results["content_head"] = best, content
     OUT.mkdir(parents=True, exist_ok=True)
@@ -95,12 +111,14 @@ def main() -> None:
     none = np.array(results["din"]["none"])
     lines = [
         f"`python scripts/bench_text.py` — {machine()}; ml100k-ctr, item text = movie title through all-MiniLM-L6-v2 "
-        f"(frozen, offline); this invocation took {time.perf_counter() - start:.0f} s (finished runs under runs/bench_text "
+        "(frozen, offline); this invocation took "
+        f"{time.perf_counter() - start:.0f} s (finished runs under runs/bench_text "
         "are reused, so only what was missing ran). DIN = `configs/movielens/din.yaml`; with text: "
         "`configs/text/<head>.yaml` (title vector projected to 4 and concatenated to the item ID embedding "
         "of the target and of every behavior). Test AUC mean ± std over seeds "
-        f"{args.seeds} for no text and `mean` (other heads: seed {args.seeds[0]}). Content retrieval: the head's vector "
-        "of each item's \"title. genres: …\" text (a trainable head as its DIN run learned it), user = mean of their "
+        f"{args.seeds} for no text and `mean` (other heads: seed "
+        f"{args.seeds[0]}). Content retrieval: the head's vector "
+        'of each item\'s "title. genres: …" text (a trainable head as its DIN run learned it), user = mean of their '
         "train clicks' vectors, "
         f"cosine, items seen in train excluded; Recall/NDCG@{k} over {main_report['users']} test users.",
         "",
@@ -112,8 +130,10 @@ def main() -> None:
         aucs = np.array(results["heads"][head]["auc"])
         m = results["heads"][head]["text_retrieval"]
         spread = f" ± {aucs.std():.4f}" if len(aucs) > 1 else ""
-        lines.append(f"| {head} | {aucs.mean():.4f}{spread} | {aucs.mean() - none.mean():+.4f} | "
-                     f"{m[f'recall@{k}']:.4f} | {m[f'ndcg@{k}']:.4f} |")
+        lines.append(
+            f"| {head} | {aucs.mean():.4f}{spread} | {aucs.mean() - none.mean():+.4f} | "
+            f"{m[f'recall@{k}']:.4f} | {m[f'ndcg@{k}']:.4f} |"
+        )
     lines += [
         "",
         f"Retrieval on the test split ({main_report['catalogue']} items, {main_report['cold_items']} cold; "
@@ -126,9 +146,12 @@ def main() -> None:
     ]
     for name, m in main_report["results"].items():
         lines.append(f"| {name} | {m[f'recall@{k}']:.4f} | {m[f'ndcg@{k}']:.4f} | {m[f'cold_recall@{k}']:.4f} |")
-    lines += ["", "Not in the DIN table: `latent` (NV-Embed latent attention) and `multilayer` — implemented and tested "
-              "against references, but a DIN epoch with them ran at about 700 samples/s on these 2 cores (the head runs "
-              "over every token of ~1,500 titles per step), 40× slower than `mean`; they need a GPU or cached projections."]
+    lines += [
+        "",
+        "Not in the DIN table: `latent` (NV-Embed latent attention) and `multilayer` — implemented and tested "
+        "against references, but a DIN epoch with them ran at about 700 samples/s on these 2 cores (the head runs "
+        "over every token of ~1,500 titles per step), 40× slower than `mean`; they need a GPU or cached projections.",
+    ]
     text_md = "\n".join(lines)
     print(text_md)
     if not args.no_doc:

@@ -23,10 +23,24 @@ from recsys.train.cli import run
 
 
 def measure(config: str, epochs: int, batch_size: int | None) -> dict:
-    args = ["--config", config, "--trainer.max_epochs", str(epochs), "--trainer.logger", "false",
-            "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
-            "--trainer.callbacks", "[]"]
+    args = [
+        "--config",
+        config,
+        "--trainer.max_epochs",
+        str(epochs),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.callbacks",
+        "[]",
+    ]
     if batch_size:
         args += ["--data.batch_size", str(batch_size)]
     cli = run(args, subcommand=False)
@@ -48,9 +62,15 @@ def measure(config: str, epochs: int, batch_size: int | None) -> dict:
         loss.backward()
         optimizer.step()
     compute = sum(len(b) for b in batches) / (time.perf_counter() - start)
-    return {"end_to_end": end_to_end, "loader": loader, "model": compute,
-            "batch_size": cli.datamodule.batch_size, "rows": cli.datamodule.stream("train").num_rows,
-            "model_class": type(cli.model).__name__, "workers": cli.datamodule.num_workers}
+    return {
+        "end_to_end": end_to_end,
+        "loader": loader,
+        "model": compute,
+        "batch_size": cli.datamodule.batch_size,
+        "rows": cli.datamodule.stream("train").num_rows,
+        "model_class": type(cli.model).__name__,
+        "workers": cli.datamodule.num_workers,
+    }
 
 
 def main() -> None:
@@ -59,7 +79,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--epochs", type=int, default=3, help="epochs to run (the first is warm-up)")
     parser.add_argument("--batch-size", type=int, help="override data.batch_size")
-    parser.add_argument("--repeats", type=int, default=3, help="measure this many times; the table shows the median and range")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="measure this many times; the table shows the median and range"
+    )
     parser.add_argument("--doc", default="docs/benchmarks.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -69,7 +91,10 @@ def main() -> None:
         for _ in range(args.repeats):
             runs.append(measure(config, args.epochs, args.batch_size))
             r = runs[-1]
-            print(f"[bench_train] {config}: end-to-end {r['end_to_end']:,.0f} samples/s, loader {r['loader']:,.0f}, model {r['model']:,.0f}")
+            print(
+                f"[bench_train] {config}: end-to-end {r['end_to_end']:,.0f} "
+                f"samples/s, loader {r['loader']:,.0f}, model {r['model']:,.0f}"
+            )
 
         def cell(key: str, runs: list[dict] = runs) -> str:
             values = sorted(run[key] for run in runs)
@@ -77,21 +102,27 @@ def main() -> None:
             return f"{middle:,.0f}" + (f" ({values[0]:,.0f}–{values[-1]:,.0f})" if len(values) > 1 else "")
 
         r = runs[0]
-        rows.append(f"| `{config}` | {r['model_class']} | {r['batch_size']} | {r['workers']} | "
-                    f"{cell('end_to_end')} | {cell('loader')} | {cell('model')} |")
-    md = "\n".join([
-        "## Training throughput (`scripts/bench_train.py`)",
-        "",
-        f"Command: `python scripts/bench_train.py --config {' '.join(args.config)} --threads {args.threads} --epochs {args.epochs} "
-        f"--repeats {args.repeats}`  ",
-        f"Machine: {machine()}, {torch.get_num_threads()} torch threads; "
-        f"{time.strftime('%Y-%m-%d')}. End-to-end: mean of the epochs after the first (warm-up), data loading included, no validation. "
-        f"Median of {args.repeats} runs (range in brackets): the machine is shared and noisy.",
-        "",
-        "| config | model | batch | workers | end-to-end samples/s | loader only | model only (fwd+bwd+step) |",
-        "|---|---|---|---|---|---|---|",
-        *rows,
-    ])
+        rows.append(
+            f"| `{config}` | {r['model_class']} | {r['batch_size']} | {r['workers']} | "
+            f"{cell('end_to_end')} | {cell('loader')} | {cell('model')} |"
+        )
+    md = "\n".join(
+        [
+            "## Training throughput (`scripts/bench_train.py`)",
+            "",
+            "Command: `python scripts/bench_train.py --config "
+            f"{' '.join(args.config)} --threads {args.threads} --epochs {args.epochs} "
+            f"--repeats {args.repeats}`  ",
+            f"Machine: {machine()}, {torch.get_num_threads()} torch threads; "
+            f"{time.strftime('%Y-%m-%d')}. End-to-end: mean of the epochs "
+            "after the first (warm-up), data loading included, no validation. "
+            f"Median of {args.repeats} runs (range in brackets): the machine is shared and noisy.",
+            "",
+            "| config | model | batch | workers | end-to-end samples/s | loader only | model only (fwd+bwd+step) |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
     write_doc_section(Path(args.doc), "bench_train", md)
     print(f"[bench_train] wrote {args.doc}")
 

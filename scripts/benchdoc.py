@@ -1,7 +1,7 @@
 """What every benchmark script shares: the machine line of its table and the doc block it rewrites.
 
-    from benchdoc import machine, write_doc_section      # (scripts/ is on sys.path when a script runs)
-    write_doc_section("docs/benchmarks.md", "bench_train", f"Machine: {machine()} ...")
+from benchdoc import machine, write_doc_section      # (scripts/ is on sys.path when a script runs)
+write_doc_section("docs/benchmarks.md", "bench_train", f"Machine: {machine()} ...")
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def write_doc_section(path: str | Path, name: str, markdown: str) -> None:
     block = f"{start}\n{markdown.rstrip()}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)

@@ -39,8 +39,12 @@ from recsys.eval.metrics import paired_bootstrap_pvalue, rela_impr
 from recsys.eval.report import evaluate
 from recsys.train.cli import run
 
-KIND_OVERLAYS = {"plain": [], "hashed": ["configs/embedding/hashed.yaml"], "unified": ["configs/embedding/unified.yaml"],
-                 "optembed": ["configs/embedding/optembed_supernet.yaml"]}
+KIND_OVERLAYS = {
+    "plain": [],
+    "hashed": ["configs/embedding/hashed.yaml"],
+    "unified": ["configs/embedding/unified.yaml"],
+    "optembed": ["configs/embedding/optembed_supernet.yaml"],
+}
 
 
 def logged_rate(run_dir: Path) -> float:
@@ -49,7 +53,11 @@ def logged_rate(run_dir: Path) -> float:
 
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    values = [e.value for e in events.Scalars("train/samples_per_s")] if "train/samples_per_s" in events.Tags()["scalars"] else []
+    values = (
+        [e.value for e in events.Scalars("train/samples_per_s")]
+        if "train/samples_per_s" in events.Tags()["scalars"]
+        else []
+    )
     return float(np.mean(values)) if values else float("nan")
 
 
@@ -88,14 +96,23 @@ def train_and_score(config: str, seed: int, out: Path, extra: list[str], kind: s
         ckpt = train(config, seed, out, name, extra, kind)
         report = evaluate(ckpt, split="test", bootstrap=0)
         embedding, dense = parameter_counts(ckpt)
-        result = {"seed": seed, **{k: report[k] for k in ("auc", "gauc", "logloss", "rows", "data", "out")},
-                  "samples_per_s": logged_rate(Path(ckpt).parent.parent), "embedding_params": embedding,
-                  "dense_params": dense, "fingerprint": fingerprint}
+        result = {
+            "seed": seed,
+            **{k: report[k] for k in ("auc", "gauc", "logloss", "rows", "data", "out")},
+            "samples_per_s": logged_rate(Path(ckpt).parent.parent),
+            "embedding_params": embedding,
+            "dense_params": dense,
+            "fingerprint": fingerprint,
+        }
         run_dir.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps(result, indent=2))
     predictions = pq.read_table(Path(result["out"]) / "predictions.parquet").to_pandas()
-    return {**result, "prob": predictions["prob"].to_numpy(), "label": predictions["label"].to_numpy(),
-            "group": predictions["group"].to_numpy()}
+    return {
+        **result,
+        "prob": predictions["prob"].to_numpy(),
+        "label": predictions["label"].to_numpy(),
+        "group": predictions["group"].to_numpy(),
+    }
 
 
 def train(config: str, seed: int, out: Path, name: str, extra: list[str], kind: str | None) -> str:
@@ -105,14 +122,41 @@ def train(config: str, seed: int, out: Path, name: str, extra: list[str], kind: 
 
         from recsys.train.optembed_run import pipeline
 
-        search = Namespace(budget=None, population=50, generations=30, keep=15, mutations=10, crossovers=10,
-                           mutation_prob=0.1, seed=seed, dim_step=4, batch_size=8192)
-        return pipeline([config, *KIND_OVERLAYS[kind]], out / name / f"seed{seed}", search,
-                        ["--seed_everything", str(seed), *extra])["checkpoint"]
+        search = Namespace(
+            budget=None,
+            population=50,
+            generations=30,
+            keep=15,
+            mutations=10,
+            crossovers=10,
+            mutation_prob=0.1,
+            seed=seed,
+            dim_step=4,
+            batch_size=8192,
+        )
+        return pipeline(
+            [config, *KIND_OVERLAYS[kind]], out / name / f"seed{seed}", search, ["--seed_everything", str(seed), *extra]
+        )["checkpoint"]
     overlays = [a for o in KIND_OVERLAYS[kind or "plain"] for a in ("--config", o)]
-    cli = run(["fit", "--config", config, *overlays, "--seed_everything", str(seed), "--trainer.enable_progress_bar",
-               "false", "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", name,
-               "--trainer.logger.init_args.version", f"seed{seed}", *extra])
+    cli = run(
+        [
+            "fit",
+            "--config",
+            config,
+            *overlays,
+            "--seed_everything",
+            str(seed),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(out),
+            "--trainer.logger.init_args.name",
+            name,
+            "--trainer.logger.init_args.version",
+            f"seed{seed}",
+            *extra,
+        ]
+    )
     return cli.trainer.checkpoint_callback.best_model_path
 
 
@@ -121,15 +165,24 @@ def kinds_table(args: argparse.Namespace, extra: list[str], started: float) -> s
         summary = json.loads((args.out / "kinds.json").read_text())
         data = summary.pop("_data", "ml100k-ctr")
     else:
-        results = {(c, k): [train_and_score(c, s, args.out, extra, k) for s in args.seeds]
-                   for c in args.configs for k in args.kinds}
+        results = {
+            (c, k): [train_and_score(c, s, args.out, extra, k) for s in args.seeds]
+            for c in args.configs
+            for k in args.kinds
+        }
         summary = {}
         for (config, kind), runs in results.items():
-            stats = {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
-                     for k in ("auc", "gauc", "logloss", "samples_per_s", "embedding_params")}
-            summary[f"{config} × {kind}"] = {"per_seed": [{k: r[k] for k in ("seed", "auc", "gauc", "logloss",
-                                                                               "samples_per_s", "embedding_params")}
-                                                          for r in runs], **stats}
+            stats = {
+                k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
+                for k in ("auc", "gauc", "logloss", "samples_per_s", "embedding_params")
+            }
+            summary[f"{config} × {kind}"] = {
+                "per_seed": [
+                    {k: r[k] for k in ("seed", "auc", "gauc", "logloss", "samples_per_s", "embedding_params")}
+                    for r in runs
+                ],
+                **stats,
+            }
         data = Path(next(iter(results.values()))[0]["data"]).name
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "kinds.json").write_text(json.dumps(summary | {"_data": data}, indent=2))
@@ -138,28 +191,38 @@ def kinds_table(args: argparse.Namespace, extra: list[str], started: float) -> s
     for cell, stats in summary.items():
         config, kind = cell.split(" × ")
         rate = speed[cell]["samples_per_s"][0] if cell in speed else stats["samples_per_s"][0]
-        rows.append(f"| `{Path(config).stem}` | {kind} | {stats['auc'][0]:.4f} ± {stats['auc'][1]:.4f} | "
-                    f"{stats['gauc'][0]:.4f} ± {stats['gauc'][1]:.4f} | {stats['embedding_params'][0]:,.0f} | "
-                    f"{rate:,.0f} |")
+        rows.append(
+            f"| `{Path(config).stem}` | {kind} | {stats['auc'][0]:.4f} ± {stats['auc'][1]:.4f} | "
+            f"{stats['gauc'][0]:.4f} ± {stats['gauc'][1]:.4f} | {stats['embedding_params'][0]:,.0f} | "
+            f"{rate:,.0f} |"
+        )
     seeds = " ".join(map(str, args.seeds))
-    timing = (f"Samples/s: a separate quiet pass (`{args.speed_from}`: seed 1, the same configs, training epochs' mean "
-              f"as logged, data loading included)." if args.speed_from else
-              "Samples/s: the training epochs' mean as each run logged it (data loading included).")
-    return "\n".join([
-        f"## Every model × table kind on `{data}` (`scripts/compare_models.py --kinds`)",
-        "",
-        f"Command: `python scripts/compare_models.py --configs {' '.join(args.configs)} --kinds {' '.join(args.kinds)} "
-        f"--seeds {seeds} --section {args.section}" + (f" -- {' '.join(extra)}" if extra else "") + "`  ",
-        f"Machine: {machine()}, {args.threads} torch threads; seeds {seeds}; best-val-AUC checkpoint of each run, test "
-        f"read once per run; {time.strftime('%Y-%m-%d')}. Kinds are the overlays "
-        "in `configs/embedding/` (hashed and unified at 40% of the full tables' parameters; `optembed` = `recsys "
-        "optembed run`: supernet, widths search on val at budget 0.5, compact retrain — its parameters and samples/s "
-        f"are the compact model's). {timing}",
-        "",
-        "| model | kind | test AUC | test GAUC | embedding parameters | training samples/s |",
-        "|---|---|---|---|---:|---:|",
-        *rows,
-    ])
+    timing = (
+        f"Samples/s: a separate quiet pass (`{args.speed_from}`: seed 1, the same configs, training epochs' mean "
+        f"as logged, data loading included)."
+        if args.speed_from
+        else "Samples/s: the training epochs' mean as each run logged it (data loading included)."
+    )
+    return "\n".join(
+        [
+            f"## Every model × table kind on `{data}` (`scripts/compare_models.py --kinds`)",
+            "",
+            "Command: `python scripts/compare_models.py --configs "
+            f"{' '.join(args.configs)} --kinds {' '.join(args.kinds)} "
+            f"--seeds {seeds} --section {args.section}" + (f" -- {' '.join(extra)}" if extra else "") + "`  ",
+            f"Machine: {machine()}, {args.threads} torch threads; "
+            f"seeds {seeds}; best-val-AUC checkpoint of each run, test "
+            f"read once per run; {time.strftime('%Y-%m-%d')}. Kinds are the overlays "
+            "in `configs/embedding/` (hashed and unified at 40% of the full tables' parameters; `optembed` = `recsys "
+            "optembed run`: supernet, widths search on val at budget "
+            "0.5, compact retrain — its parameters and samples/s "
+            f"are the compact model's). {timing}",
+            "",
+            "| model | kind | test AUC | test GAUC | embedding parameters | training samples/s |",
+            "|---|---|---|---|---:|---:|",
+            *rows,
+        ]
+    )
 
 
 def main() -> None:
@@ -170,10 +233,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--doc", default="docs/benchmarks.md")
     parser.add_argument("--section", default="compare_models", help="block of the doc to (re)write")
-    parser.add_argument("--kinds", nargs="+", choices=list(KIND_OVERLAYS),
-                        help="run every config with each table kind (a model × kind table)")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=list(KIND_OVERLAYS),
+        help="run every config with each table kind (a model × kind table)",
+    )
     parser.add_argument("--render", action="store_true", help="--kinds: rewrite the table from --out/kinds.json")
-    parser.add_argument("--speed-from", help="--kinds: take samples/s from another invocation's kinds.json (a quiet pass)")
+    parser.add_argument(
+        "--speed-from", help="--kinds: take samples/s from another invocation's kinds.json (a quiet pass)"
+    )
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more LightningCLI options after --")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -193,48 +262,70 @@ def main() -> None:
     grouped = len(np.unique(results[base][0]["group"])) > 1  # GAUC needs the schema's group column
     rows, summary = [], {}
     for config, runs in results.items():
-        stats = {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
-                 for k in ("auc", "gauc", "logloss", "samples_per_s")}
+        stats = {
+            k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
+            for k in ("auc", "gauc", "logloss", "samples_per_s")
+        }
         rate = speed[config]["samples_per_s"][0] if config in speed else stats["samples_per_s"][0]
-        cells = [f"`{Path(config).stem}`", *(f"{stats[k][0]:.4f} ± {stats[k][1]:.4f}" if k != "gauc" or grouped
-                                             else "—" for k in ("auc", "gauc", "logloss"))]
+        cells = [
+            f"`{Path(config).stem}`",
+            *(
+                f"{stats[k][0]:.4f} ± {stats[k][1]:.4f}" if k != "gauc" or grouped else "—"
+                for k in ("auc", "gauc", "logloss")
+            ),
+        ]
         if config == base:
             cells += ["—", "—"]
         elif grouped:
             seed_mean = [np.mean([r["prob"] for r in rs], axis=0) for rs in (runs, results[base])]  # per row
             p = paired_bootstrap_pvalue(runs[0]["label"], *seed_mean, runs[0]["group"], num_samples=2000)
-            cells += [f"{rela_impr(stats['auc'][0], base_auc):+.2f}% / {rela_impr(stats['gauc'][0], base_gauc):+.2f}%",
-                      f"{p:.4f}"]
+            cells += [
+                f"{rela_impr(stats['auc'][0], base_auc):+.2f}% / {rela_impr(stats['gauc'][0], base_gauc):+.2f}%",
+                f"{p:.4f}",
+            ]
             stats["gauc_p_value_vs_base"] = p
         else:
             cells += [f"{rela_impr(stats['auc'][0], base_auc):+.2f}% / —", "—"]
         cells += [f"{runs[0]['embedding_params']:,}", f"{runs[0]['dense_params']:,}", f"{rate:,.0f}"]
         rows.append("| " + " | ".join(cells) + " |")
-        summary[config] = {"per_seed": [{k: r[k] for k in ("seed", "auc", "gauc", "logloss", "samples_per_s")} for r in runs],
-                           "embedding_params": runs[0]["embedding_params"], "dense_params": runs[0]["dense_params"], **stats}
+        summary[config] = {
+            "per_seed": [{k: r[k] for k in ("seed", "auc", "gauc", "logloss", "samples_per_s")} for r in runs],
+            "embedding_params": runs[0]["embedding_params"],
+            "dense_params": runs[0]["dense_params"],
+            **stats,
+        }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(summary | {"_threads": args.threads}, indent=2))
     seeds = " ".join(map(str, args.seeds))
-    timing = (f"samples/s from a separate quiet pass (`{args.speed_from}`: seed 1, one run at a time, "
-              f"{speed.get('_threads', '?')} torch threads)" if args.speed_from
-              else "samples/s as each run logged it")
-    md = "\n".join([
-        f"## Test metrics on `{Path(results[base][0]['data']).name}` (`scripts/compare_models.py`)",
-        "",
-        f"Command: `python scripts/compare_models.py --configs {' '.join(args.configs)} --seeds {seeds} --section {args.section}"
-        + (f" -- {' '.join(extra)}" if extra else "") + "`  ",
-        f"Machine: {machine()}, {args.threads} torch threads; seeds {seeds}; "
-        f"{results[base][0]['rows']:,} test rows; best-val-AUC checkpoint of each run, test read once per run; "
-        f"{time.strftime('%Y-%m-%d')}. Metrics: mean ± std over seeds; RelaImpr against the first config; p: paired "
-        "bootstrap over users (2,000 resamples) of GAUC on the per-row mean of the seeds' predictions, one-sided "
-        f"(row better than the first config){'' if grouped else ' — this dataset has no group column, so no GAUC'}; "
-        f"{timing} (training epochs' mean, data loading included).",
-        "",
-        "| config | test AUC | test GAUC | test logloss | RelaImpr AUC / GAUC vs first | p (GAUC > first) "
-        "| embedding params | dense params | training samples/s |",
-        "|---|---|---|---|---|---|---:|---:|---:|",
-        *rows,
-    ])
+    timing = (
+        f"samples/s from a separate quiet pass (`{args.speed_from}`: seed 1, one run at a time, "
+        f"{speed.get('_threads', '?')} torch threads)"
+        if args.speed_from
+        else "samples/s as each run logged it"
+    )
+    md = "\n".join(
+        [
+            f"## Test metrics on `{Path(results[base][0]['data']).name}` (`scripts/compare_models.py`)",
+            "",
+            "Command: `python scripts/compare_models.py --configs "
+            f"{' '.join(args.configs)} --seeds {seeds} --section {args.section}"
+            + (f" -- {' '.join(extra)}" if extra else "")
+            + "`  ",
+            f"Machine: {machine()}, {args.threads} torch threads; seeds {seeds}; "
+            f"{results[base][0]['rows']:,} test rows; best-val-AUC checkpoint of each run, test read once per run; "
+            f"{time.strftime('%Y-%m-%d')}. Metrics: mean ± std over "
+            "seeds; RelaImpr against the first config; p: paired "
+            "bootstrap over users (2,000 resamples) of GAUC on the per-row mean of the seeds' predictions, one-sided "
+            "(row better than the first "
+            f"config){'' if grouped else ' — this dataset has no group column, so no GAUC'}; "
+            f"{timing} (training epochs' mean, data loading included).",
+            "",
+            "| config | test AUC | test GAUC | test logloss | RelaImpr AUC / GAUC vs first | p (GAUC > first) "
+            "| embedding params | dense params | training samples/s |",
+            "|---|---|---|---|---|---|---:|---:|---:|",
+            *rows,
+        ]
+    )
     write_doc_section(Path(args.doc), args.section, md)
     print(md)
 

@@ -56,15 +56,19 @@ def main() -> None:
     lines = [
         f"## Where a training step's time goes: `{args.config}` (`scripts/profile_train_step.py`)",
         "",
-        f"Command: `python scripts/profile_train_step.py --config {args.config} --batches {args.batches} --threads {args.threads}`  ",
+        "Command: `python scripts/profile_train_step.py --config "
+        f"{args.config} --batches {args.batches} --threads {args.threads}`  ",
         f"Machine: {machine()}, {args.threads} torch threads; batch {cli.datamodule.batch_size}; "
-        f"{rows / seconds:,.0f} samples/s under the profiler (model only, loader excluded); {time.strftime('%Y-%m-%d')}.",
+        f"{rows / seconds:,.0f} samples/s under the profiler (model "
+        f"only, loader excluded); {time.strftime('%Y-%m-%d')}.",
         "",
         "| operator | self CPU ms | share | calls |",
         "|---|---|---|---|",
     ]
     for e in events[: args.top]:
-        lines.append(f"| `{e.key}` | {e.self_cpu_time_total / 1000:.1f} | {e.self_cpu_time_total / total:.0%} | {e.count} |")
+        lines.append(
+            f"| `{e.key}` | {e.self_cpu_time_total / 1000:.1f} | {e.self_cpu_time_total / total:.0%} | {e.count} |"
+        )
     md = "\n".join(lines)
     print(md)
     write_doc_section(Path(args.doc), f"profile_{Path(args.config).stem}", md)

@@ -40,17 +40,46 @@ DATASETS = {
 
 def ensure_synthetic(path: Path) -> None:
     if not (path / "GENERATED.json").exists():
-        subprocess.run([sys.executable, "datasets/synthetic/generate.py", "--rows", "400000", "--out", str(path),
-                        "--max-cardinality", "50000", "--seed", "0"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "datasets/synthetic/generate.py",
+                "--rows",
+                "400000",
+                "--out",
+                str(path),
+                "--max-cardinality",
+                "50000",
+                "--seed",
+                "0",
+            ],
+            check=True,
+        )
 
 
 def fit_and_score(data: str, method: str, block: dict, seed: int, out: Path, extra: list[str]) -> float:
     version = f"{method}_s{seed}"
     shutil.rmtree(out / version, ignore_errors=True)
-    args = ["fit", "--config", "configs/movielens/base.yaml", "--data.path", data, "--seed_everything", str(seed),
-            "--model.init_args.embedding", json.dumps(block), "--trainer.enable_progress_bar", "false",
-            "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", "",
-            "--trainer.logger.init_args.version", version, *extra]
+    args = [
+        "fit",
+        "--config",
+        "configs/movielens/base.yaml",
+        "--data.path",
+        data,
+        "--seed_everything",
+        str(seed),
+        "--model.init_args.embedding",
+        json.dumps(block),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+        "--trainer.logger.init_args.name",
+        "",
+        "--trainer.logger.init_args.version",
+        version,
+        *extra,
+    ]
     cli = run(args)
     report = evaluate(cli.trainer.checkpoint_callback.best_model_path, split="test", bootstrap=0)
     return float(report["auc"])
@@ -64,7 +93,11 @@ def embedding_parameters(block: dict, vocab) -> int:  # noqa: ANN001
     tables = {}
     for owner, plan in plans.items():
         for probe in range(plan.probes):
-            name = f"unified_{probe % EmbeddingSpec.parse(block, vocab.schema).num_tables}" if plan.kind == "unified" else owner
+            name = (
+                f"unified_{probe % EmbeddingSpec.parse(block, vocab.schema).num_tables}"
+                if plan.kind == "unified"
+                else owner
+            )
             tables[name] = plan.rows * plan.dim
     return sum(tables.values())
 
@@ -105,14 +138,21 @@ def main() -> None:
             results.append((name, "full", 1.0, full_rows * DIM, seed, auc))
         for budget in args.budgets:
             hashed = {"kind": "hashed", "dim": DIM, "budget": budget}
-            unified = {"kind": "unified", "rows": max(1, round(budget * full_rows * DIM / (DIM // PROBES))),
-                       "dim": DIM // PROBES, "probes": PROBES}
+            unified = {
+                "kind": "unified",
+                "rows": max(1, round(budget * full_rows * DIM / (DIM // PROBES))),
+                "dim": DIM // PROBES,
+                "probes": PROBES,
+            }
             for method, spec in (("hashing", hashed), ("unified", unified)):
                 params = embedding_parameters(spec, vocab)
                 for seed in args.seeds:
                     auc = fit_and_score(str(path), f"{method}_{budget}", spec, seed, args.out / name, extra)
                     results.append((name, method, budget, params, seed, auc))
-                    print(f"[sweep] {name} {method} budget {budget} seed {seed}: params {params:,} test AUC {auc:.4f}", flush=True)
+                    print(
+                        f"[sweep] {name} {method} budget {budget} seed {seed}: params {params:,} test AUC {auc:.4f}",
+                        flush=True,
+                    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "results.csv", "w", newline="") as handle:
@@ -133,7 +173,8 @@ def main() -> None:
         "",
         "![Pareto front](sweep_memory.png)",
         "",
-        "| dataset | budget | embedding params (unified; hashing within 1%) | full tables | hashing trick | unified (2 probes) | unified ≥ hashing |",
+        "| dataset | budget | embedding params (unified; hashing within 1%) | "
+        "full tables | hashing trick | unified (2 probes) | unified ≥ hashing |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in args.datasets:
@@ -142,9 +183,11 @@ def main() -> None:
             h = next(v for k, v in summary.items() if k[:3] == (name, "hashing", budget))
             u_key = next(k for k in summary if k[:3] == (name, "unified", budget))
             u = summary[u_key]
-            lines.append(f"| {name} | {budget:.0%} | {u_key[3]:,} | {np.mean(full):.4f} ± {np.std(full):.4f} | "
-                         f"{np.mean(h):.4f} ± {np.std(h):.4f} | {np.mean(u):.4f} ± {np.std(u):.4f} | "
-                         f"{'yes' if np.mean(u) >= np.mean(h) else 'no'} |")
+            lines.append(
+                f"| {name} | {budget:.0%} | {u_key[3]:,} | {np.mean(full):.4f} ± {np.std(full):.4f} | "
+                f"{np.mean(h):.4f} ± {np.std(h):.4f} | {np.mean(u):.4f} ± {np.std(u):.4f} | "
+                f"{'yes' if np.mean(u) >= np.mean(h) else 'no'} |"
+            )
     write_doc_section(Path(args.doc), "sweep_memory", "\n".join(lines))
     print("\n".join(lines))
 

@@ -32,10 +32,27 @@ def trial(model: str, lr: float, mba: float, seed: int, out: Path) -> float:
     result = out / model / version / "val_auc.json"
     if result.exists():  # a finished trial of the same settings (its directory names them)
         return json.loads(result.read_text())["val_auc"]
-    cli = run(["fit", "--config", f"configs/movielens/{model}.yaml", "--seed_everything", str(seed),
-               "--model.init_args.optimizer.init_args.lr", str(lr), "--model.init_args.mba_lambda", str(mba),
-               "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(out),
-               "--trainer.logger.init_args.name", model, "--trainer.logger.init_args.version", version])
+    cli = run(
+        [
+            "fit",
+            "--config",
+            f"configs/movielens/{model}.yaml",
+            "--seed_everything",
+            str(seed),
+            "--model.init_args.optimizer.init_args.lr",
+            str(lr),
+            "--model.init_args.mba_lambda",
+            str(mba),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(out),
+            "--trainer.logger.init_args.name",
+            model,
+            "--trainer.logger.init_args.version",
+            version,
+        ]
+    )
     best = float(cli.trainer.checkpoint_callback.best_model_score)
     result.write_text(json.dumps({"val_auc": best}))
     return best
@@ -53,8 +70,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     grid = list(itertools.product(args.lrs, args.mba))
-    results = {m: {f"lr={lr}, mba_lambda={mba}": trial(m, lr, mba, args.seed, args.out) for lr, mba in grid}
-               for m in args.models}
+    results = {
+        m: {f"lr={lr}, mba_lambda={mba}": trial(m, lr, mba, args.seed, args.out) for lr, mba in grid}
+        for m in args.models
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     points = list(next(iter(results.values())))

@@ -43,27 +43,33 @@ def make_rows(n: int, seed: int, num_users: int = 40, num_items: int = 60, row_o
     hist = [rng.integers(0, num_items, k).tolist() for k in hist_len]
     tags = [[f"t{t}" for t in rng.integers(0, 5, rng.integers(0, 3))] for _ in range(n)]
     cities = np.array(["paris", "lyon", "nice", "lille", None], dtype=object)[rng.integers(0, 5, n)]
-    return pa.table({
-        "click": click,
-        "user": user + 1000,
-        "item": item,
-        "tags": pa.array(tags, type=pa.list_(pa.string())),
-        "city": pa.array(cities.tolist(), type=pa.string()),
-        "price": price,
-        "hist_item": pa.array(hist, type=pa.list_(pa.int64())),
-        "title": [f"item {i}" for i in item],
-        "row_id": np.arange(row_offset, row_offset + n),
-    })
+    return pa.table(
+        {
+            "click": click,
+            "user": user + 1000,
+            "item": item,
+            "tags": pa.array(tags, type=pa.list_(pa.string())),
+            "city": pa.array(cities.tolist(), type=pa.string()),
+            "price": price,
+            "hist_item": pa.array(hist, type=pa.list_(pa.int64())),
+            "title": [f"item {i}" for i in item],
+            "row_id": np.arange(row_offset, row_offset + n),
+        }
+    )
 
 
-def write_dataset(root: Path, rows: dict[str, int] | None = None, schema: str = TINY_SCHEMA, row_group_size: int = 256) -> Path:
+def write_dataset(
+    root: Path, rows: dict[str, int] | None = None, schema: str = TINY_SCHEMA, row_group_size: int = 256
+) -> Path:
     rows = rows or {"train": 3000, "val": 600, "test": 600}
     root.mkdir(parents=True, exist_ok=True)
     (root / "schema.yaml").write_text(schema)
     offset = 0
     for i, (split, n) in enumerate(rows.items()):
         (root / split).mkdir(exist_ok=True)
-        pq.write_table(make_rows(n, seed=i, row_offset=offset), root / split / "part-0.parquet", row_group_size=row_group_size)
+        pq.write_table(
+            make_rows(n, seed=i, row_offset=offset), root / split / "part-0.parquet", row_group_size=row_group_size
+        )
         offset += n
     return root
 
@@ -95,9 +101,16 @@ def write_text_dataset(root: Path, rows: dict[str, int] | None = None, word: str
         (root / split).mkdir(exist_ok=True)
         pick = np.random.default_rng(i).integers(0, len(texts), n)
         query = [texts[j] for j in pick]
-        pq.write_table(pa.table({"click": np.array([int(word in q.split()) for q in query]),
-                                 "user": np.random.default_rng(i + 10).integers(0, 30, n), "query": query}),
-                       root / split / "part-0.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "click": np.array([int(word in q.split()) for q in query]),
+                    "user": np.random.default_rng(i + 10).integers(0, 30, n),
+                    "query": query,
+                }
+            ),
+            root / split / "part-0.parquet",
+        )
     return root
 
 
@@ -108,8 +121,14 @@ def fit_and_auc(model, dm, epochs: int = 4) -> float:  # noqa: ANN001
     from recsys.eval.metrics import auc
     from recsys.eval.report import predict_split
 
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, dm)
     scored = predict_split(model, dm.stream("test"))
     return auc(scored["label"], scored["prob"])
@@ -127,7 +146,9 @@ def ml100k() -> Path:
         import subprocess
         import sys
 
-        subprocess.run([sys.executable, str(ROOT / "datasets/movielens/prepare.py"), "--out", str(ML100K)], check=True, cwd=ROOT)
+        subprocess.run(
+            [sys.executable, str(ROOT / "datasets/movielens/prepare.py"), "--out", str(ML100K)], check=True, cwd=ROOT
+        )
     return ML100K
 
 

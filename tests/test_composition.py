@@ -38,15 +38,33 @@ from tests.conftest import write_dataset
 
 MODELS = {
     "base": (EmbeddingMLP, {"dnn_hidden_units": [16]}),
-    "din": (DIN, {"attention_hidden_units": [8], "attention_activation": "prelu", "dnn_hidden_units": [16],
-                  "dnn_activation": "relu"}),
+    "din": (
+        DIN,
+        {
+            "attention_hidden_units": [8],
+            "attention_activation": "prelu",
+            "dnn_hidden_units": [16],
+            "dnn_activation": "relu",
+        },
+    ),
     "dlrm": (DLRM, {"bottom_hidden_units": [8], "top_hidden_units": [16]}),
-    "two_tower": (TwoTower, {"user": "user", "item": "item", "history": "hist_item", "tower_hidden_units": [16],
-                             "output_dim": 8, "temperature": 0.5}),
+    "two_tower": (
+        TwoTower,
+        {
+            "user": "user",
+            "item": "item",
+            "history": "hist_item",
+            "tower_hidden_units": [16],
+            "output_dim": 8,
+            "temperature": 0.5,
+        },
+    ),
     "deepfm": (DeepFM, {"dnn_hidden_units": [16]}),
     "dcnv2": (DCNv2, {"cross_layers": 2, "dnn_hidden_units": [16]}),
-    "finalmlp": (FinalMLP, {"mlp1_hidden_units": [16], "mlp2_hidden_units": [8], "gate_hidden_units": [8],
-                            "gate1_context": ["user"]}),
+    "finalmlp": (
+        FinalMLP,
+        {"mlp1_hidden_units": [16], "mlp2_hidden_units": [8], "gate_hidden_units": [8], "gate1_context": ["user"]},
+    ),
     "bst": (BST, {"transformer_dim": 8, "transformer_heads": 2, "transformer_dropout": 0.0, "dnn_hidden_units": [16]}),
 }
 KINDS = {
@@ -59,8 +77,17 @@ KINDS = {
 CELLS = [(m, k) for m in MODELS for k in KINDS]
 POOLED_ONLY = {"base", "dlrm", "two_tower", "deepfm", "dcnv2", "finalmlp"}  # exported with a torch.export head
 # int8 and int4 on a subset that covers every model and every kind
-QUANTIZED = [("base", "plain"), ("din", "hashed"), ("dlrm", "unified"), ("two_tower", "supernet"), ("din", "compact"),
-             ("deepfm", "unified"), ("dcnv2", "compact"), ("finalmlp", "hashed"), ("bst", "supernet")]
+QUANTIZED = [
+    ("base", "plain"),
+    ("din", "hashed"),
+    ("dlrm", "unified"),
+    ("two_tower", "supernet"),
+    ("din", "compact"),
+    ("deepfm", "unified"),
+    ("dcnv2", "compact"),
+    ("finalmlp", "hashed"),
+    ("bst", "supernet"),
+]
 STEPS, GLOBAL_BATCH, LR = 4, 128, 0.2
 
 
@@ -69,8 +96,10 @@ class CellResources(DatasetResources):
 
     def optembed_result(self, artifact: str) -> dict:
         owners = [f.name for f in self.vocab.schema.tables]
-        return {"dims": {o: 4 if i % 2 else 8 for i, o in enumerate(owners)},
-                "kept": {o: torch.arange(self.vocab.num_embeddings(o)) % 3 != 0 for o in owners}}
+        return {
+            "dims": {o: 4 if i % 2 else 8 for i, o in enumerate(owners)},
+            "kept": {o: torch.arange(self.vocab.num_embeddings(o)) % 3 != 0 for o in owners},
+        }
 
 
 def build(data: str, model: str, kind: str) -> torch.nn.Module:
@@ -98,11 +127,19 @@ def share(batch: Batch, rank: int, world: int) -> Batch:
         out = {}
         for key, jt in kjt.to_dict().items():
             offsets = jt.offsets()
-            out[key] = JaggedTensor(values=jt.values()[int(offsets[lo]):int(offsets[hi])], lengths=jt.lengths()[lo:hi])
+            out[key] = JaggedTensor(
+                values=jt.values()[int(offsets[lo]) : int(offsets[hi])], lengths=jt.lengths()[lo:hi]
+            )
         return KeyedJaggedTensor.from_jt_dict(out)
 
-    return Batch(batch.dense[lo:hi], part(batch.sparse), part(batch.sequences), batch.labels[lo:hi], batch.groups[lo:hi],
-                 positions=batch.positions[lo:hi])
+    return Batch(
+        batch.dense[lo:hi],
+        part(batch.sparse),
+        part(batch.sequences),
+        batch.labels[lo:hi],
+        batch.groups[lo:hi],
+        positions=batch.positions[lo:hi],
+    )
 
 
 def loss_of(net: torch.nn.Module, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -112,8 +149,14 @@ def loss_of(net: torch.nn.Module, model: torch.nn.Module, batch: Batch) -> torch
 
 def save_checkpoint(model: torch.nn.Module, path: Path) -> Path:
     cls = type(model)
-    torch.save({"recsys": {"model_class": f"{cls.__module__}.{cls.__qualname__}", "features": model.info.to_dict()},
-                "hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, path)
+    torch.save(
+        {
+            "recsys": {"model_class": f"{cls.__module__}.{cls.__qualname__}", "features": model.info.to_dict()},
+            "hyper_parameters": dict(model.hparams),
+            "state_dict": model.state_dict(),
+        },
+        path,
+    )
     return path
 
 
@@ -156,8 +199,9 @@ def one_process(data: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=[f"{m}-{k}" for m, k in CELLS])
-def test_one_process_trains_and_the_fp32_export_scores_the_same(one_process: dict, data: str, tmp_path: Path,
-                                                                 cell: tuple) -> None:
+def test_one_process_trains_and_the_fp32_export_scores_the_same(
+    one_process: dict, data: str, tmp_path: Path, cell: tuple
+) -> None:
     result = one_process[cell]
     assert all(np.isfinite(result["losses"])), result["losses"]
     assert result["after"] < result["before"], (result["before"], result["after"])  # it learned something
@@ -179,7 +223,10 @@ def test_one_process_trains_and_the_fp32_export_scores_the_same(one_process: dic
     if cell in QUANTIZED:
         for dtype, bound in (("int8", 1e-2), ("int4", 0.1)):
             quantized = load(export(result["ckpt"], tmp_path / dtype, dtype, progress=False)).score_batch(val)
-            assert float(np.abs(quantized - expected).max()) <= bound, (dtype, float(np.abs(quantized - expected).max()))
+            assert float(np.abs(quantized - expected).max()) <= bound, (
+                dtype,
+                float(np.abs(quantized - expected).max()),
+            )
 
 
 def _sharded_worker(rank: int, world: int, rendezvous: str, data: str, out: str) -> None:
@@ -219,5 +266,10 @@ def test_two_ranks_give_the_one_process_trajectory_for_every_cell(one_process: d
     spawn_ranks(_sharded_worker, 2, data, out)
     sharded = np.load(out)
     for model_name, kind in CELLS:
-        np.testing.assert_allclose(sharded[f"{model_name}-{kind}-losses"], one_process[(model_name, kind)]["losses"],
-                                   atol=2e-5, rtol=0, err_msg=f"{model_name} × {kind}")
+        np.testing.assert_allclose(
+            sharded[f"{model_name}-{kind}-losses"],
+            one_process[(model_name, kind)]["losses"],
+            atol=2e-5,
+            rtol=0,
+            err_msg=f"{model_name} × {kind}",
+        )

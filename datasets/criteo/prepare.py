@@ -44,8 +44,11 @@ def read_blocks(path: Path, block_size: int) -> csv.CSVStreamingReader:
     if not path.exists():
         raise CriteoError(f"{path}: input file not found")
     convert = csv.ConvertOptions(
-        column_types={"label": pa.int64(), **{f"I{i}": pa.float64() for i in range(1, NUM_DENSE + 1)},
-                      **{f"C{i}": pa.string() for i in range(1, NUM_SPARSE + 1)}},
+        column_types={
+            "label": pa.int64(),
+            **{f"I{i}": pa.float64() for i in range(1, NUM_DENSE + 1)},
+            **{f"C{i}": pa.string() for i in range(1, NUM_SPARSE + 1)},
+        },
         strings_can_be_null=True,
     )
     try:
@@ -153,8 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     if not assignments:
         parser.error("give --input, or --train/--val/--test files")
     try:
-        rows = convert(assignments, args.out, args.val_fraction, args.test_fraction, args.seed, args.block_mb << 20,
-                       args.rows_per_file, args.max_rows, args.min_count, args.num_buckets)
+        rows = convert(
+            assignments,
+            args.out,
+            args.val_fraction,
+            args.test_fraction,
+            args.seed,
+            args.block_mb << 20,
+            args.rows_per_file,
+            args.max_rows,
+            args.min_count,
+            args.num_buckets,
+        )
     except CriteoError as err:
         print(f"[criteo] error: {err}", file=sys.stderr)
         return 2

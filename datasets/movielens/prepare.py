@@ -38,9 +38,25 @@ SHA256 = {  # of the files inside the recbole 1.2.1 wheel
     "user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
 }
 GENRES = [  # u.genre order; RecBole's "class" lists genres in this order too
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
-    "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ]
 SCHEMA = """\
 # ml100k-ctr (docs/protocols.md): MovieLens-100k ratings as clicks (rating >= 4), with behavior sequences.
@@ -79,7 +95,18 @@ def read_wheel(cache: Path) -> dict[str, pd.DataFrame]:
     wheels = sorted(cache.glob("recbole-1.2.1-*.whl"))
     if not wheels:
         print(f"[movielens] fetching the {WHEEL} wheel (2 MB) into {cache}", flush=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", WHEEL, "-d", str(cache)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            WHEEL,
+            "-d",
+            str(cache),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(cache.glob("recbole-1.2.1-*.whl"))
         if result.returncode != 0 or not wheels:
@@ -102,24 +129,36 @@ def read_directory(source: Path) -> dict[str, pd.DataFrame]:
     original = {p: source / f"u.{p}" for p in ("data", "item", "user")}
     missing = [str(f) for f in original.values() if not f.exists()]
     if missing:
-        raise PrepareError(f"{source}: neither ml-100k.inter/.item/.user nor u.data/u.item/u.user found (missing {missing})")
-    inter = pd.read_csv(original["data"], sep="\t", header=None, dtype=str, names=["user_id", "item_id", "rating", "timestamp"])
+        raise PrepareError(
+            f"{source}: neither ml-100k.inter/.item/.user nor u.data/u.item/u.user found (missing {missing})"
+        )
+    inter = pd.read_csv(
+        original["data"], sep="\t", header=None, dtype=str, names=["user_id", "item_id", "rating", "timestamp"]
+    )
     item_cols = ["item_id", "title", "release_date", "video", "url"] + GENRES
-    item = pd.read_csv(original["item"], sep="|", header=None, dtype=str, names=item_cols, encoding="latin-1", keep_default_na=False)
+    item = pd.read_csv(
+        original["item"], sep="|", header=None, dtype=str, names=item_cols, encoding="latin-1", keep_default_na=False
+    )
     flags = item[GENRES].to_numpy() == "1"
-    item = pd.DataFrame({
-        "item_id": item["item_id"],
-        "movie_title": item["title"].str.replace(r"\s*\(\d{4}\)\s*$", "", regex=True),
-        "release_year": item["release_date"].str[-4:],
-        "class": [" ".join(g for g, f in zip(GENRES, row, strict=True) if f) for row in flags],
-    })
-    user = pd.read_csv(original["user"], sep="|", header=None, dtype=str, names=["user_id", "age", "gender", "occupation", "zip_code"])
+    item = pd.DataFrame(
+        {
+            "item_id": item["item_id"],
+            "movie_title": item["title"].str.replace(r"\s*\(\d{4}\)\s*$", "", regex=True),
+            "release_year": item["release_date"].str[-4:],
+            "class": [" ".join(g for g, f in zip(GENRES, row, strict=True) if f) for row in flags],
+        }
+    )
+    user = pd.read_csv(
+        original["user"], sep="|", header=None, dtype=str, names=["user_id", "age", "gender", "occupation", "zip_code"]
+    )
     return {"inter": inter, "item": item, "user": user}
 
 
 # -- the protocol -------------------------------------------------------------------------
 def build(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    inter = frames["inter"].astype({"user_id": np.int64, "item_id": np.int64, "rating": np.float64, "timestamp": np.int64})
+    inter = frames["inter"].astype(
+        {"user_id": np.int64, "item_id": np.int64, "rating": np.float64, "timestamp": np.int64}
+    )
     item = frames["item"].copy()
     item["item_id"] = item["item_id"].astype(np.int64)
     item["genres"] = item["class"].str.split()
@@ -135,7 +174,10 @@ def build(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
 
     missing_items = set(inter["item_id"]) - set(item["item_id"])
     if missing_items:
-        raise PrepareError(f"ratings reference {len(missing_items)} item(s) missing from the item file, e.g. {sorted(missing_items)[:5]}")
+        raise PrepareError(
+            f"ratings reference {len(missing_items)} item(s) missing "
+            f"from the item file, e.g. {sorted(missing_items)[:5]}"
+        )
     df = inter.merge(item[["item_id", "movie_title", "release_year", "genre", "genres"]], on="item_id", how="left")
     df = df.merge(user[["user_id", "age", "gender", "occupation", "zip_prefix"]], on="user_id", how="left")
     if df["age"].isna().any():
@@ -158,29 +200,52 @@ def build(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     df["hist_item_id"] = [items[a:b].tolist() for a, b in zip(lo, np.arange(len(df)), strict=True)]
     df["hist_genre"] = [genres[a:b].tolist() for a, b in zip(lo, np.arange(len(df)), strict=True)]
 
-    columns = ["label", "user_id", "item_id", "genre", "genres", "release_year", "age", "gender",
-               "occupation", "zip_prefix", "hist_item_id", "hist_genre", "movie_title", "timestamp"]
+    columns = [
+        "label",
+        "user_id",
+        "item_id",
+        "genre",
+        "genres",
+        "release_year",
+        "age",
+        "gender",
+        "occupation",
+        "zip_prefix",
+        "hist_item_id",
+        "hist_genre",
+        "movie_title",
+        "timestamp",
+    ]
     return {name: df.loc[split == name, columns].reset_index(drop=True) for name in ("train", "val", "test")}
 
 
 def write(splits: dict[str, pd.DataFrame], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    arrow_schema = pa.schema([
-        ("label", pa.int8()), ("user_id", pa.int64()), ("item_id", pa.int64()), ("genre", pa.string()),
-        ("genres", pa.list_(pa.string())), ("release_year", pa.float64()), ("age", pa.float64()),
-        ("gender", pa.string()), ("occupation", pa.string()), ("zip_prefix", pa.string()),
-        ("hist_item_id", pa.list_(pa.int64())), ("hist_genre", pa.list_(pa.string())),
-        ("movie_title", pa.string()), ("timestamp", pa.int64()),
-    ])
+    arrow_schema = pa.schema(
+        [
+            ("label", pa.int8()),
+            ("user_id", pa.int64()),
+            ("item_id", pa.int64()),
+            ("genre", pa.string()),
+            ("genres", pa.list_(pa.string())),
+            ("release_year", pa.float64()),
+            ("age", pa.float64()),
+            ("gender", pa.string()),
+            ("occupation", pa.string()),
+            ("zip_prefix", pa.string()),
+            ("hist_item_id", pa.list_(pa.int64())),
+            ("hist_genre", pa.list_(pa.string())),
+            ("movie_title", pa.string()),
+            ("timestamp", pa.int64()),
+        ]
+    )
     for name, frame in splits.items():
         (out / name).mkdir(exist_ok=True)
         table = pa.Table.from_pandas(frame, schema=arrow_schema, preserve_index=False)
         # row groups of 8k rows let dataloader workers and ranks split a split between them
         pq.write_table(table, out / name / "part-0.parquet", row_group_size=8192)
     (out / "schema.yaml").write_text(SCHEMA)
-    stats = {
-        name: {"rows": len(f), "positive_rate": round(float(f["label"].mean()), 4)} for name, f in splits.items()
-    }
+    stats = {name: {"rows": len(f), "positive_rate": round(float(f["label"].mean()), 4)} for name, f in splits.items()}
     (out / "PREPARED.json").write_text(json.dumps({"protocol": PROTOCOL, "splits": stats}, indent=2))
 
 

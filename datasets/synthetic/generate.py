@@ -25,8 +25,15 @@ from recsys.data.writer import SplitWriter, criteo_schema_yaml
 
 
 class Generator:
-    def __init__(self, num_dense: int = 13, num_sparse: int = 26, max_cardinality: int = 1_000_000,
-                 zipf_exponent: float = 1.1, signal: float = 0.6, seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_dense: int = 13,
+        num_sparse: int = 26,
+        max_cardinality: int = 1_000_000,
+        zipf_exponent: float = 1.1,
+        signal: float = 0.6,
+        seed: int = 0,
+    ) -> None:
         rng = np.random.default_rng(seed)
         self.num_dense, self.num_sparse = num_dense, num_sparse
         self.cardinalities = np.geomspace(10, max_cardinality, num_sparse).astype(np.int64)
@@ -56,12 +63,22 @@ class Generator:
             logit += weights[rank]
             columns.append(ids[rank])
         label = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int8)
-        arrays = [pa.array(label)] + [pa.array(dense[:, i]) for i in range(self.num_dense)] + [pa.array(c) for c in columns]
+        arrays = (
+            [pa.array(label)] + [pa.array(dense[:, i]) for i in range(self.num_dense)] + [pa.array(c) for c in columns]
+        )
         return pa.Table.from_arrays(arrays, schema=self.schema), logit
 
 
-def generate(out: Path, rows: int, chunk_rows: int = 500_000, val_fraction: float = 0.05, test_fraction: float = 0.05,
-             seed: int = 0, rows_per_file: int = 2_000_000, **kwargs) -> dict:
+def generate(
+    out: Path,
+    rows: int,
+    chunk_rows: int = 500_000,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    seed: int = 0,
+    rows_per_file: int = 2_000_000,
+    **kwargs,
+) -> dict:
     generator = Generator(seed=seed, **kwargs)
     rng = np.random.default_rng([seed, 1])
     writers = {s: SplitWriter(out, s, generator.schema, rows_per_file=rows_per_file) for s in SPLITS}
@@ -114,10 +131,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rows < 100:
         parser.error("--rows must be at least 100")
-    info = generate(args.out, args.rows, args.chunk_rows, seed=args.seed, rows_per_file=args.rows_per_file,
-                    num_dense=args.num_dense, num_sparse=args.num_sparse, max_cardinality=args.max_cardinality,
-                    zipf_exponent=args.zipf_exponent)
-    print(f"[synthetic] {info['rows']}  positive rate {info['positive_rate']:.3f}  planted-logit AUC {info['planted_auc']:.3f}  → {args.out}")
+    info = generate(
+        args.out,
+        args.rows,
+        args.chunk_rows,
+        seed=args.seed,
+        rows_per_file=args.rows_per_file,
+        num_dense=args.num_dense,
+        num_sparse=args.num_sparse,
+        max_cardinality=args.max_cardinality,
+        zipf_exponent=args.zipf_exponent,
+    )
+    print(
+        f"[synthetic] {info['rows']}  positive rate {info['positive_rate']:.3f} "
+        f" planted-logit AUC {info['planted_auc']:.3f}  → {args.out}"
+    )
     return 0
 
 

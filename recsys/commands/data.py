@@ -17,8 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] != "check":
         print("usage: recsys data check DIR [--json FILE]   (recsys data check --help)", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog="recsys data check", description=data_check.__doc__, epilog=example("data"),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="recsys data check",
+        description=data_check.__doc__,
+        epilog=example("data"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("directory", help="dataset directory (schema.yaml + train/ val/ test/)")
     parser.add_argument("--json", help="also write the findings to this JSON file")
     args = parser.parse_args(argv[1:])
@@ -30,8 +34,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  - {finding.text()}")
     rows = ", ".join(f"{k} {v:,}" for k, v in report.rows.items())
     verdict = "FAILED" if report.errors else "OK"
-    print(f"{args.directory}: {verdict} — {len(report.errors)} error(s), {len(report.notes)} note(s); rows: {rows or 'none'}")
+    print(
+        f"{args.directory}: {verdict} — {len(report.errors)} error(s), "
+        f"{len(report.notes)} note(s); rows: {rows or 'none'}"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"ok": not report.errors, "rows": report.rows,
-                                               "findings": [f.__dict__ for f in report.findings]}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {"ok": not report.errors, "rows": report.rows, "findings": [f.__dict__ for f in report.findings]},
+                indent=2,
+            )
+        )
     return 1 if report.errors else 0

@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        report = evaluate(args.ckpt, args.data, args.split, args.out, args.baseline, args.bootstrap, args.batch_size, args.seed)
+        report = evaluate(
+            args.ckpt, args.data, args.split, args.out, args.baseline, args.bootstrap, args.batch_size, args.seed
+        )
     except (FileNotFoundError, DataError, SchemaError, ValueError) as err:
         print(f"recsys eval: error: {err}", file=sys.stderr)
         return 2
@@ -46,9 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"[recsys eval] {report['split']} ({report['rows']:,} rows): {summary}")
     if not math.isfinite(report["auc"]):
-        print(f"[recsys eval] AUC is undefined: the {report['split']} split has one class only "
-              f"(positive rate {report['positive_rate']:.3f}); report.json holds null", file=sys.stderr)
+        print(
+            f"[recsys eval] AUC is undefined: the {report['split']} split has one class only "
+            f"(positive rate {report['positive_rate']:.3f}); report.json holds null",
+            file=sys.stderr,
+        )
     if "rela_impr_auc" in report:
-        print(f"[recsys eval] RelaImpr vs baseline: AUC {report['rela_impr_auc']:+.2f}%  GAUC {report['rela_impr_gauc']:+.2f}%")
+        print(
+            "[recsys eval] RelaImpr vs baseline: AUC "
+            f"{report['rela_impr_auc']:+.2f}%  GAUC {report['rela_impr_gauc']:+.2f}%"
+        )
     print(f"[recsys eval] report: {report['out']}/report.md  (report.json, reliability.png, predictions.parquet)")
     return 0 if all(math.isfinite(report[k]) for k in ("auc", "logloss")) else 1

@@ -12,12 +12,20 @@ from recsys.export.exporter import MANIFEST, export
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recsys export", description=exporter.__doc__, epilog=example("export"),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="recsys export",
+        description=exporter.__doc__,
+        epilog=example("export"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--ckpt", required=True, help="checkpoint: a .ckpt file or a sharded checkpoint directory")
     parser.add_argument("--out", required=True, help="export directory to create")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
-                        help="table storage: floats, or FBGEMM row-wise quantized int8/int4 (default fp32)")
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "fp16", "int8", "int4"],
+        help="table storage: floats, or FBGEMM row-wise quantized int8/int4 (default fp32)",
+    )
     parser.add_argument("--data", help="dataset directory holding vocab/ (default: the one the model was trained on)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
@@ -32,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     manifest = json.loads((out / MANIFEST).read_text())
     table_bytes = sum(manifest["files"][e["file"]]["bytes"] for e in manifest["tables"])
-    print(f"wrote {out}: {len(manifest['tables'])} table(s), {table_bytes:,} table bytes ({args.dtype}), "
-          f"{len(manifest['files'])} files; serve with: recsys serve {out}")
+    print(
+        f"wrote {out}: {len(manifest['tables'])} table(s), {table_bytes:,} table bytes ({args.dtype}), "
+        f"{len(manifest['files'])} files; serve with: recsys serve {out}"
+    )
     return 0

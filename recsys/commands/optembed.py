@@ -25,8 +25,12 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recsys optembed search", description=optembed.__doc__, epilog=example("optembed"),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="recsys optembed search",
+        description=optembed.__doc__,
+        epilog=example("optembed"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--ckpt", required=True, help="supernet checkpoint (.ckpt file or sharded checkpoint dir)")
     parser.add_argument("--out", required=True, help="output directory (optembed.pt, search.json, pareto.csv/png)")
     parser.add_argument("--data", help="dataset directory (default: the one the supernet was trained on)")
@@ -53,18 +57,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recsys optembed search: {err}", file=sys.stderr)
         return 2
     result = search(args.ckpt, args.out, config, data=args.data, batch_size=args.batch_size)
-    print(json.dumps({k: result[k] for k in ("dims", "kept_rows", "val_auc", "full_dims_val_auc", "sparsity")}, indent=2))
-    print(f"wrote {args.out}/{ARTIFACT}; retrain with --config configs/embedding/optembed_retrain.yaml "
-          f"--model.init_args.embedding.artifact {args.out}")
+    print(
+        json.dumps({k: result[k] for k in ("dims", "kept_rows", "val_auc", "full_dims_val_auc", "sparsity")}, indent=2)
+    )
+    print(
+        f"wrote {args.out}/{ARTIFACT}; retrain with --config configs/embedding/optembed_retrain.yaml "
+        f"--model.init_args.embedding.artifact {args.out}"
+    )
     return 0
 
 
 def run_main(argv: list[str]) -> int:
     """``recsys optembed run``."""
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="recsys optembed run", description=optembed_run.__doc__, epilog=example("optembed"),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="recsys optembed run",
+        description=optembed_run.__doc__,
+        epilog=example("optembed"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", action="append", required=True, help="LightningCLI config(s), as for recsys fit")
     parser.add_argument("--out", required=True, help="pipeline directory (a rerun resumes at the first stage to do)")
     add_search_arguments(parser)

@@ -19,14 +19,26 @@ OPTIMIZER_SLOTS = {"sgd": 0.0, "adagrad": 1.0, "rowwise_adagrad": 0.0, "adam": 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="recsys plan", description=__doc__, epilog=example("plan"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="recsys plan",
+        description=__doc__,
+        epilog=example("plan"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", required=True, action="append", help="LightningCLI config(s), as for recsys fit")
     parser.add_argument("--world-size", type=int, required=True, help="number of ranks (processes / GPUs)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="what the ranks compute on")
-    parser.add_argument("--sharding-types", nargs="*", default=[], metavar="TABLE=TYPE",
-                        help="constraints, e.g. t_user_id=column_wise or pooled=table_wise")
+    parser.add_argument(
+        "--sharding-types",
+        nargs="*",
+        default=[],
+        metavar="TABLE=TYPE",
+        help="constraints, e.g. t_user_id=column_wise or pooled=table_wise",
+    )
     parser.add_argument("--compute-kernel", default="fused")
-    parser.add_argument("--cache-load-factor", type=float, help="CUDA: fraction of each table kept in HBM (UVM caching)")
+    parser.add_argument(
+        "--cache-load-factor", type=float, help="CUDA: fraction of each table kept in HBM (UVM caching)"
+    )
     parser.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=sorted(OPTIMIZER_SLOTS))
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="more config options, e.g. --data.path DIR")
     args = parser.parse_args(argv)
@@ -46,8 +58,18 @@ def main(argv: list[str] | None = None) -> int:
 
     configs = [item for config in args.config for item in ("--config", config)]
     # only the model is needed: a trainer that fits this machine, whatever the config asks for
-    local = ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-             "--trainer.num_nodes", "1", "--trainer.strategy", "auto"]
+    local = [
+        "--trainer.logger",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.num_nodes",
+        "1",
+        "--trainer.strategy",
+        "auto",
+    ]
     cli = run([*configs, *local, *[a for a in args.overrides if a != "--"]], subcommand=False)
     model = cli.model
     try:

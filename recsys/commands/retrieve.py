@@ -13,15 +13,28 @@ from recsys.retrieval.evaluate import Retriever, markdown
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="recsys retrieve", description=evaluate.__doc__, epilog=example("retrieve"), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--two-tower", required=True, help="TwoTower checkpoint (recsys fit --config configs/movielens/two_tower.yaml)")
+    parser = argparse.ArgumentParser(
+        prog="recsys retrieve",
+        description=evaluate.__doc__,
+        epilog=example("retrieve"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--two-tower", required=True, help="TwoTower checkpoint (recsys fit --config configs/movielens/two_tower.yaml)"
+    )
     parser.add_argument("--din", help="DIN checkpoint for re-ranking (optional)")
     parser.add_argument("--data", help="dataset directory (default: the two-tower's)")
     parser.add_argument("--text-feature", default="movie_title")
-    parser.add_argument("--pooling", default="mean", help="pooling head for content vectors (parameter-free unless --text-head)")
+    parser.add_argument(
+        "--pooling", default="mean", help="pooling head for content vectors (parameter-free unless --text-head)"
+    )
     parser.add_argument("--text-head", help="a DIN checkpoint with text features whose trained pooling head to use")
-    parser.add_argument("--text-with", nargs="*", default=[],
-                        help="item-level columns appended to the item text for content retrieval (e.g. genres)")
+    parser.add_argument(
+        "--text-with",
+        nargs="*",
+        default=[],
+        help="item-level columns appended to the item text for content retrieval (e.g. genres)",
+    )
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--rerank-depth", type=int, default=100)
     parser.add_argument("--split", default="test", choices=["val", "test"])
@@ -35,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.text_head:
         text_model = load_model(args.text_head)
         if not len(text_model.embedding.item_text):
-            parser.error(f"--text-head {args.text_head}: the model has no item text (train it with --config configs/text/<head>.yaml)")
+            parser.error(
+                f"--text-head {args.text_head}: the model has no item "
+                "text (train it with --config configs/text/<head>.yaml)"
+            )
         head = next(iter(text_model.embedding.item_text.values())).head
         pooling = text_model.embedding.text_spec.pooling
     retriever = Retriever(tt, data, args.text_feature, pooling, head, text_with=args.text_with)
@@ -45,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report) + "\n")
     print(markdown(report))
-    print(f"α (val) = {report['alpha']:.1f}; {report['users']} users, {report['catalogue']} items "
-          f"({report['cold_items']} cold); wrote {out}/report.json")
+    print(
+        f"α (val) = {report['alpha']:.1f}; {report['users']} users, {report['catalogue']} items "
+        f"({report['cold_items']} cold); wrote {out}/report.json"
+    )
     return 0

@@ -15,7 +15,12 @@ from recsys.serve.server import ScoringServer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="recsys serve", description=serving.__doc__, epilog=example("serve"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="recsys serve",
+        description=serving.__doc__,
+        epilog=example("serve"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("directory", help="export directory (recsys export --out)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
@@ -37,14 +42,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recsys serve: {err}", file=sys.stderr)
         return 1
     try:
-        server = ScoringServer((args.host, args.port), None, args.directory, args.max_bytes, args.max_rows, args.workers,
-                               args.queue, args.timeout, args.backlog)
+        server = ScoringServer(
+            (args.host, args.port),
+            None,
+            args.directory,
+            args.max_bytes,
+            args.max_rows,
+            args.workers,
+            args.queue,
+            args.timeout,
+            args.backlog,
+        )
     except OSError as err:
-        reason = "is in use (another server?); pass --port" if err.errno == errno.EADDRINUSE else f"cannot be opened ({err})"
+        reason = (
+            "is in use (another server?); pass --port" if err.errno == errno.EADDRINUSE else f"cannot be opened ({err})"
+        )
         print(f"recsys serve: {args.host}:{args.port} {reason}", file=sys.stderr)
         return 1
-    print(f"serving {args.directory} on http://{args.host}:{server.server_address[1]} (POST /score, GET /healthz, "
-          f"GET /metadata); /healthz answers 200 once the export is loaded", flush=True)
+    print(
+        f"serving {args.directory} on http://{args.host}:{server.server_address[1]} (POST /score, GET /healthz, "
+        f"GET /metadata); /healthz answers 200 once the export is loaded",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

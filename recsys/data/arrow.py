@@ -39,7 +39,9 @@ def split_files(data_dir: str | Path, split: str) -> list[Path]:
     if not files and single.exists():
         files = [single]
     if not files:
-        raise DataError(f"{data_dir}: split {split!r} has no Parquet files (looked for {folder}/*.parquet and {single})")
+        raise DataError(
+            f"{data_dir}: split {split!r} has no Parquet files (looked for {folder}/*.parquet and {single})"
+        )
     return files
 
 
@@ -87,7 +89,11 @@ def column_problems(schema: Schema, arrow_schema: pa.Schema, file: Path) -> list
         label_type = arrow_schema.field(schema.label).type
         if not (pa.types.is_integer(label_type) or pa.types.is_boolean(label_type) or pa.types.is_floating(label_type)):
             problems.append(wrong(schema.label, "a 0/1 integer, boolean or float label"))
-    if schema.group and arrow_schema.names.count(schema.group) == 1 and not _is_id_type(arrow_schema.field(schema.group).type):
+    if (
+        schema.group
+        and arrow_schema.names.count(schema.group) == 1
+        and not _is_id_type(arrow_schema.field(schema.group).type)
+    ):
         problems.append(wrong(schema.group, "an integer or string group id"))
     for f in schema.features:
         if f.name not in names or arrow_schema.names.count(f.name) > 1:
@@ -115,7 +121,7 @@ def check_columns(schema: Schema, arrow_schema: pa.Schema, file: Path) -> None:
 
 
 def id_kind(t: pa.DataType) -> str:
-    """"int", "str", "list<int>" or "list<str>": what decides how ids are looked up."""
+    """ "int", "str", "list<int>" or "list<str>": what decides how ids are looked up."""
     if _is_list(t):
         return f"list<{id_kind(t.value_type)}>"
     if pa.types.is_dictionary(t):
@@ -137,4 +143,3 @@ def flat_ids(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
         lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy().astype(np.int64)
         return pc.list_flatten(column), lengths
     return column, np.ones(len(column), dtype=np.int64)
-

@@ -80,7 +80,9 @@ class _Tally:
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str, str | None, str], list[int]] = defaultdict(lambda: [0, -1])
 
-    def add(self, severity: str, file: Path, column: str | None, message: str, mask: np.ndarray, first_row: int) -> None:
+    def add(
+        self, severity: str, file: Path, column: str | None, message: str, mask: np.ndarray, first_row: int
+    ) -> None:
         hits = np.flatnonzero(mask)
         if not len(hits):
             return
@@ -93,8 +95,9 @@ class _Tally:
         return [Finding(s, f, c, m, n, first) for (s, f, c, m), (n, first) in self.counts.items()]
 
 
-def _check_batch(schema: Schema, batch: pa.RecordBatch, file: Path, first: int, tally: _Tally, split: str,
-                 usable: dict[str, int]) -> None:
+def _check_batch(
+    schema: Schema, batch: pa.RecordBatch, file: Path, first: int, tally: _Tally, split: str, usable: dict[str, int]
+) -> None:
     label = pc.fill_null(batch.column(schema.label).cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
     tally.add("error", file, schema.label, "label is not 0 or 1 (or missing)", ~((label == 0) | (label == 1)), first)
     for spec in schema.features:
@@ -103,34 +106,68 @@ def _check_batch(schema: Schema, batch: pa.RecordBatch, file: Path, first: int, 
             x = pc.fill_null(column.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
             bad = bad_numbers(x)
             if spec.missing == "error":
-                tally.add("error", file, spec.name, "missing, NaN, inf or beyond float32 (|x| > 3.4e38) numeric value "
-                          "(schema: missing: error)", bad, first)
+                tally.add(
+                    "error",
+                    file,
+                    spec.name,
+                    "missing, NaN, inf or beyond float32 (|x| > 3.4e38) numeric value (schema: missing: error)",
+                    bad,
+                    first,
+                )
             else:
-                tally.add("note", file, spec.name, f"missing, NaN, inf or beyond float32 numeric value, imputed "
-                          f"({spec.missing})", bad, first)
+                tally.add(
+                    "note",
+                    file,
+                    spec.name,
+                    f"missing, NaN, inf or beyond float32 numeric value, imputed ({spec.missing})",
+                    bad,
+                    first,
+                )
             if split == "train":
                 usable[spec.name] = usable.get(spec.name, 0) + int((~bad).sum())
         elif spec.type is FeatureType.CATEGORICAL:
-            tally.add("note", file, spec.name, "null id (reads the OOV row)", column.is_null().to_numpy(zero_copy_only=False), first)
+            tally.add(
+                "note",
+                file,
+                spec.name,
+                "null id (reads the OOV row)",
+                column.is_null().to_numpy(zero_copy_only=False),
+                first,
+            )
         elif spec.type in (FeatureType.CATEGORICAL_LIST, FeatureType.SEQUENCE):
             lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
             tally.add("note", file, spec.name, "empty list", lengths == 0, first)
             if spec.type is FeatureType.SEQUENCE and spec.max_len:
-                tally.add("note", file, spec.name, f"longer than max_len {spec.max_len} (the most recent are kept)",
-                          lengths > spec.max_len, first)
+                tally.add(
+                    "note",
+                    file,
+                    spec.name,
+                    f"longer than max_len {spec.max_len} (the most recent are kept)",
+                    lengths > spec.max_len,
+                    first,
+                )
 
 
 def _check_sequence_lengths(schema: Schema, batch: pa.RecordBatch, file: Path, first: int, tally: _Tally) -> None:
     sequences = schema.sequences
     if len(sequences) < 2:
         return
-    lengths = [pc.fill_null(pc.list_value_length(batch.column(s.name)), 0).to_numpy(zero_copy_only=False) for s in sequences]
+    lengths = [
+        pc.fill_null(pc.list_value_length(batch.column(s.name)), 0).to_numpy(zero_copy_only=False) for s in sequences
+    ]
     differ = np.zeros(len(lengths[0]), dtype=bool)
     for other in lengths[1:]:
         differ |= other != lengths[0]
     names = [s.name for s in sequences]
-    tally.add("note", file, names[0], f"sequences {names} differ in length: DIN, which reads them together behavior by "
-              f"behavior by default, refuses such rows (or set its attention_groups)", differ, first)
+    tally.add(
+        "note",
+        file,
+        names[0],
+        f"sequences {names} differ in length: DIN, which reads them together behavior by "
+        f"behavior by default, refuses such rows (or set its attention_groups)",
+        differ,
+        first,
+    )
 
 
 def check(data_dir: str | Path, progress: bool = True) -> Report:
@@ -171,16 +208,28 @@ def check(data_dir: str | Path, progress: bool = True) -> Report:
                 for spec in schema.features:  # drift: the id kind of each id column vs train's
                     if spec.type in (FeatureType.CATEGORICAL, FeatureType.CATEGORICAL_LIST, FeatureType.SEQUENCE):
                         kind = id_kind(arrow_schema.field(spec.name).type)
-                        expected = train_kinds.setdefault(spec.name, kind) if split == "train" else train_kinds.get(spec.name, kind)
+                        expected = (
+                            train_kinds.setdefault(spec.name, kind)
+                            if split == "train"
+                            else train_kinds.get(spec.name, kind)
+                        )
                         if kind != expected:
-                            report.findings.append(Finding("error", str(file), spec.name,
-                                                           f"{kind} ids here but {expected} ids in train (schema drift)"))
+                            report.findings.append(
+                                Finding(
+                                    "error",
+                                    str(file),
+                                    spec.name,
+                                    f"{kind} ids here but {expected} ids in train (schema drift)",
+                                )
+                            )
                 first = 0
                 for rg in range(parquet.num_row_groups):
                     try:
                         table = parquet.read_row_group(rg, columns=schema.columns())
                     except (pa.ArrowException, OSError) as err:
-                        report.findings.append(Finding("error", str(file), None, f"row group {rg} is unreadable: {err}"))
+                        report.findings.append(
+                            Finding("error", str(file), None, f"row group {rg} is unreadable: {err}")
+                        )
                         first += parquet.metadata.row_group(rg).num_rows
                         continue
                     for batch in table.to_batches(max_chunksize=65_536):
@@ -192,13 +241,25 @@ def check(data_dir: str | Path, progress: bool = True) -> Report:
                 rows += first
             report.rows[split] = rows
             if rows and labels_seen != {0.0, 1.0}:
-                report.findings.append(Finding("note", str(data_dir / split), schema.label,
-                                               f"only label(s) {sorted(labels_seen)} in this split: AUC is undefined on it"))
+                report.findings.append(
+                    Finding(
+                        "note",
+                        str(data_dir / split),
+                        schema.label,
+                        f"only label(s) {sorted(labels_seen)} in this split: AUC is undefined on it",
+                    )
+                )
             if split in files and rows == 0:
                 report.findings.append(Finding("error", str(data_dir / split), None, "the split has no rows"))
     for spec in schema.numeric:
         if spec.missing == "mean" and "train" in report.rows and usable.get(spec.name, 0) == 0:
-            report.findings.append(Finding("error", str(data_dir / "train"), spec.name,
-                                           "no usable value in train: `missing: mean` has no mean to impute"))
+            report.findings.append(
+                Finding(
+                    "error",
+                    str(data_dir / "train"),
+                    spec.name,
+                    "no usable value in train: `missing: mean` has no mean to impute",
+                )
+            )
     report.findings += tally.findings()
     return report

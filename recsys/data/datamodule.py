@@ -51,8 +51,14 @@ class StreamLoader(DataLoader):
     def state_dict(self) -> dict[str, Any]:
         epoch, batches = self._progress()
         stream: ParquetStream = self.dataset
-        return {"epoch": epoch, "batches": batches, "batches_per_epoch": len(stream),
-                "batch_size": stream.batch_size, "world_size": stream._rank_world()[1], "num_workers": stream.num_workers}
+        return {
+            "epoch": epoch,
+            "batches": batches,
+            "batches_per_epoch": len(stream),
+            "batch_size": stream.batch_size,
+            "world_size": stream._rank_world()[1],
+            "num_workers": stream.num_workers,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         stream: ParquetStream = self.dataset
@@ -68,10 +74,15 @@ class StreamLoader(DataLoader):
             )
         if not complete:
             world = stream._rank_world()[1]
-            if (state["batch_size"], state["world_size"], state["batches_per_epoch"]) != (stream.batch_size, world, len(stream)):
+            if (state["batch_size"], state["world_size"], state["batches_per_epoch"]) != (
+                stream.batch_size,
+                world,
+                len(stream),
+            ):
                 raise DataError(
                     f"{stream.data_dir}: the checkpoint stopped mid-epoch with batch size {state['batch_size']} on "
-                    f"{state['world_size']} rank(s) ({state['batches_per_epoch']} batches per epoch); resume with the same "
+                    f"{state['world_size']} rank(s) ({state['batches_per_epoch']} "
+                    "batches per epoch); resume with the same "
                     f"--data.batch_size and devices (now {stream.batch_size}, {world} rank(s), {len(stream)} batches), "
                     f"or from an end-of-epoch checkpoint"
                 )
@@ -106,7 +117,11 @@ class CTRDataModule(L.LightningDataModule):
         super().__init__()
         if predict_split not in SPLITS:
             raise ValueError(f"predict_split must be one of {SPLITS}, got {predict_split!r}")
-        for name, value in {"batch_size": batch_size, "eval_batch_size": eval_batch_size, "shuffle_buffer": shuffle_buffer}.items():
+        for name, value in {
+            "batch_size": batch_size,
+            "eval_batch_size": eval_batch_size,
+            "shuffle_buffer": shuffle_buffer,
+        }.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -144,8 +159,11 @@ class CTRDataModule(L.LightningDataModule):
         return self._streams[split]
 
     def _loader(self, split: str) -> DataLoader:
-        options = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
-                   "prefetch_factor": 4 if self.num_workers > 0 else None}
+        options = {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "prefetch_factor": 4 if self.num_workers > 0 else None,
+        }
         if split == "train":
             return StreamLoader(self.stream(split), self._train_progress, **options)
         return DataLoader(self.stream(split), batch_size=None, **options)

@@ -42,7 +42,6 @@ def keep_most_recent(values: np.ndarray, lengths: np.ndarray, max_len: int) -> t
     return values[keep], np.minimum(lengths, max_len)
 
 
-
 @dataclass
 class Chunk:
     """Encoded rows: everything a ``Batch`` needs, as numpy arrays (jagged as values+lengths)."""
@@ -152,9 +151,11 @@ class ChunkEncoder:
 
         sparse = {s.name: self._ids(s, batch.column(s.name)) for s in schema.sparse}
         sequences = {s.name: self._ids(s, batch.column(s.name)) for s in schema.sequences}
-        positions = (np.int64(file_index) << np.int64(POSITION_BITS)) + np.arange(first_row, first_row + len(labels), dtype=np.int64)
-        text = {s.name: pc.fill_null(batch.column(s.name), "").to_numpy(zero_copy_only=False).astype(object)
-                for s in schema.row_text}
+        positions = (np.int64(file_index) << np.int64(POSITION_BITS)) + np.arange(
+            first_row, first_row + len(labels), dtype=np.int64
+        )
+        text = {
+            s.name: pc.fill_null(batch.column(s.name), "").to_numpy(zero_copy_only=False).astype(object)
+            for s in schema.row_text
+        }
         return Chunk(labels, groups, dense, sparse, sequences, positions, text)
-
-

@@ -34,8 +34,9 @@ class Resources:
         """``[rows]`` train occurrences per vocabulary row of ``table`` (None: not available)."""
         return None
 
-    def item_text_states(self, text_feature: str, item: str, model_path: str | None,
-                         max_length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def item_text_states(
+        self, text_feature: str, item: str, model_path: str | None, max_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Token states ``[L, rows, T, D]`` and mask ``[rows, T]`` of one text per row of ``item``'s table."""
         return None
 
@@ -84,8 +85,9 @@ class DatasetResources(Resources):
             self._encoders[key] = TextEncoder(model_path, max_length)
         return self._encoders[key]
 
-    def item_text_states(self, text_feature: str, item: str, model_path: str | None,
-                         max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def item_text_states(
+        self, text_feature: str, item: str, model_path: str | None, max_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         encoder = self.text_encoder(model_path, max_length)
         return encoder.encode_cached(self.item_texts(text_feature, item), cache_dir=self.data_dir / "text_cache")
 

@@ -167,9 +167,7 @@ def parse_schema(raw: Any, source: str = "<schema>") -> Schema:
             ftype = FeatureType(item["type"])
         except ValueError:
             allowed = ", ".join(t.value for t in FeatureType)
-            raise SchemaError(
-                f"{where}: unknown feature type {item['type']!r} (allowed: {allowed})"
-            ) from None
+            raise SchemaError(f"{where}: unknown feature type {item['type']!r} (allowed: {allowed})") from None
         kwargs: dict[str, Any] = {}
         for key in ("max_len", "min_count", "num_buckets", "embedding_dim"):
             if key in item:
@@ -207,13 +205,14 @@ def parse_schema(raw: Any, source: str = "<schema>") -> Schema:
             target = by_name.get(f.target)  # type: ignore[arg-type]
             if target is None or target.type is not FeatureType.CATEGORICAL:
                 raise SchemaError(
-                    f"{source}: feature {f.name!r}: sequence target {f.target!r} must be a "
-                    f"declared categorical feature"
+                    f"{source}: feature {f.name!r}: sequence target {f.target!r} must be a declared categorical feature"
                 )
         if f.type is FeatureType.TEXT and f.item is not None:
             described = by_name.get(f.item)
             if described is None or described.type is not FeatureType.CATEGORICAL:
-                raise SchemaError(f"{source}: feature {f.name!r}: item {f.item!r} must be a declared categorical feature")
+                raise SchemaError(
+                    f"{source}: feature {f.name!r}: item {f.item!r} must be a declared categorical feature"
+                )
     label = str(raw["label"])
     if label in by_name:
         raise SchemaError(f"{source}: label column {label!r} is also declared as a feature")
@@ -232,4 +231,3 @@ def load_schema(path: str | Path) -> Schema:
     except yaml.YAMLError as err:
         raise SchemaError(f"{file}: not valid YAML: {err}") from err
     return parse_schema(raw, source=str(file))
-

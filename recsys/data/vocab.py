@@ -86,16 +86,22 @@ def _digest(*parts: bytes | str) -> str:
     return h.hexdigest()[:16]
 
 
-def content_fingerprints(schema: Schema, values: dict[str, pd.Index], buckets: dict[str, int],
-                         numeric: dict[str, tuple[float, float]]) -> dict[str, str]:
+def content_fingerprints(
+    schema: Schema, values: dict[str, pd.Index], buckets: dict[str, int], numeric: dict[str, tuple[float, float]]
+) -> dict[str, str]:
     """What a trained model depends on, by part: ``schema``, ``numeric`` statistics, and each table's
     vocabulary in row order (or its bucket count)."""
-    out = {"schema": _digest(json.dumps(schema.to_dict(), sort_keys=True)),
-           "numeric": _digest(json.dumps({k: [round(m, 12), round(s, 12)] for k, (m, s) in sorted(numeric.items())}))}
+    out = {
+        "schema": _digest(json.dumps(schema.to_dict(), sort_keys=True)),
+        "numeric": _digest(json.dumps({k: [round(m, 12), round(s, 12)] for k, (m, s) in sorted(numeric.items())})),
+    }
     for table, index in values.items():
         array = index.to_numpy()
-        out[table] = _digest(array.astype(np.int64).tobytes()) if array.dtype.kind in "iu" else \
-            _digest("\0".join(map(str, array)))
+        out[table] = (
+            _digest(array.astype(np.int64).tobytes())
+            if array.dtype.kind in "iu"
+            else _digest("\0".join(map(str, array)))
+        )
     for table, n in buckets.items():
         out[table] = _digest(f"hash buckets: {n}")
     return out
@@ -109,21 +115,31 @@ def check_same_content(trained: dict | DatasetInfo, current: DatasetInfo, data_d
     if not trained.fingerprints:  # written before content fingerprints: table sizes are all there is
         sizes = {t: n for t, n in trained.num_embeddings.items() if current.num_embeddings.get(t) != n}
         if sizes:
-            raise DataError(f"{data_dir}: table sizes differ from the checkpoint's {sizes}; use the dataset the model "
-                            f"was trained on")
+            raise DataError(
+                f"{data_dir}: table sizes differ from the checkpoint's {sizes}; use the dataset the model "
+                f"was trained on"
+            )
         if not _warned_old[0]:
             _warned_old[0] = True
-            log.warning("the checkpoint predates content fingerprints: only its table sizes were checked against %s",
-                        data_dir)
+            log.warning(
+                "the checkpoint predates content fingerprints: only its table sizes were checked against %s", data_dir
+            )
         return
-    differ = [part for part in sorted(set(trained.fingerprints) | set(current.fingerprints))
-              if trained.fingerprints.get(part) != current.fingerprints.get(part)]
+    differ = [
+        part
+        for part in sorted(set(trained.fingerprints) | set(current.fingerprints))
+        if trained.fingerprints.get(part) != current.fingerprints.get(part)
+    ]
     if differ:
-        named = ", ".join("the schema" if p == "schema" else "numeric statistics" if p == "numeric"
-                          else f"the vocabulary of {p!r}" for p in differ)
-        raise DataError(f"{data_dir}: its content differs from the data the model was trained on in {named} (a "
-                        f"vocabulary rebuilt in another order, new train rows, or another schema); evaluate on that "
-                        f"data or retrain")
+        named = ", ".join(
+            "the schema" if p == "schema" else "numeric statistics" if p == "numeric" else f"the vocabulary of {p!r}"
+            for p in differ
+        )
+        raise DataError(
+            f"{data_dir}: its content differs from the data the model was trained on in {named} (a "
+            f"vocabulary rebuilt in another order, new train rows, or another schema); evaluate on that "
+            f"data or retrain"
+        )
 
 
 _warned_old = [False]
@@ -135,8 +151,9 @@ def _batches(reader, file: Path, columns: list[str]):  # noqa: ANN001, ANN202
         try:
             yield from reader.iter_batches(batch_size=262_144, row_groups=[rg], columns=columns or None)
         except (pa.ArrowException, OSError) as err:
-            raise DataError(f"{file}: row group {rg} is unreadable ({err}); `recsys data check` lists every such "
-                            f"problem") from err
+            raise DataError(
+                f"{file}: row group {rg} is unreadable ({err}); `recsys data check` lists every such problem"
+            ) from err
 
 
 def _fingerprint(schema: Schema, files: list[Path]) -> str:
@@ -248,7 +265,8 @@ class Vocabulary:
             if column in arrow_schema.names and id_kind(arrow_schema.field(column).type) != train_kind:
                 raise DataError(
                     f"{file}: column {column!r} has type {arrow_schema.field(column).type} "
-                    f"({id_kind(arrow_schema.field(column).type)}) but {train_kind} ids in the train split (schema drift)"
+                    f"({id_kind(arrow_schema.field(column).type)}) but "
+                    f"{train_kind} ids in the train split (schema drift)"
                 )
 
     def info(self) -> DatasetInfo:
@@ -286,7 +304,9 @@ class Vocabulary:
             raise DataError(f"{meta_file}: vocabulary not found")
         meta = json.loads(meta_file.read_text())
         if meta.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"{meta_file}: vocabulary format {meta.get('format_version')}, this recsys reads {FORMAT_VERSION}")
+            raise DataError(
+                f"{meta_file}: vocabulary format {meta.get('format_version')}, this recsys reads {FORMAT_VERSION}"
+            )
         return cls._load(Path(directory), schema, meta)
 
     @classmethod
@@ -297,7 +317,9 @@ class Vocabulary:
             try:
                 table = pq.read_table(file)
             except Exception as err:
-                raise DataError(f"{file}: cannot read vocabulary ({err}); delete {data_dir / 'vocab'} to rebuild") from err
+                raise DataError(
+                    f"{file}: cannot read vocabulary ({err}); delete {data_dir / 'vocab'} to rebuild"
+                ) from err
             values[name] = _index(table.column("value").to_numpy(zero_copy_only=False))
             counts[name] = np.concatenate([[0], table.column("count").to_numpy()]).astype(np.int64)
         for name in meta["buckets"]:
@@ -312,8 +334,12 @@ class Vocabulary:
             numeric_stats={k: (float(m), float(s)) for k, (m, s) in meta["numeric"].items()},
             column_types=meta["column_types"],
             fingerprint=meta["fingerprint"],
-            fingerprints=content_fingerprints(schema, values, {k: int(v) for k, v in meta["buckets"].items()},
-                                              {k: (float(m), float(s)) for k, (m, s) in meta["numeric"].items()}),
+            fingerprints=content_fingerprints(
+                schema,
+                values,
+                {k: int(v) for k, v in meta["buckets"].items()},
+                {k: (float(m), float(s)) for k, (m, s) in meta["numeric"].items()},
+            ),
         )
 
     @classmethod
@@ -343,7 +369,9 @@ class Vocabulary:
                     flat, _ = flat_ids(batch.column(f.name))
                     vc = pc.value_counts(pc.drop_null(flat))
                     partial[f.name].append(
-                        pd.Series(vc.field("counts").to_numpy(), index=vc.field("values").to_numpy(zero_copy_only=False))
+                        pd.Series(
+                            vc.field("counts").to_numpy(), index=vc.field("values").to_numpy(zero_copy_only=False)
+                        )
                     )
                 for name, n in hashed.items():
                     flat, _ = flat_ids(batch.column(name))
@@ -354,9 +382,11 @@ class Vocabulary:
                     if not finite.all():
                         if f.missing == "error":
                             bad = int(np.flatnonzero(~finite)[0])
-                            raise DataError(f"{file}: column {f.name!r} row {file_rows - batch.num_rows + bad}: numeric value "
-                                            f"{float(x[bad])!r} is missing, non-finite or beyond float32's range (declare "
-                                            f"`missing: mean` or `missing: zero` in the schema to impute it)")
+                            raise DataError(
+                                f"{file}: column {f.name!r} row {file_rows - batch.num_rows + bad}: numeric value "
+                                f"{float(x[bad])!r} is missing, non-finite or beyond float32's range (declare "
+                                f"`missing: mean` or `missing: zero` in the schema to impute it)"
+                            )
                         x = x[finite]  # statistics over the values present
                     sums[f.name] += (len(x), x.sum(), (x * x).sum())
         if rows == 0:
@@ -370,24 +400,33 @@ class Vocabulary:
             frame = pd.DataFrame({"value": merged.index, "count": merged.to_numpy()})
             frame = frame[frame["count"] >= f.min_count]
             frame = frame.sort_values(["count", "value"], ascending=[False, True], kind="stable")
-            _atomic(out / f"{f.name}.parquet", lambda tmp, frame=frame: pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp))
+            _atomic(
+                out / f"{f.name}.parquet",
+                lambda tmp, frame=frame: pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp),
+            )
             values[f.name] = _index(frame["value"].to_numpy())
             counts[f.name] = np.concatenate([[0], frame["count"].to_numpy()]).astype(np.int64)
         for name, row_counts in bucket_counts.items():
             row_counts[0] = 0  # nulls: the OOV row, like vocabulary tables
-            _atomic(out / f"{name}.buckets.parquet", lambda tmp, c=row_counts: pq.write_table(pa.table({"count": c}), tmp))
+            _atomic(
+                out / f"{name}.buckets.parquet", lambda tmp, c=row_counts: pq.write_table(pa.table({"count": c}), tmp)
+            )
             counts[name] = row_counts
         numeric = {}
         for name, (n, total, squares) in sums.items():
             if n == 0:
-                raise DataError(f"{files[0].parent}: column {name!r} has no usable value in the train split, so "
-                                f"`missing: {schema[name].missing}` has no mean to impute; fill the column, use "
-                                f"`missing: zero`, or drop the feature")
+                raise DataError(
+                    f"{files[0].parent}: column {name!r} has no usable value in the train split, so "
+                    f"`missing: {schema[name].missing}` has no mean to impute; fill the column, use "
+                    f"`missing: zero`, or drop the feature"
+                )
             mean = total / n
             std = float(np.sqrt(max(squares / n - mean * mean, 0.0)))
             if not (np.isfinite(mean) and np.isfinite(std)):
-                raise DataError(f"{files[0].parent}: column {name!r}: its train statistics overflow (mean {mean}, std "
-                                f"{std}); rescale the column")
+                raise DataError(
+                    f"{files[0].parent}: column {name!r}: its train statistics overflow (mean {mean}, std "
+                    f"{std}); rescale the column"
+                )
             numeric[name] = (float(mean), std if std > 1e-12 else 1.0)
         fingerprints = content_fingerprints(schema, values, hashed, numeric)
         meta = {
@@ -397,11 +436,12 @@ class Vocabulary:
             "train_rows": rows,
             "vocab_tables": [f.name for f in counted],
             "buckets": hashed,
-            "num_embeddings": {f.name: (hashed[f.name] + 1 if f.name in hashed else len(values[f.name]) + 1) for f in owners},
+            "num_embeddings": {
+                f.name: (hashed[f.name] + 1 if f.name in hashed else len(values[f.name]) + 1) for f in owners
+            },
             "numeric": numeric,
             "column_types": column_types,
         }
         _atomic(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
         log.info("%s: built vocabularies %s from %d train rows", data_dir, meta["num_embeddings"], rows)
         return cls(data_dir, schema, values, counts, hashed, numeric, column_types, fingerprint, fingerprints)
-

@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 class SplitWriter:
     """Appends Arrow tables to ``<out>/<split>/part-NNNNN.parquet``, rolling files every ``rows_per_file``."""
 
-    def __init__(self, out: Path, split: str, schema: pa.Schema, rows_per_file: int = 2_000_000, row_group_size: int = 65_536) -> None:
+    def __init__(
+        self, out: Path, split: str, schema: pa.Schema, rows_per_file: int = 2_000_000, row_group_size: int = 65_536
+    ) -> None:
         self.folder = out / split
         self.folder.mkdir(parents=True, exist_ok=True)
         for old in self.folder.glob("part-*.parquet"):
@@ -46,7 +48,9 @@ class SplitWriter:
             self._writer = None
 
 
-def criteo_schema_yaml(title: str, num_dense: int, num_sparse: int, min_count: int = 1, num_buckets: int | None = None) -> str:
+def criteo_schema_yaml(
+    title: str, num_dense: int, num_sparse: int, min_count: int = 1, num_buckets: int | None = None
+) -> str:
     lines = [f"# {title}", "label: label", "features:"]
     lines += [f"  - {{name: I{i}, type: numeric}}" for i in range(1, num_dense + 1)]
     extra = f", num_buckets: {num_buckets}" if num_buckets else (f", min_count: {min_count}" if min_count > 1 else "")

@@ -82,9 +82,16 @@ class EmbeddingLayer(nn.Module):
             (``recsys.data.resources``); None when a state dict follows (a checkpoint or export).
     """
 
-    def __init__(self, info: DatasetInfo, embedding: dict | EmbeddingSpec | None = None, text: dict | TextSpec | None = None,
-                 features: list[str] | None = None, jagged: list[str] | tuple = (), mba_lambda: float = 0.0,
-                 resources=None) -> None:  # noqa: ANN001 (recsys.data.resources.Resources)
+    def __init__(
+        self,
+        info: DatasetInfo,
+        embedding: dict | EmbeddingSpec | None = None,
+        text: dict | TextSpec | None = None,
+        features: list[str] | None = None,
+        jagged: list[str] | tuple = (),
+        mba_lambda: float = 0.0,
+        resources=None,
+    ) -> None:  # noqa: ANN001 (recsys.data.resources.Resources)
         super().__init__()
         schema = info.parsed_schema
         self.schema = schema
@@ -93,7 +100,9 @@ class EmbeddingLayer(nn.Module):
         self.id_features = ids if features is None else list(features)
         unknown = [f for f in [*self.id_features, *jagged] if f not in ids]
         if unknown:
-            raise EmbeddingConfigError(f"{WHERE}: {unknown[0]!r} is not an id feature of {schema.source} (id features: {ids})")
+            raise EmbeddingConfigError(
+                f"{WHERE}: {unknown[0]!r} is not an id feature of {schema.source} (id features: {ids})"
+            )
         self.jagged_features = [f for f in self.id_features if f in set(jagged)]
         self.owner = {f: schema[f].table for f in self.id_features}
         owners = list(dict.fromkeys(self.owner.values()))
@@ -123,23 +132,31 @@ class EmbeddingLayer(nn.Module):
         if not compact or all(o in self.spec.dims for o in compact):
             return
         if self.spec.artifact is None:
-            raise EmbeddingConfigError(f"{WHERE}.artifact: stage compact needs the OptEmbed search artifact "
-                                       f"(the `recsys optembed search --out` directory)")
+            raise EmbeddingConfigError(
+                f"{WHERE}.artifact: stage compact needs the OptEmbed search artifact "
+                f"(the `recsys optembed search --out` directory)"
+            )
         result = resources.optembed_result(self.spec.artifact) if resources is not None else None
         if result is None:
-            raise EmbeddingConfigError(f"{WHERE}.artifact: {self.spec.artifact} can only be read with the dataset's "
-                                       f"resources (recsys fit / recsys optembed run)")
+            raise EmbeddingConfigError(
+                f"{WHERE}.artifact: {self.spec.artifact} can only be read with the dataset's "
+                f"resources (recsys fit / recsys optembed run)"
+            )
         missing = [o for o in compact if o not in result["dims"]]
         if missing:
-            raise EmbeddingConfigError(f"{WHERE}.artifact: {self.spec.artifact} has no searched width for table "
-                                       f"{missing[0]!r} (searched: {sorted(result['dims'])})")
+            raise EmbeddingConfigError(
+                f"{WHERE}.artifact: {self.spec.artifact} has no searched width for table "
+                f"{missing[0]!r} (searched: {sorted(result['dims'])})"
+            )
         self._kept = {o: torch.as_tensor(result["kept"][o]).bool() for o in compact}
         for o, kept in self._kept.items():
             rows = self._vocab_rows[o]
             if kept.numel() != rows:
-                raise EmbeddingConfigError(f"{WHERE}.artifact: {self.spec.artifact} was searched on a table {o!r} of "
-                                           f"{kept.numel()} rows; this dataset's has {rows} (another dataset or "
-                                           f"vocabulary): search again on this one")
+                raise EmbeddingConfigError(
+                    f"{WHERE}.artifact: {self.spec.artifact} was searched on a table {o!r} of "
+                    f"{kept.numel()} rows; this dataset's has {rows} (another dataset or "
+                    f"vocabulary): search again on this one"
+                )
         self.spec.dims = {o: int(result["dims"][o]) for o in compact}
         self.spec.kept_rows = {o: int(self._kept[o].sum()) for o in compact}
 
@@ -153,27 +170,37 @@ class EmbeddingLayer(nn.Module):
         items = [t for t in schema.item_text if t.item in self.plans]
         rows = [t for t in schema.row_text]
         if not items and not rows:
-            raise TextConfigError(f"model.init_args.text: {schema.source} has no text column this model reads "
-                                  f"(item text of {sorted(self.plans)}, or row-level text)")
+            raise TextConfigError(
+                f"model.init_args.text: {schema.source} has no text column this model reads "
+                f"(item text of {sorted(self.plans)}, or row-level text)"
+            )
         if spec.encoder_dim is None:
             if resources is None or resources.text_encoder(spec.model_path, spec.max_length) is None:
-                raise TextConfigError("model.init_args.text: the encoder's width is unknown; build the model with its "
-                                      "dataset's resources")
+                raise TextConfigError(
+                    "model.init_args.text: the encoder's width is unknown; build the model with its dataset's resources"
+                )
             encoder = resources.text_encoder(spec.model_path, spec.max_length)
             spec.encoder_dim, spec.encoder_layers = encoder.dim, encoder.num_layers
         for column in items:
             plan = self.plans[column.item]
             dim = spec.dim or plan.width
             if spec.combine == "sum" and dim != plan.width:
-                raise TextConfigError(f"model.init_args.text.dim: combine sum needs the {column.item!r} table width "
-                                      f"{plan.width}, got {dim}")
+                raise TextConfigError(
+                    f"model.init_args.text.dim: combine sum needs the {column.item!r} table width "
+                    f"{plan.width}, got {dim}"
+                )
             if spec.combine == "init" and plan.kind != "plain":
-                raise TextConfigError(f"model.init_args.text.combine: init starts a plain item table from the texts; "
-                                      f"{column.item!r} is {plan.kind!r}")
+                raise TextConfigError(
+                    f"model.init_args.text.combine: init starts a plain item table from the texts; "
+                    f"{column.item!r} is {plan.kind!r}"
+                )
             if column.item in self.item_text:
                 raise TextConfigError(f"{schema.source}: two text columns describe {column.item!r}")
-            states = resources.item_text_states(column.name, column.item, spec.model_path, spec.max_length) \
-                if resources is not None and not resources.serving else None
+            states = (
+                resources.item_text_states(column.name, column.item, spec.model_path, spec.max_length)
+                if resources is not None and not resources.serving
+                else None
+            )
             if spec.combine == "init":  # the texts only start the ID table: nothing of them stays in the model
                 if states is not None:
                     self._init_text[column.item] = ItemText(spec, plan.vocab_rows, dim, *states)
@@ -200,14 +227,19 @@ class EmbeddingLayer(nn.Module):
                 else:
                     transform = Transform("identity")
                 key = f"{f}@{i}" if plan.kind in ("hashed", "unified") else f
-                probes.append(Lookup(key, f, plan.owner, i, _table_name(plan, i, self.spec.num_tables), plan.dim, transform))
+                probes.append(
+                    Lookup(key, f, plan.owner, i, _table_name(plan, i, self.spec.num_tables), plan.dim, transform)
+                )
             self.lookups[f] = probes
         self.all_lookups = [lookup for probes in self.lookups.values() for lookup in probes]
 
     def _needs_rows(self, owner: str) -> bool:
         """Pooled by recsys from looked-up rows (an EmbeddingCollection) rather than by FBGEMM."""
-        return (self.plans[owner].kind == "optembed" or owner in self.item_text
-                or any(self.owner[f] == owner for f in self.jagged_features))
+        return (
+            self.plans[owner].kind == "optembed"
+            or owner in self.item_text
+            or any(self.owner[f] == owner for f in self.jagged_features)
+        )
 
     def _build_tables(self) -> None:
         tables: dict[str, dict] = {}
@@ -221,23 +253,41 @@ class EmbeddingLayer(nn.Module):
         while changed:
             changed = False
             for probes in self.lookups.values():
-                if any(tables[p.table]["by_rows"] for p in probes) and not all(tables[p.table]["by_rows"] for p in probes):
+                if any(tables[p.table]["by_rows"] for p in probes) and not all(
+                    tables[p.table]["by_rows"] for p in probes
+                ):
                     for p in probes:
                         tables[p.table]["by_rows"] = True
                     changed = True
         self.on_bags = {f: not tables[probes[0].table]["by_rows"] for f, probes in self.lookups.items()}
-        bags = [EmbeddingBagConfig(name=name, embedding_dim=t["dim"], num_embeddings=t["rows"], feature_names=t["keys"],
-                                   pooling=TORCHREC_POOLING[self.pooling]) for name, t in tables.items() if not t["by_rows"]]
+        bags = [
+            EmbeddingBagConfig(
+                name=name,
+                embedding_dim=t["dim"],
+                num_embeddings=t["rows"],
+                feature_names=t["keys"],
+                pooling=TORCHREC_POOLING[self.pooling],
+            )
+            for name, t in tables.items()
+            if not t["by_rows"]
+        ]
         self.bags = EmbeddingBagCollection(tables=bags, device=table_device()) if bags else None
         self.bag_keys = [k for c in bags for k in c.feature_names]
         by_width: dict[int, list[EmbeddingConfig]] = {}
         for name, t in tables.items():
             if t["by_rows"]:  # an EmbeddingCollection needs one width for all its tables
                 by_width.setdefault(t["dim"], []).append(
-                    EmbeddingConfig(name=name, embedding_dim=t["dim"], num_embeddings=t["rows"], feature_names=t["keys"]))
-        self.rows = nn.ModuleDict({f"d{d}": EmbeddingCollection(tables=c, device=table_device()) for d, c in by_width.items()})
-        self.row_keys = {group: [k for c in configs for k in c.feature_names]
-                         for group, configs in zip(self.rows, by_width.values(), strict=True)}
+                    EmbeddingConfig(
+                        name=name, embedding_dim=t["dim"], num_embeddings=t["rows"], feature_names=t["keys"]
+                    )
+                )
+        self.rows = nn.ModuleDict(
+            {f"d{d}": EmbeddingCollection(tables=c, device=table_device()) for d, c in by_width.items()}
+        )
+        self.row_keys = {
+            group: [k for c in configs for k in c.feature_names]
+            for group, configs in zip(self.rows, by_width.values(), strict=True)
+        }
         self.table_rows = {name: t["rows"] for name, t in tables.items()}
 
     def _build_optembed(self, resources) -> None:  # noqa: ANN001
@@ -245,15 +295,29 @@ class EmbeddingLayer(nn.Module):
         self.compact = optembed if self.spec.stage == "compact" else []
         self.remaps = nn.Module()  # compact: vocabulary row -> kept row (0: pruned)
         for o in self.compact:
-            remap = compact_remap(self._kept[o]) if self._kept is not None else torch.zeros(self.plans[o].vocab_rows, dtype=torch.int64)
+            remap = (
+                compact_remap(self._kept[o])
+                if self._kept is not None
+                else torch.zeros(self.plans[o].vocab_rows, dtype=torch.int64)
+            )
             self.remaps.register_buffer(o, remap)
             if table_device() is None:  # row 0, what pruned ids read, is stored as zeros (export readers rely on it)
                 with torch.no_grad():
                     self.table_weight(f"t_{o}")[0].zero_()
         spec = self.spec
-        self.optembed = Supernet(optembed, [self.plans[o].dim for o in optembed], spec.alpha, spec.threshold_init,
-                                 spec.threshold_lr, spec.prune_rows, spec.sample_dims) \
-            if optembed and spec.stage == "supernet" else None
+        self.optembed = (
+            Supernet(
+                optembed,
+                [self.plans[o].dim for o in optembed],
+                spec.alpha,
+                spec.threshold_init,
+                spec.threshold_lr,
+                spec.prune_rows,
+                spec.sample_dims,
+            )
+            if optembed and spec.stage == "supernet"
+            else None
+        )
         if table_device() is None:
             for owner, module in self._init_text.items():
                 weight = self.table_weight(f"t_{owner}")
@@ -302,8 +366,13 @@ class EmbeddingLayer(nn.Module):
         features = batch.sparse.to_dict() | (batch.sequences.to_dict() if batch.sequences.keys() else {})
         return self.embed(features, len(batch), batch.positions, batch.text)
 
-    def embed(self, features: dict[str, JaggedTensor], batch_size: int, positions: Tensor | None = None,
-              texts: dict[str, list[str]] | None = None) -> Embedded:
+    def embed(
+        self,
+        features: dict[str, JaggedTensor],
+        batch_size: int,
+        positions: Tensor | None = None,
+        texts: dict[str, list[str]] | None = None,
+    ) -> Embedded:
         """Embeds ``{feature: ids}`` (vocabulary rows); features left out read nothing."""
         features = {f: features[f] for f in self.id_features if f in features}
         check_ids(features, self.vocab_rows)
@@ -379,8 +448,10 @@ class EmbeddingLayer(nn.Module):
         """``embedded`` (computed at full widths) with supernet table ``o`` cut to its first ``dims[o]``
         columns: exactly the forward under ``set_eval_dims(dims)``, from cached outputs."""
         if not self.narrowable:
-            raise ValueError("item text is summed into the OptEmbed rows: the widths cannot be cut from cached "
-                             "outputs; score with set_eval_dims and a forward instead")
+            raise ValueError(
+                "item text is summed into the OptEmbed rows: the widths cannot be cut from cached "
+                "outputs; score with set_eval_dims and a forward instead"
+            )
         out = Embedded(dict(embedded.pooled), dict(embedded.jagged))
         for f, owner in self.owner.items():
             if owner not in self.optembed.index:
@@ -388,7 +459,7 @@ class EmbeddingLayer(nn.Module):
             width = self.output_dims()[f]
             tensor = out.pooled[f] if f in out.pooled else out.jagged[f].values()
             keep = torch.ones(width, device=tensor.device, dtype=tensor.dtype)
-            keep[int(dims[owner]):self.plans[owner].width] = 0
+            keep[int(dims[owner]) : self.plans[owner].width] = 0
             if f in out.pooled:
                 out.pooled[f] = out.pooled[f] * keep
             elif f in out.jagged:
@@ -407,7 +478,9 @@ class EmbeddingLayer(nn.Module):
         return self.optembed.row_masks({o: self.table_weight(f"t_{o}") for o in self.optembed.owners})
 
     # -- training hooks --------------------------------------------------------------------------------
-    def _remember(self, features: dict[str, JaggedTensor], rows: dict[str, JaggedTensor], looked: dict[str, Tensor]) -> None:
+    def _remember(
+        self, features: dict[str, JaggedTensor], rows: dict[str, JaggedTensor], looked: dict[str, Tensor]
+    ) -> None:
         """This step's looked-up rows for MBA: every row of a feature kept jagged, and single-id features
         (a pooled list is a mean of rows, whichever collection pools it: not penalised)."""
         terms: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
@@ -427,8 +500,9 @@ class EmbeddingLayer(nn.Module):
         terms, self._mba_terms = self._mba_terms, {}
         total: Tensor | float = 0.0
         for table, (table_rows, ids) in terms.items():
-            total = total + mba_penalty_from_lookups(torch.cat(table_rows), torch.cat(ids),
-                                                     getattr(self.inverse_counts, table), self.mba_lambda)
+            total = total + mba_penalty_from_lookups(
+                torch.cat(table_rows), torch.cat(ids), getattr(self.inverse_counts, table), self.mba_lambda
+            )
         if self.optembed is not None:
             total = total + self.optembed.regularization()
         return total
@@ -442,8 +516,10 @@ class EmbeddingLayer(nn.Module):
         if self.optembed is None or not all(isinstance(c, EmbeddingCollection) for c in self.rows.values()):
             return {}  # a sharded table's rows live on several ranks
         masks = self.row_masks()
-        return {"optembed/rows_kept": sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()),
-                "optembed/threshold_mean": float(self.optembed.threshold.detach().mean())}
+        return {
+            "optembed/rows_kept": sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()),
+            "optembed/threshold_mean": float(self.optembed.threshold.detach().mean()),
+        }
 
     # -- export --------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -451,24 +527,41 @@ class EmbeddingLayer(nn.Module):
         features = {}
         for f, lookups in self.lookups.items():
             owner = self.owner[f]
-            entry = {"owner": owner, "kind": self.plans[owner].kind, "width": self.output_dims()[f],
-                     "output": "jagged" if f in self.jagged_features else "pooled",
-                     "lookups": [{"key": lk.key, "table": lk.table, "probe": lk.probe, "transform": _describe(lk)}
-                                 for lk in lookups]}
+            entry = {
+                "owner": owner,
+                "kind": self.plans[owner].kind,
+                "width": self.output_dims()[f],
+                "output": "jagged" if f in self.jagged_features else "pooled",
+                "lookups": [
+                    {"key": lk.key, "table": lk.table, "probe": lk.probe, "transform": _describe(lk)} for lk in lookups
+                ],
+            }
             if owner in self.compact:
                 entry["row_mask"] = "table row 0 is the zero vector of pruned ids"
             if self.optembed is not None and owner in self.optembed.index:
-                entry["row_mask"] = (f"rows with L1 norm <= embedding.optembed.threshold[{self.optembed.index[owner]}] "
-                                     f"read as zeros")
+                entry["row_mask"] = (
+                    f"rows with L1 norm <= embedding.optembed.threshold[{self.optembed.index[owner]}] read as zeros"
+                )
             if owner in self.item_text:
-                entry["item_text"] = {"combine": self.text_spec.combine, "table": f"text_{owner}",
-                                      "by": "the feature's vocabulary row"}
+                entry["item_text"] = {
+                    "combine": self.text_spec.combine,
+                    "table": f"text_{owner}",
+                    "by": "the feature's vocabulary row",
+                }
             features[f] = entry
         for f, module in self.row_text.items():
-            features[f] = {"kind": "row_text", "width": module.dim, "output": "pooled",
-                           "text": self.text_spec.to_dict(), "encoder": "encoder/"}
-        return {"pooling": self.pooling, "order": {"pooled": self.pooled_features, "jagged": self.jagged_features},
-                "features": features}
+            features[f] = {
+                "kind": "row_text",
+                "width": module.dim,
+                "output": "pooled",
+                "text": self.text_spec.to_dict(),
+                "encoder": "encoder/",
+            }
+        return {
+            "pooling": self.pooling,
+            "order": {"pooled": self.pooled_features, "jagged": self.jagged_features},
+            "features": features,
+        }
 
 
 class _GradientGuard(torch.autograd.Function):

@@ -67,8 +67,10 @@ def sample_dims(positions: torch.Tensor | None, batch_size: int, full_dims: torc
     device = full_dims.device
     if positions is None:
         return (torch.rand(batch_size, len(full_dims), device=device) * full_dims).long() + 1
-    columns = [hash_to_rows(positions.to(device), feature_salt(f"optembed-dims#{t}", step), int(d)) + 1
-               for t, d in enumerate(full_dims.tolist())]
+    columns = [
+        hash_to_rows(positions.to(device), feature_salt(f"optembed-dims#{t}", step), int(d)) + 1
+        for t, d in enumerate(full_dims.tolist())
+    ]
     return torch.stack(columns, dim=1)
 
 
@@ -111,8 +113,6 @@ def load_artifact(path: str | Path) -> dict:
     return artifact
 
 
-
-
 class Supernet(nn.Module):
     """OptEmbed supernet state of a layer's ``optembed`` tables: a learnable threshold per table, the
     widths used outside training, and the count of training draws (the per-step salt of the widths).
@@ -123,8 +123,16 @@ class Supernet(nn.Module):
         alpha, threshold_init, threshold_lr, prune_rows, sample_dims: the ``embedding`` block's keys.
     """
 
-    def __init__(self, owners: list[str], full_dims: list[int], alpha: float, threshold_init: float,
-                 threshold_lr: float, prune_rows: bool, sample_dims: bool) -> None:
+    def __init__(
+        self,
+        owners: list[str],
+        full_dims: list[int],
+        alpha: float,
+        threshold_init: float,
+        threshold_lr: float,
+        prune_rows: bool,
+        sample_dims: bool,
+    ) -> None:
         super().__init__()
         self.owners, self.index = list(owners), {o: i for i, o in enumerate(owners)}
         self.alpha, self.threshold_lr, self.prune_rows, self.sample = alpha, threshold_lr, prune_rows, sample_dims
@@ -143,7 +151,9 @@ class Supernet(nn.Module):
             return self.eval_dims.expand(batch_size, -1)
         return None
 
-    def mask(self, owner: str, values: torch.Tensor, lengths: torch.Tensor, widths: torch.Tensor | None) -> torch.Tensor:
+    def mask(
+        self, owner: str, values: torch.Tensor, lengths: torch.Tensor, widths: torch.Tensor | None
+    ) -> torch.Tensor:
         """Looked-up rows ``[N, D]`` of ``owner``'s table (``lengths [B]`` per sample): rows under the
         threshold read as zeros (straight-through), columns past the sample's width too."""
         i = self.index[owner]

@@ -58,7 +58,9 @@ def constraints_for(
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
     if compute_kernel not in KERNELS[device_type]:
-        raise ValueError(f"compute_kernel {compute_kernel!r} is not available on {device_type} (choose from {KERNELS[device_type]})")
+        raise ValueError(
+            f"compute_kernel {compute_kernel!r} is not available on {device_type} (choose from {KERNELS[device_type]})"
+        )
     if cache_load_factor is not None and device_type != "cuda":
         raise ValueError("UVM caching (cache_load_factor) needs CUDA")
     tables = embedding_tables(model)
@@ -71,7 +73,9 @@ def constraints_for(
         allowed = ALLOWED[(device_type, kind)]
         wanted = requested.get(table, requested.get(kind))
         if wanted is not None and wanted not in allowed:
-            raise ValueError(f"table {table!r} ({kind}) cannot be sharded {wanted!r} on {device_type}; allowed: {allowed}")
+            raise ValueError(
+                f"table {table!r} ({kind}) cannot be sharded {wanted!r} on {device_type}; allowed: {allowed}"
+            )
         kernel = "fused_uvm_caching" if cache_load_factor is not None else compute_kernel
         out[table] = ParameterConstraints(
             sharding_types=[wanted] if wanted else allowed,
@@ -100,7 +104,9 @@ def plan_model(
 ) -> ShardingPlan:
     """A sharding plan; collective (all ranks agree) when ``process_group`` is given."""
     constraints = constraints_for(model, device_type, sharding_types, compute_kernel, cache_load_factor)
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device=device_type), constraints=constraints)
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world_size, compute_device=device_type), constraints=constraints
+    )
     if process_group is not None:
         return planner.collective_plan(model, sharders(), process_group)
     return planner.plan(model, sharders())
@@ -132,7 +138,9 @@ def describe_plan(plan: ShardingPlan, model: nn.Module, world_size: int, optimiz
                 ranks = list(range(world_size))
                 for r in ranks:
                     per_rank[r] += rows * dim * 4 * (1 + optimizer_slots)
-            lines.append(f"| {module_path}.{name} | {rows:,} × {dim} | {spec.sharding_type} | {spec.compute_kernel} | {ranks} |")
+            lines.append(
+                f"| {module_path}.{name} | {rows:,} × {dim} | {spec.sharding_type} | {spec.compute_kernel} | {ranks} |"
+            )
     dense = sum(p.numel() for n, p in model.named_parameters() if not _is_table_param(model, n)) * 4 * 3
     lines += ["", "| rank | embedding tables + optimizer state | dense (weights + Adam) | total |", "|---|---|---|---|"]
     for r in range(world_size):
@@ -166,7 +174,7 @@ def copy_full_weights(sharded_state: dict, full_state: dict) -> None:
         if isinstance(target, ShardedTensor):
             for shard in target.local_shards():
                 (r0, c0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(source[r0:r0 + rows, c0:c0 + cols])
+                shard.tensor.copy_(source[r0 : r0 + rows, c0 : c0 + cols])
         elif hasattr(target, "to_local"):  # DTensor
             local = target.to_local()
             offsets = _dtensor_offsets(target)

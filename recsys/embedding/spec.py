@@ -50,18 +50,32 @@ KIND_KEYS = {
     "plain": set(),
     "hashed": {"budget", "rows", "probes"},
     "unified": {"budget", "rows", "probes", "num_tables"},
-    "optembed": {"stage", "alpha", "threshold_init", "threshold_lr", "prune_rows", "sample_dims", "artifact", "budget",
-                 "dims", "kept_rows"},
+    "optembed": {
+        "stage",
+        "alpha",
+        "threshold_init",
+        "threshold_lr",
+        "prune_rows",
+        "sample_dims",
+        "artifact",
+        "budget",
+        "dims",
+        "kept_rows",
+    },
 }
-FEATURE_KEYS = {"plain": {"kind", "dim"}, "hashed": {"kind", "dim", "rows", "probes"}, "unified": {"kind", "probes"},
-                "optembed": {"kind", "dim"}}
+FEATURE_KEYS = {
+    "plain": {"kind", "dim"},
+    "hashed": {"kind", "dim", "rows", "probes"},
+    "unified": {"kind", "probes"},
+    "optembed": {"kind", "dim"},
+}
 
 # keys of recsys < 0.2 and their new spelling (a config or checkpoint that uses one stops with this message)
 LEGACY_KEYS = {
     "embedding_dim": "embedding: {dim: N}",
     "pooling": "embedding: {pooling: mean|sum}",
     "unified": "embedding: {kind: unified, dim: D, rows: R, probes: K, num_tables: T}  "
-               "(unified.shared: false is now embedding: {kind: hashed, rows: R})",
+    "(unified.shared: false is now embedding: {kind: hashed, rows: R})",
     "optembed": "embedding: {kind: optembed, stage: supernet|compact, alpha: ..., artifact: SEARCH_DIR}",
 }
 
@@ -99,8 +113,9 @@ class TablePlan:
         return self.dim * self.probes
 
 
-def _number(value: Any, key: str, kind: type, low: float | None = None, high: float | None = None,
-            open_low: bool = False) -> Any:
+def _number(
+    value: Any, key: str, kind: type, low: float | None = None, high: float | None = None, open_low: bool = False
+) -> Any:
     if isinstance(value, str):  # `--model.init_args.embedding.dim 8` arrives as a string
         try:
             value = yaml.safe_load(value)
@@ -115,16 +130,19 @@ def _number(value: Any, key: str, kind: type, low: float | None = None, high: fl
         ok = value <= high
     if not ok:
         bounds = f" in ({low}, {high}]" if open_low else f" ≥ {low}" if low is not None else ""
-        raise EmbeddingConfigError(f"{WHERE}.{key}: expected {'an integer' if kind is int else 'a number'}{bounds}, "
-                                   f"got {value!r}")
+        raise EmbeddingConfigError(
+            f"{WHERE}.{key}: expected {'an integer' if kind is int else 'a number'}{bounds}, got {value!r}"
+        )
     return kind(value)
 
 
 def _width(value: Any, key: str) -> int:
     dim = _number(value, key, int, 1)
     if dim % 4:
-        raise EmbeddingConfigError(f"{WHERE}.{key}: width {dim} is not a multiple of 4; FBGEMM's fused table kernels "
-                                   f"(sharded training) and int8/int4 export rows need multiples of 4")
+        raise EmbeddingConfigError(
+            f"{WHERE}.{key}: width {dim} is not a multiple of 4; FBGEMM's fused table kernels "
+            f"(sharded training) and int8/int4 export rows need multiples of 4"
+        )
     return dim
 
 
@@ -193,8 +211,13 @@ class EmbeddingSpec:
         if unknown:
             known = set(COMMON_KEYS).union(*KIND_KEYS.values())
             raise EmbeddingConfigError(
-                f"{WHERE}.{unknown[0]}: " + (f"not taken by the kind(s) in use {sorted(kinds_used)}" if unknown[0] in known
-                                            else f"unknown key (known: {sorted(known)})"))
+                f"{WHERE}.{unknown[0]}: "
+                + (
+                    f"not taken by the kind(s) in use {sorted(kinds_used)}"
+                    if unknown[0] in known
+                    else f"unknown key (known: {sorted(known)})"
+                )
+            )
         if "dim" in block:
             spec.dim = _width(block["dim"], "dim")
         if "pooling" in block:
@@ -236,15 +259,23 @@ class EmbeddingSpec:
                 spec.kept_rows = {k: _number(v, f"kept_rows.{k}", int, 0) for k, v in values.items()}
         if set(spec.dims) != set(spec.kept_rows):
             lacking = sorted(set(spec.dims) ^ set(spec.kept_rows))
-            raise EmbeddingConfigError(f"{WHERE}.dims / kept_rows: both name the same tables (a compact checkpoint "
-                                       f"writes them together); {lacking} in only one")
+            raise EmbeddingConfigError(
+                f"{WHERE}.dims / kept_rows: both name the same tables (a compact checkpoint "
+                f"writes them together); {lacking} in only one"
+            )
         if "hashed" in kinds_used or "unified" in kinds_used:
-            needs_size = [o for o in owners if spec.kind_of(o) == "unified"
-                          or (spec.kind_of(o) == "hashed" and spec.features.get(o, FeatureEntry()).rows is None)]
+            needs_size = [
+                o
+                for o in owners
+                if spec.kind_of(o) == "unified"
+                or (spec.kind_of(o) == "hashed" and spec.features.get(o, FeatureEntry()).rows is None)
+            ]
             if needs_size and spec.budget is None and spec.rows is None:
-                raise EmbeddingConfigError(f"{WHERE}.budget: kind {spec.kind_of(needs_size[0])!r} of feature "
-                                           f"{needs_size[0]!r} needs a size: budget (a fraction of the full tables' "
-                                           f"parameters) or rows")
+                raise EmbeddingConfigError(
+                    f"{WHERE}.budget: kind {spec.kind_of(needs_size[0])!r} of feature "
+                    f"{needs_size[0]!r} needs a size: budget (a fraction of the full tables' "
+                    f"parameters) or rows"
+                )
         spec._check_entries()
         return spec
 
@@ -263,15 +294,18 @@ class EmbeddingSpec:
             except KeyError:
                 raise EmbeddingConfigError(f"{WHERE}.{where}: no feature {name!r} in {schema.source}") from None
             if spec.type is FeatureType.SEQUENCE:
-                raise EmbeddingConfigError(f"{WHERE}.{where}: a sequence reads its target's table; set it on "
-                                           f"features.{spec.target}")
+                raise EmbeddingConfigError(
+                    f"{WHERE}.{where}: a sequence reads its target's table; set it on features.{spec.target}"
+                )
             raise EmbeddingConfigError(f"{WHERE}.{where}: {name!r} is a {spec.type.value} feature and has no table")
         if not isinstance(entry, dict):
             raise EmbeddingConfigError(f"{WHERE}.{where}: expected a mapping, got {entry!r}")
         unknown = sorted(set(entry) - set(FeatureEntry.__dataclass_fields__))
         if unknown:
-            raise EmbeddingConfigError(f"{WHERE}.{where}.{unknown[0]}: unknown key (a feature takes "
-                                       f"{sorted(FeatureEntry.__dataclass_fields__)})")
+            raise EmbeddingConfigError(
+                f"{WHERE}.{where}.{unknown[0]}: unknown key (a feature takes "
+                f"{sorted(FeatureEntry.__dataclass_fields__)})"
+            )
         out = FeatureEntry()
         if "kind" in entry:
             out.kind = cls._kind(entry["kind"], f"{where}.kind")
@@ -292,9 +326,14 @@ class EmbeddingSpec:
             given = {k for k, v in asdict(entry).items() if v is not None}
             extra = sorted(given - FEATURE_KEYS[kind])
             if extra:
-                raise EmbeddingConfigError(f"{WHERE}.features.{name}.{extra[0]}: not taken by kind {kind!r}"
-                                           + (" (unified features read the shared tables' width embedding.dim)"
-                                              if extra[0] == "dim" and kind == "unified" else ""))
+                raise EmbeddingConfigError(
+                    f"{WHERE}.features.{name}.{extra[0]}: not taken by kind {kind!r}"
+                    + (
+                        " (unified features read the shared tables' width embedding.dim)"
+                        if extra[0] == "dim" and kind == "unified"
+                        else ""
+                    )
+                )
 
     # -- resolution against the dataset ----------------------------------------------------------
     def plans(self, schema: Schema, num_embeddings: dict[str, int]) -> dict[str, TablePlan]:
@@ -306,9 +345,11 @@ class EmbeddingSpec:
             name, kind = owner.name, self.kind_of(owner.name)
             entry = self.features.get(name, FeatureEntry())
             if kind != "unified" and entry.dim is None and owner.embedding_dim is not None and owner.embedding_dim % 4:
-                raise EmbeddingConfigError(f"{schema.source}: feature {name!r}: embedding_dim {owner.embedding_dim} is not "
-                                           f"a multiple of 4; FBGEMM's fused table kernels and int8/int4 export rows need "
-                                           f"multiples of 4 (or set {WHERE}.features.{name}.dim)")
+                raise EmbeddingConfigError(
+                    f"{schema.source}: feature {name!r}: embedding_dim {owner.embedding_dim} is not "
+                    f"a multiple of 4; FBGEMM's fused table kernels and int8/int4 export rows need "
+                    f"multiples of 4 (or set {WHERE}.features.{name}.dim)"
+                )
             dim = self.dim if kind == "unified" else entry.dim or owner.embedding_dim or self.dim
             vocab = num_embeddings[name]
             probes = (entry.probes or self.probes) if kind in ("hashed", "unified") else 1
@@ -334,8 +375,10 @@ class EmbeddingSpec:
                 full = sum(plans[o].vocab_rows * self.dim for o in unified)
                 shared = math.floor(self.budget * full / (self.num_tables * self.dim))
                 if shared < 1:
-                    raise EmbeddingConfigError(f"{WHERE}.budget: {self.budget} of the unified features' {full:,} "
-                                               f"parameters leaves the shared tables no rows; raise it")
+                    raise EmbeddingConfigError(
+                        f"{WHERE}.budget: {self.budget} of the unified features' {full:,} "
+                        f"parameters leaves the shared tables no rows; raise it"
+                    )
             for o in unified:
                 plans[o] = TablePlan(o, "unified", plans[o].vocab_rows, self.dim, plans[o].probes, shared, shared)
         return plans
@@ -372,6 +415,8 @@ def _fair_rows(tables: dict[str, tuple[int, int]], budget: float) -> dict[str, i
         low, high = (mid, high) if cost(mid) <= allowed else (low, mid - 1)
     if low < 1:
         smallest = sum(dim for _, dim in tables.values()) / full
-        raise EmbeddingConfigError(f"{WHERE}.budget: {budget} leaves feature {next(iter(tables))!r} no rows "
-                                   f"(one row per hashed table needs a budget ≥ {smallest:.2g})")
+        raise EmbeddingConfigError(
+            f"{WHERE}.budget: {budget} leaves feature {next(iter(tables))!r} no rows "
+            f"(one row per hashed table needs a budget ≥ {smallest:.2g})"
+        )
     return {name: min(rows, low) for name, (rows, _) in tables.items()}

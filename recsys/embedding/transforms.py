@@ -51,8 +51,9 @@ class Lookup:
     transform: Transform
 
 
-def transform_ids(features: dict[str, JaggedTensor], lookups: list[Lookup],
-                  remaps: dict[str, torch.Tensor]) -> dict[str, JaggedTensor]:
+def transform_ids(
+    features: dict[str, JaggedTensor], lookups: list[Lookup], remaps: dict[str, torch.Tensor]
+) -> dict[str, JaggedTensor]:
     """``{feature: ids}`` → ``{lookup key: table rows}`` (features missing from ``features`` are skipped)."""
     out = {}
     for lookup in lookups:
@@ -64,6 +65,8 @@ def transform_ids(features: dict[str, JaggedTensor], lookups: list[Lookup],
     return out
 
 
-def apply_transforms(kjt: KeyedJaggedTensor, lookups: list[Lookup], remaps: dict[str, torch.Tensor]) -> KeyedJaggedTensor:
+def apply_transforms(
+    kjt: KeyedJaggedTensor, lookups: list[Lookup], remaps: dict[str, torch.Tensor]
+) -> KeyedJaggedTensor:
     """The KJT → KJT form of ``transform_ids``: vocabulary rows keyed by feature → table rows keyed by lookup."""
     return KeyedJaggedTensor.from_jt_dict(transform_ids(kjt.to_dict(), lookups, remaps))

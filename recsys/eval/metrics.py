@@ -145,6 +145,7 @@ def paired_bootstrap_pvalue(
     ``probs_a``/``probs_b`` may be lists (one array per training seed, rows aligned): each
     user's AUC is then averaged over seeds, so the test is on the seed-mean GAUC.
     """
+
     def mean_group_auc(probs: np.ndarray | list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         runs = [group_aucs(labels, p, groups) for p in (probs if isinstance(probs, list) else [probs])]
         return np.mean([r[1] for r in runs], axis=0), runs[0][2]

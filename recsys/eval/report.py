@@ -103,7 +103,11 @@ def evaluate(
         report["rela_impr_gauc"] = rela_impr(metrics["gauc"], base["gauc"])
 
     pq.write_table(pa.table(scored), out_dir / "predictions.parquet")
-    _reliability_plot(bins, out_dir / "reliability.png", title=f"{report['model_class'].rsplit('.', 1)[-1]} on {data_dir.name}/{split}")
+    _reliability_plot(
+        bins,
+        out_dir / "reliability.png",
+        title=f"{report['model_class'].rsplit('.', 1)[-1]} on {data_dir.name}/{split}",
+    )
     (out_dir / "report.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False))
     (out_dir / "report.md").write_text(_markdown(report, bins))
     report["out"] = str(out_dir)
@@ -172,8 +176,15 @@ def _markdown(report: dict[str, Any], bins: dict[str, np.ndarray]) -> str:
             f"Against baseline `{b['report']}` (AUC {b['auc']:.4f}, GAUC {b['gauc']:.4f}):",
             f"RelaImpr(AUC) = {report['rela_impr_auc']:+.2f}%, RelaImpr(GAUC) = {report['rela_impr_gauc']:+.2f}%",
         ]
-    lines += ["", "## Calibration", "", "![reliability](reliability.png)", "",
-              "| predicted bin | rows | mean predicted | observed |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Calibration",
+        "",
+        "![reliability](reliability.png)",
+        "",
+        "| predicted bin | rows | mean predicted | observed |",
+        "|---|---|---|---|",
+    ]
     for i, n in enumerate(bins["counts"]):
         if n:
             lo, hi = bins["edges"][i], bins["edges"][i + 1]

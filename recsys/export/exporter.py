@@ -67,7 +67,9 @@ def jsonable(value: Any) -> Any:
 
 def table_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(module path, torchrec ``EmbeddingBagCollection`` / ``EmbeddingCollection``) of a model."""
-    return [(path, m) for path, m in model.named_modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))]
+    return [
+        (path, m) for path, m in model.named_modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))
+    ]
 
 
 def table_entries(model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -78,16 +80,18 @@ def table_entries(model: torch.nn.Module) -> list[dict[str, Any]]:
         configs = module.embedding_bag_configs() if pooled else module.embedding_configs()
         for config in configs:
             attribute = "embedding_bags" if pooled else "embeddings"
-            entries.append({
-                "key": f"{path}.{attribute}.{config.name}.weight",
-                "module": path,
-                "kind": "pooled" if pooled else "unpooled",
-                "name": config.name,
-                "rows": int(config.num_embeddings),
-                "dim": int(config.embedding_dim),
-                "pooling": config.pooling.name.lower() if pooled else "none",
-                "features": list(config.feature_names),
-            })
+            entries.append(
+                {
+                    "key": f"{path}.{attribute}.{config.name}.weight",
+                    "module": path,
+                    "kind": "pooled" if pooled else "unpooled",
+                    "name": config.name,
+                    "rows": int(config.num_embeddings),
+                    "dim": int(config.embedding_dim),
+                    "pooling": config.pooling.name.lower() if pooled else "none",
+                    "features": list(config.feature_names),
+                }
+            )
     return entries
 
 
@@ -179,8 +183,9 @@ def dense_program(model: torch.nn.Module) -> torch.export.ExportedProgram | None
     head = _PooledHead(model).eval()
     width, numeric = sum(head.widths), len(model.schema.numeric)
     batch = torch.export.Dim("batch", min=1)
-    return torch.export.export(head, (torch.zeros(2, width), torch.zeros(2, numeric)),
-                               dynamic_shapes=({0: batch}, {0: batch}))
+    return torch.export.export(
+        head, (torch.zeros(2, width), torch.zeros(2, numeric)), dynamic_shapes=({0: batch}, {0: batch})
+    )
 
 
 def _copy_encoder(model: torch.nn.Module, work: Path) -> dict | None:
@@ -197,8 +202,14 @@ def _copy_encoder(model: torch.nn.Module, work: Path) -> dict | None:
     return {"directory": ENCODER_DIR, "source": str(source), "max_length": spec.max_length}
 
 
-def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | Path | None = None,
-           force: bool = False, progress: bool = True) -> Path:
+def export(
+    ckpt: str | Path,
+    out: str | Path,
+    dtype: str = "fp32",
+    data: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
     """Writes the export directory ``out``; returns it."""
     from recsys.export.loader import ExportResources
 
@@ -214,7 +225,9 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | P
     data_dir = Path(data) if data else Path(served.info.path)
     vocab_meta_file = data_dir / "vocab" / "meta.json"
     if not vocab_meta_file.exists():
-        raise FileNotFoundError(f"{vocab_meta_file}: the dataset's vocabulary is needed to map raw values; pass --data DIR")
+        raise FileNotFoundError(
+            f"{vocab_meta_file}: the dataset's vocabulary is needed to map raw values; pass --data DIR"
+        )
     vocab_meta = json.loads(vocab_meta_file.read_text())
     from recsys.data.vocab import Vocabulary, check_same_content
 
@@ -238,19 +251,30 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | P
                 weight[0] = 0
             rows = quantize_rows(weight, dtype)
             del weight
-            entry.update(dtype=dtype, row_bytes=row_bytes(entry["dim"], dtype), file=f"tables/{entry['key']}.safetensors")
+            entry.update(
+                dtype=dtype, row_bytes=row_bytes(entry["dim"], dtype), file=f"tables/{entry['key']}.safetensors"
+            )
             save_file({"rows": rows}, work / entry["file"])
         table_keys = {e["key"] for e in tables}
-        dense_like = {k: v for k, v in served.state_dict().items()
-                      if k not in table_keys and not k.startswith(served.training_only_state())}
+        dense_like = {
+            k: v
+            for k, v in served.state_dict().items()
+            if k not in table_keys and not k.startswith(served.training_only_state())
+        }
         dense = {k: v.detach().clone().contiguous() for k, v in source.load(dense_like).items()}
         save_file(dense, work / "dense.safetensors")
         served.load_state_dict(dense, strict=False)
         program = dense_program(served.eval())
         if program is not None:
             torch.export.save(program, work / "dense.pt2")
-            program = {"file": "dense.pt2", "inputs": ["pooled [B, Σ widths of embedding.order.pooled]",
-                                                       "numeric [B, standardized numeric features]"], "output": "logits [B]"}
+            program = {
+                "file": "dense.pt2",
+                "inputs": [
+                    "pooled [B, Σ widths of embedding.order.pooled]",
+                    "numeric [B, standardized numeric features]",
+                ],
+                "output": "logits [B]",
+            }
         encoder = _copy_encoder(served, work)
         shutil.copytree(data_dir / "vocab", work / "vocab")
         config = ckpt.resolve().parent.parent / "config.yaml"
@@ -266,8 +290,11 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", data: str | P
             "features": feature_entries(served, vocab_meta),
             "embedding": served.embedding.describe(),
             "tables": tables,
-            "dense": {"file": "dense.safetensors", "tensors": {k: list(v.shape) for k, v in dense.items()},
-                      "program": program},
+            "dense": {
+                "file": "dense.safetensors",
+                "tensors": {k: list(v.shape) for k, v in dense.items()},
+                "program": program,
+            },
             "encoder": encoder,
             "source_checkpoint": str(ckpt),
             "files": {str(p.relative_to(work)): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files},
@@ -296,8 +323,9 @@ def _check_replaceable(out: Path, ckpt: Path, force: bool) -> None:
     if not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     if not out.is_dir() or not (out / MANIFEST).is_file():
-        raise FileExistsError(f"{out} exists and is not a recsys export (no {MANIFEST}); refusing to replace it — "
-                              f"choose another --out")
+        raise FileExistsError(
+            f"{out} exists and is not a recsys export (no {MANIFEST}); refusing to replace it — choose another --out"
+        )
     if ckpt.resolve().is_relative_to(out.resolve()):
         raise FileExistsError(f"{out} holds the checkpoint being exported ({ckpt}); refusing to replace it")
 
@@ -307,7 +335,11 @@ def _item_text_tables(trained: torch.nn.Module, source: _StateSource) -> dict[st
     out = {}
     for owner, module in trained.embedding.item_text.items():
         prefix = f"embedding.item_text.{owner}."
-        module.load_state_dict({k[len(prefix):]: v for k, v in source.load(
-            {f"{prefix}{k}": v for k, v in module.state_dict().items()}).items()})
+        module.load_state_dict(
+            {
+                k[len(prefix) :]: v
+                for k, v in source.load({f"{prefix}{k}": v for k, v in module.state_dict().items()}).items()
+            }
+        )
         out[f"embedding.item_text.{owner}.table.embeddings.text_{owner}.weight"] = module.eval().all_vectors()
     return out

@@ -121,12 +121,16 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise ExportError(f"{manifest_file}: format {manifest.get('format')!r} is not {FORMAT!r}")
     if manifest.get("format_version") == 1:
-        raise ExportError(f"{manifest_file}: format version 1 (written before the embedding layer); re-export the "
-                          f"checkpoint with this recsys: recsys export --ckpt {manifest.get('source_checkpoint', 'CKPT')} "
-                          f"--out DIR")
+        raise ExportError(
+            f"{manifest_file}: format version 1 (written before the embedding layer); re-export the "
+            f"checkpoint with this recsys: recsys export --ckpt {manifest.get('source_checkpoint', 'CKPT')} "
+            f"--out DIR"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{manifest_file}: format version {manifest.get('format_version')!r}; "
-                          f"this recsys reads version {FORMAT_VERSION}")
+        raise ExportError(
+            f"{manifest_file}: format version {manifest.get('format_version')!r}; "
+            f"this recsys reads version {FORMAT_VERSION}"
+        )
     return manifest
 
 
@@ -144,11 +148,18 @@ def _quantized_collection(entries: list[dict[str, Any]], directory: Path) -> tor
         dtype = entry["dtype"]
         rows = _read_tensors(inside(directory, entry["file"]))["rows"]
         if tuple(rows.shape) != (entry["rows"], row_bytes(entry["dim"], dtype)) or rows.dtype != torch.uint8:
-            raise ExportError(f"{directory / entry['file']}: rows {tuple(rows.shape)} {rows.dtype}, expected "
-                              f"({entry['rows']}, {row_bytes(entry['dim'], dtype)}) uint8")
+            raise ExportError(
+                f"{directory / entry['file']}: rows {tuple(rows.shape)} {rows.dtype}, expected "
+                f"({entry['rows']}, {row_bytes(entry['dim'], dtype)}) uint8"
+            )
         weights[entry["name"]] = split_scale_bias(rows, dtype)
-        common = {"name": entry["name"], "embedding_dim": entry["dim"], "num_embeddings": entry["rows"],
-                  "feature_names": entry["features"], "data_type": DTYPES[dtype][0]}
+        common = {
+            "name": entry["name"],
+            "embedding_dim": entry["dim"],
+            "num_embeddings": entry["rows"],
+            "feature_names": entry["features"],
+            "data_type": DTYPES[dtype][0],
+        }
         if entry["kind"] == "pooled":
             configs.append(EmbeddingBagConfig(pooling=PoolingType[entry["pooling"].upper()], **common))
         else:
@@ -156,8 +167,9 @@ def _quantized_collection(entries: list[dict[str, Any]], directory: Path) -> tor
     cpu = torch.device("cpu")
     # row_alignment=1: rows stay D·bits/8 (+4) bytes in memory, as on disk
     if entries[0]["kind"] == "pooled":
-        return QuantEmbeddingBagCollection(configs, is_weighted=False, device=cpu, table_name_to_quantized_weights=weights,
-                                           row_alignment=1)
+        return QuantEmbeddingBagCollection(
+            configs, is_weighted=False, device=cpu, table_name_to_quantized_weights=weights, row_alignment=1
+        )
     return QuantEmbeddingCollection(configs, device=cpu, table_name_to_quantized_weights=weights, row_alignment=1)
 
 
@@ -175,6 +187,8 @@ def _encodable(text: str) -> bool:
 def _check_text(value: Any, row: int, name: str) -> None:
     if isinstance(value, str) and not _encodable(value):
         raise RowError(f"row {row}: feature {name!r} holds a string that is not valid UTF-8 (a lone surrogate)", name)
+
+
 _ARROW = {"int": pa.int64(), "str": pa.string(), "list<int>": pa.list_(pa.int64()), "list<str>": pa.list_(pa.string())}
 
 
@@ -185,17 +199,25 @@ class Scorer:
         self.directory = Path(directory)
         self.manifest = verify(self.directory)
         try:
-            model = build_model(self.manifest["model"]["class"], self.manifest["model"]["hparams"],
-                                ExportResources(self.directory), str(self.directory / MANIFEST))
+            model = build_model(
+                self.manifest["model"]["class"],
+                self.manifest["model"]["hparams"],
+                ExportResources(self.directory),
+                str(self.directory / MANIFEST),
+            )
         except ValueError as err:
             raise ExportError(str(err)) from err
         tables = self.manifest["tables"]
         table_keys = {t["key"] for t in tables}
         dense = _read_tensors(inside(self.directory, self.manifest["dense"]["file"]))
-        expected = {k for k in model.state_dict() if k not in table_keys and not k.startswith(model.training_only_state())}
+        expected = {
+            k for k in model.state_dict() if k not in table_keys and not k.startswith(model.training_only_state())
+        }
         if set(dense) != expected:
-            raise ExportError(f"{self.directory}: dense tensors do not match the model "
-                              f"(missing {sorted(expected - set(dense))[:5]}, unexpected {sorted(set(dense) - expected)[:5]})")
+            raise ExportError(
+                f"{self.directory}: dense tensors do not match the model "
+                f"(missing {sorted(expected - set(dense))[:5]}, unexpected {sorted(set(dense) - expected)[:5]})"
+            )
         model.load_state_dict(dense, strict=False)
         by_module: dict[str, list[dict[str, Any]]] = {}
         for entry in tables:
@@ -227,7 +249,9 @@ class Scorer:
         if info["type"] == FeatureType.TEXT.value:
             for i, row in enumerate(rows):
                 if row[name] is not None and not isinstance(row[name], str):
-                    raise RowError(f"row {i}: feature {name!r} (text) must be a string, got {type(row[name]).__name__}", name)
+                    raise RowError(
+                        f"row {i}: feature {name!r} (text) must be a string, got {type(row[name]).__name__}", name
+                    )
                 _check_text(row[name], i, name)
             return pa.array([row[name] for row in rows], type=pa.string())
         if info["type"] == FeatureType.NUMERIC.value:
@@ -246,8 +270,11 @@ class Scorer:
                 except OverflowError:
                     x = math.inf
                 if not math.isfinite(x) or not abs((x - mean) / std) < FLOAT32_MAX:
-                    raise RowError(f"row {i}: feature {name!r} must be a finite number the model can represent "
-                                   f"(|(x − mean) / std| < 3.4e38 in float32), got {str(v)[:40]}", name)
+                    raise RowError(
+                        f"row {i}: feature {name!r} must be a finite number the model can represent "
+                        f"(|(x − mean) / std| < 3.4e38 in float32), got {str(v)[:40]}",
+                        name,
+                    )
                 values.append(x)
             return pa.array(values, type=pa.float64())
         kind = info["id_kind"]
@@ -258,21 +285,29 @@ class Scorer:
             v = row[name]
             if listy:
                 if not isinstance(v, list):
-                    raise RowError(f"row {i}: feature {name!r} ({info['type']}) must be a list of {scalar} ids, "
-                                   f"got {type(v).__name__} {v!r}", name)
+                    raise RowError(
+                        f"row {i}: feature {name!r} ({info['type']}) must be a list of {scalar} ids, "
+                        f"got {type(v).__name__} {v!r}",
+                        name,
+                    )
                 bad = [x for x in v if x is not None and (isinstance(x, bool) or not isinstance(x, want))]
             else:
                 if isinstance(v, (list, dict)):
-                    raise RowError(f"row {i}: feature {name!r} ({info['type']}) must be one {scalar} id, "
-                                   f"got a {type(v).__name__}", name)
+                    raise RowError(
+                        f"row {i}: feature {name!r} ({info['type']}) must be one {scalar} id, got a {type(v).__name__}",
+                        name,
+                    )
                 bad = [] if v is None else [v] if isinstance(v, bool) or not isinstance(v, want) else []
             if bad:
-                raise RowError(f"row {i}: feature {name!r} takes {scalar} ids, got {type(bad[0]).__name__} {bad[0]!r}", name)
+                raise RowError(
+                    f"row {i}: feature {name!r} takes {scalar} ids, got {type(bad[0]).__name__} {bad[0]!r}", name
+                )
             if scalar == "int":
                 wide = [x for x in (v if listy else [v]) if x is not None and not -(2**63) <= x < 2**63]
                 if wide:
-                    raise RowError(f"row {i}: feature {name!r}: id {str(wide[0])[:40]} does not fit a signed 64-bit "
-                                   f"integer", name)
+                    raise RowError(
+                        f"row {i}: feature {name!r}: id {str(wide[0])[:40]} does not fit a signed 64-bit integer", name
+                    )
             else:
                 for x in v if listy else [v]:
                     _check_text(x, i, name)
@@ -296,15 +331,18 @@ class Scorer:
             for group in getattr(self.model, "aligned_sequences", []):  # DIN: read behavior by behavior, together
                 lengths = [len(row[s]) if isinstance(row[s], list) else None for s in group]
                 if None not in lengths and len(set(lengths)) > 1:
-                    raise RowError(f"row {i}: sequences {group} are read together behavior by behavior but have "
-                                   f"lengths {lengths}", group[1])
+                    raise RowError(
+                        f"row {i}: sequences {group} are read together behavior by behavior but have lengths {lengths}",
+                        group[1],
+                    )
         columns = {name: self._column(name, rows) for name in self.features}
         columns[self.schema.label] = pa.array(np.zeros(len(rows), dtype=np.int64))
         group = self.schema.group
         if group and group not in columns:  # only GAUC reads it: anything else than plain ids becomes 0
             given = [row.get(group) for row in rows]
-            plain = all(isinstance(g, int) and not isinstance(g, bool) and -(2**63) <= g < 2**63 for g in given) or \
-                all(isinstance(g, str) and _encodable(g) for g in given)
+            plain = all(isinstance(g, int) and not isinstance(g, bool) and -(2**63) <= g < 2**63 for g in given) or all(
+                isinstance(g, str) and _encodable(g) for g in given
+            )
             columns[group] = pa.array(given) if plain else pa.array(np.zeros(len(rows), np.int64))
         chunk = self.encoder.encode(pa.RecordBatch.from_pydict(columns), Path("<request>"), 0)
         return chunk.to_batch()
@@ -319,8 +357,10 @@ class Scorer:
             probs = torch.sigmoid(self.model(batch)).float().numpy()
         bad = np.flatnonzero(~np.isfinite(probs))
         if len(bad):
-            raise RowError(f"row {int(bad[0])}: its score is not a finite number ({len(bad)} such row(s)); check its "
-                           f"numeric values")
+            raise RowError(
+                f"row {int(bad[0])}: its score is not a finite number ({len(bad)} such row(s)); check its "
+                f"numeric values"
+            )
         return probs
 
     def score_batch(self, batch) -> np.ndarray:  # noqa: ANN001
@@ -330,9 +370,14 @@ class Scorer:
 
     def metadata(self) -> dict[str, Any]:
         m = self.manifest
-        return {"format": m["format"], "format_version": m["format_version"], "dtype": m["dtype"],
-                "model_class": m["model"]["class"], "features": self.features,
-                "tables": [{k: t[k] for k in ("name", "rows", "dim", "dtype", "row_bytes")} for t in m["tables"]]}
+        return {
+            "format": m["format"],
+            "format_version": m["format_version"],
+            "dtype": m["dtype"],
+            "model_class": m["model"]["class"],
+            "features": self.features,
+            "tables": [{k: t[k] for k in ("name", "rows", "dim", "dtype", "row_bytes")} for t in m["tables"]],
+        }
 
 
 def load(directory: str | Path) -> Scorer:

@@ -29,7 +29,9 @@ class Dice(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.training and x.shape[0] < 2:
             # one row has no variance; use the running statistics rather than fail
-            p = torch.sigmoid(nn.functional.batch_norm(x, self.norm.running_mean, self.norm.running_var, eps=self.norm.eps))
+            p = torch.sigmoid(
+                nn.functional.batch_norm(x, self.norm.running_mean, self.norm.running_var, eps=self.norm.eps)
+            )
         else:
             p = torch.sigmoid(self.norm(x))
         # p·x + (1 − p)·α·x = x·(α + p·(1 − α)): one pass fewer over [N, H] in forward and backward

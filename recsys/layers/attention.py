@@ -59,7 +59,13 @@ class TargetAttention(nn.Module):
         interest = attention(query, keys, lengths)      # [B, 32]
     """
 
-    def __init__(self, embedding_dim: int, hidden_units: Sequence[int] = (80, 40), activation: str = "dice", softmax: bool = False) -> None:
+    def __init__(
+        self,
+        embedding_dim: int,
+        hidden_units: Sequence[int] = (80, 40),
+        activation: str = "dice",
+        softmax: bool = False,
+    ) -> None:
         super().__init__()
         if not hidden_units:
             raise ValueError("attention needs at least one hidden layer")

@@ -59,7 +59,9 @@ class FeatureGating(nn.Module):
 
     def __init__(self, in_features: int, context_features: int, hidden_units: list[int]) -> None:
         super().__init__()
-        self.bias = nn.Parameter(torch.ones(1, 1)) if context_features == 0 else None  # (zeros: no first-layer gradient)
+        self.bias = (
+            nn.Parameter(torch.ones(1, 1)) if context_features == 0 else None
+        )  # (zeros: no first-layer gradient)
         self.gate = MLP(context_features or 1, hidden_units, in_features, "relu")
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:

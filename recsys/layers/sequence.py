@@ -46,8 +46,9 @@ class SequenceTransformer(nn.Module):
         max_len: most behaviors per row (positions 0..max_len).
     """
 
-    def __init__(self, in_features: int, dim: int = 32, heads: int = 2, layers: int = 1, dropout: float = 0.1,
-                 max_len: int = 50) -> None:
+    def __init__(
+        self, in_features: int, dim: int = 32, heads: int = 2, layers: int = 1, dropout: float = 0.1, max_len: int = 50
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"transformer_dim {dim} must be divisible by transformer_heads {heads}")
@@ -60,7 +61,9 @@ class SequenceTransformer(nn.Module):
     def forward(self, target: Tensor, behaviors: Tensor, lengths: Tensor) -> Tensor:
         width = int(lengths.max()) if lengths.numel() else 0
         if width > self.max_len:
-            raise ValueError(f"a row has {width} behaviors; this encoder has positions for {self.max_len} (the schema's max_len)")
+            raise ValueError(
+                f"a row has {width} behaviors; this encoder has positions for {self.max_len} (the schema's max_len)"
+            )
         padded, mask = jagged_to_padded(behaviors, lengths, width)
         tokens = torch.cat([target.unsqueeze(1), padded], dim=1)  # [B, 1 + L, D_in]
         valid = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)  # the target is always there

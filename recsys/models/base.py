@@ -3,8 +3,9 @@
 ::
 
     id features, lists, behavior sequences ──▶ EmbeddingLayer (any table kind) ──▶ pooled [B, W_f] each ─┐
-    text columns (if the text block is set) ──▶ item text joined to its item, row text pooled ──────────┼▶ concat ▶ MLP ▶ logit
-    numeric features (standardized) ─────────────────────────────────────────────────────▶ [B, n_dense] ─┘
+    text columns (if the text block is set) ──▶ item text joined to its item, row text pooled ──────────┼▶ concat
+    numeric features (standardized) ─────────────────────────────────────────────────────▶ [B, n_dense] ─┘    │
+                                                                                                 MLP ▶ logit ◀┘
 
 The feature set comes from the dataset's ``schema.yaml``; nothing here names a column.
 """

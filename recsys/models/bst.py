@@ -59,20 +59,30 @@ class BST(CTRModule):
         super().__init__(features, **kwargs)
         sequences = self.schema.sequences
         if not sequences:
-            raise ValueError(f"{self.schema.source}: BST needs at least one 'sequence' feature; use EmbeddingMLP instead")
+            raise ValueError(
+                f"{self.schema.source}: BST needs at least one 'sequence' feature; use EmbeddingMLP instead"
+            )
         self.target_of = {s.name: s.target for s in sequences}
         self.groups = attention_groups or [[s.name for s in sequences]]
         grouped = [s for group in self.groups for s in group]
         if len(grouped) != len(set(grouped)) or set(grouped) != set(self.target_of):
-            raise ValueError(f"attention_groups must list each sequence feature {sorted(self.target_of)} exactly once, "
-                             f"got {self.groups}")
+            raise ValueError(
+                f"attention_groups must list each sequence feature {sorted(self.target_of)} exactly once, "
+                f"got {self.groups}"
+            )
         targets = list(dict.fromkeys(self.target_of.values()))
         self.embedding = self.embedding_layer(jagged=[*targets, *self.target_of])
         width = self.embedding.output_dims()
         self.pooled = self.embedding.pooled_features
         self.encoders = torch.nn.ModuleList(
-            SequenceTransformer(sum(width[s] for s in group), transformer_dim, transformer_heads, transformer_layers,
-                                transformer_dropout, max(self.schema[s].max_len for s in group))
+            SequenceTransformer(
+                sum(width[s] for s in group),
+                transformer_dim,
+                transformer_heads,
+                transformer_layers,
+                transformer_dropout,
+                max(self.schema[s].max_len for s in group),
+            )
             for group in self.groups
         )
         inputs = sum(width[f] for f in self.pooled) + 2 * transformer_dim * len(self.groups) + len(self.schema.numeric)

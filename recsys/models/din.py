@@ -31,6 +31,8 @@ from recsys.layers.attention import TargetAttention
 from recsys.layers.mlp import MLP
 from recsys.train.module import CTRModule
 
+ROW_IN_FILE = (1 << POSITION_BITS) - 1  # a position's low bits: the row within its file
+
 
 class DIN(CTRModule):
     """Deep Interest Network over any dataset whose schema declares ``sequence`` features.
@@ -65,19 +67,25 @@ class DIN(CTRModule):
         super().__init__(features, **kwargs)
         sequences = self.schema.sequences
         if not sequences:
-            raise ValueError(f"{self.schema.source}: DIN needs at least one 'sequence' feature; use EmbeddingMLP instead")
+            raise ValueError(
+                f"{self.schema.source}: DIN needs at least one 'sequence' feature; use EmbeddingMLP instead"
+            )
         self.target_of = {s.name: s.target for s in sequences}
         self.targets = list(dict.fromkeys(self.target_of.values()))  # in schema order, unique
         self.groups = attention_groups or [[s.name for s in sequences]]
         grouped = [s for group in self.groups for s in group]
         if len(grouped) != len(set(grouped)) or set(grouped) != set(self.target_of):
-            raise ValueError(f"attention_groups must list each sequence feature {sorted(self.target_of)} exactly once, "
-                             f"got {self.groups}")
+            raise ValueError(
+                f"attention_groups must list each sequence feature {sorted(self.target_of)} exactly once, "
+                f"got {self.groups}"
+            )
         self.embedding = self.embedding_layer(jagged=[*self.targets, *self.target_of])
         width = self.embedding.output_dims()
         self.pooled = self.embedding.pooled_features
         self.attention = torch.nn.ModuleList(
-            TargetAttention(sum(width[s] for s in group), attention_hidden_units, attention_activation, attention_softmax)
+            TargetAttention(
+                sum(width[s] for s in group), attention_hidden_units, attention_activation, attention_softmax
+            )
             for group in self.groups
         )
         inputs = sum(width[f] for f in self.pooled) + sum(width[t] for t in self.targets)
@@ -95,11 +103,17 @@ class DIN(CTRModule):
             bad = torch.nonzero(torch.stack([ln != lengths[0] for ln in lengths[1:]]).any(0)).flatten()
             if len(bad):
                 row = int(bad[0])
-                where = "" if batch.positions is None else \
-                    f" (file #{int(batch.positions[row]) >> POSITION_BITS} of the split, row {int(batch.positions[row]) & ((1 << POSITION_BITS) - 1)})"
-                raise ValueError(f"sequences {group} attend together but differ in length in {len(bad)} row(s) of this "
-                                 f"batch, first batch row {row}{where}: {[int(ln[row]) for ln in lengths]}; fix the data "
-                                 f"(`recsys data check` lists every such row by file) or set attention_groups")
+                position = None if batch.positions is None else int(batch.positions[row])
+                where = (
+                    ""
+                    if position is None
+                    else f" (file #{position >> POSITION_BITS} of the split, row {position & ROW_IN_FILE})"
+                )
+                raise ValueError(
+                    f"sequences {group} attend together but differ in length in {len(bad)} row(s) of this "
+                    f"batch, first batch row {row}{where}: {[int(ln[row]) for ln in lengths]}; fix the data "
+                    f"(`recsys data check` lists every such row by file) or set attention_groups"
+                )
         return super().forward(batch)
 
     def head(self, embedded: Embedded, dense: torch.Tensor) -> torch.Tensor:

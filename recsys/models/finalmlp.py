@@ -64,18 +64,22 @@ class FinalMLP(CTRModule):
         widths = self.embedding.output_dims()
         unknown = [f for f in [*gate1_context, *gate2_context] if f not in widths]
         if unknown:
-            raise ValueError(f"gate context {unknown[0]!r} is not a pooled feature of {self.schema.source} "
-                             f"({self.pooled})")
+            raise ValueError(
+                f"gate context {unknown[0]!r} is not a pooled feature of {self.schema.source} ({self.pooled})"
+            )
         self.contexts = [list(gate1_context), list(gate2_context)]
         width = sum(widths[f] for f in self.pooled) + len(self.schema.numeric)
-        self.gates = torch.nn.ModuleList(FeatureGating(width, sum(widths[f] for f in c), gate_hidden_units)
-                                         for c in self.contexts)
+        self.gates = torch.nn.ModuleList(
+            FeatureGating(width, sum(widths[f] for f in c), gate_hidden_units) for c in self.contexts
+        )
         self.mlp1 = MLP(width, mlp1_hidden_units, None, mlp1_activation, mlp1_dropout)
         self.mlp2 = MLP(width, mlp2_hidden_units, None, mlp2_activation, mlp2_dropout)
         self.fusion = BilinearFusion(self.mlp1.out_features, self.mlp2.out_features, fusion_heads)
 
     def head(self, embedded: Embedded, dense: torch.Tensor) -> torch.Tensor:
         x = torch.cat([embedded.cat(self.pooled), dense], dim=1)
-        gated = [gate(x, embedded.cat(context) if context else None) for gate, context in zip(self.gates, self.contexts,
-                                                                                                strict=True)]
+        gated = [
+            gate(x, embedded.cat(context) if context else None)
+            for gate, context in zip(self.gates, self.contexts, strict=True)
+        ]
         return self.fusion(self.mlp1(gated[0]), self.mlp2(gated[1]))

@@ -29,11 +29,11 @@ from recsys.train.module import CTRModule
 
 class TwoTower(CTRModule):
     """Args:
-        features: dataset info (linked from the data module by the CLI).
-        user: the user id feature; item: the item id feature; history: the item behavior sequence.
-        tower_hidden_units: hidden widths of both towers; ``output_dim`` their output.
-        temperature: softmax temperature ``τ``.
-        **kwargs: ``embedding``, ``text``, ``mba_lambda``, ``optimizer``.
+    features: dataset info (linked from the data module by the CLI).
+    user: the user id feature; item: the item id feature; history: the item behavior sequence.
+    tower_hidden_units: hidden widths of both towers; ``output_dim`` their output.
+    temperature: softmax temperature ``τ``.
+    **kwargs: ``embedding``, ``text``, ``mba_lambda``, ``optimizer``.
     """
 
     def __init__(

@@ -43,14 +43,17 @@ from recsys.retrieval.index import VectorIndex
 def _read(data_dir: Path, split: str, columns: list[str]) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
-    return pd.concat([pq.read_table(f, columns=columns).to_pandas() for f in split_files(data_dir, split)], ignore_index=True)
+    return pd.concat(
+        [pq.read_table(f, columns=columns).to_pandas() for f in split_files(data_dir, split)], ignore_index=True
+    )
 
 
 class Catalogue:
     """Every item of every split, with its item-level columns (those constant per item in train)."""
 
-    def __init__(self, data_dir: Path, vocab: Vocabulary, item: str, text_feature: str,
-                 text_with: list[str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, vocab: Vocabulary, item: str, text_feature: str, text_with: list[str] | None = None
+    ) -> None:
         schema = vocab.schema
         columns = schema.columns()
         frames = {s: _read(data_dir, s, columns) for s in ("train", "val", "test")}
@@ -67,7 +70,9 @@ class Catalogue:
         self.texts = first[text_feature].fillna("").astype(str).tolist()
         for column in text_with or []:  # more item content, e.g. "Heat (1995). genres: Action, Crime, Thriller"
             if column not in self.item_columns:
-                raise ValueError(f"--text-with {column!r} is not an item-level column (item columns: {self.item_columns})")
+                raise ValueError(
+                    f"--text-with {column!r} is not an item-level column (item columns: {self.item_columns})"
+                )
             values = [", ".join(map(str, v)) if isinstance(v, (list, np.ndarray)) else str(v) for v in first[column]]
             self.texts = [f"{t}. {column}: {v}" for t, v in zip(self.texts, values, strict=True)]
         self.position = {v: i for i, v in enumerate(self.items)}
@@ -120,15 +125,25 @@ def _standardize(scores: np.ndarray) -> np.ndarray:
 
 
 def _metrics(ranked: list[list[int]], queries: Queries, k: int) -> dict[str, float]:
-    return {f"recall@{k}": recall_at_k(ranked, queries.positives, k), f"ndcg@{k}": ndcg_at_k(ranked, queries.positives, k),
-            f"cold_recall@{k}": recall_at_k(ranked, queries.cold_positives, k),
-            "cold_users": int(sum(1 for c in queries.cold_positives if c))}
+    return {
+        f"recall@{k}": recall_at_k(ranked, queries.positives, k),
+        f"ndcg@{k}": ndcg_at_k(ranked, queries.positives, k),
+        f"cold_recall@{k}": recall_at_k(ranked, queries.cold_positives, k),
+        "cold_users": int(sum(1 for c in queries.cold_positives if c)),
+    }
 
 
 class Retriever:
-    def __init__(self, two_tower, data_dir: Path, text_feature: str, pooling: str = "mean",  # noqa: ANN001
-                 text_head: torch.nn.Module | None = None, model_path: str | None = None,
-                 text_with: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        two_tower,
+        data_dir: Path,
+        text_feature: str,
+        pooling: str = "mean",  # noqa: ANN001
+        text_head: torch.nn.Module | None = None,
+        model_path: str | None = None,
+        text_with: list[str] | None = None,
+    ) -> None:
         from recsys.text.encoder import TextEncoder
         from recsys.text.pooling import make_pooling
 
@@ -144,8 +159,8 @@ class Retriever:
         with torch.no_grad():
             chunks = []
             for start in range(0, states.shape[1], 512):  # bounded memory for big catalogues
-                s = states[:, start:start + 512].float()
-                chunks.append(head(s if pooling == "multilayer" else s[-1], mask[start:start + 512]))
+                s = states[:, start : start + 512].float()
+                chunks.append(head(s if pooling == "multilayer" else s[-1], mask[start : start + 512]))
             self.text_items = F.normalize(torch.cat(chunks), dim=1).numpy()
             self.id_items = two_tower.item_vectors(torch.from_numpy(self.catalogue.rows)).numpy()
         self.index_id = VectorIndex(self.id_items)
@@ -156,8 +171,12 @@ class Retriever:
         train clicks' text vectors), both L2-normalized."""
         with torch.no_grad():
             ids = self.tt.user_vectors(_encode(self.vocab, queries.templates)).numpy()
-        texts = np.stack([self.text_items[c].mean(0) if c else np.zeros(self.text_items.shape[1], np.float32)
-                          for c in queries.train_clicks])
+        texts = np.stack(
+            [
+                self.text_items[c].mean(0) if c else np.zeros(self.text_items.shape[1], np.float32)
+                for c in queries.train_clicks
+            ]
+        )
         return ids, texts / np.linalg.norm(texts, axis=1, keepdims=True).clip(min=1e-8)
 
     def scores(self, queries: Queries) -> tuple[np.ndarray, np.ndarray]:
@@ -222,9 +241,17 @@ class Retriever:
         if din is not None:
             reranked = self.rerank(din, queries, [r[:rerank_depth] for r in learned])
             results["hybrid_learned+din"] = _metrics(reranked, queries, k)
-        return {"split": split, "k": k, "alpha": alpha, "users": len(queries.users),
-                "catalogue": len(self.catalogue.items), "cold_items": int(self.catalogue.cold.sum()),
-                "rerank_depth": rerank_depth, "index": self.index_id.kind, "results": results}
+        return {
+            "split": split,
+            "k": k,
+            "alpha": alpha,
+            "users": len(queries.users),
+            "catalogue": len(self.catalogue.items),
+            "cold_items": int(self.catalogue.cold.sum()),
+            "rerank_depth": rerank_depth,
+            "index": self.index_id.kind,
+            "results": results,
+        }
 
 
 def markdown(report: dict) -> str:

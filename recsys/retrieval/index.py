@@ -15,8 +15,16 @@ import numpy as np
 
 
 class VectorIndex:
-    def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None, kind: str = "auto",
-                 exact_limit: int = 100_000, hnsw_m: int = 32, ef_search: int = 128, nprobe: int = 16) -> None:
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        ids: np.ndarray | None = None,
+        kind: str = "auto",
+        exact_limit: int = 100_000,
+        hnsw_m: int = 32,
+        ef_search: int = 128,
+        nprobe: int = 16,
+    ) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) == 0:
             raise ValueError(f"vectors must be a non-empty [N, E] array, got shape {vectors.shape}")

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_DEADLINE = 3  # × --timeout: the most a request (with its reply) may take from its first byte
 
+
 class ScoringServer(HTTPServer):
     """An HTTP server with a bounded pool of worker threads and a bounded wait queue.
 
@@ -52,9 +53,18 @@ class ScoringServer(HTTPServer):
     allow_reuse_address = True
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], scorer: Scorer | None = None, directory: str | None = None,
-                 max_bytes: int = 8 << 20, max_rows: int = 4096, workers: int = 8, queue: int = 64,
-                 timeout: float = 10.0, backlog: int = 1024) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        scorer: Scorer | None = None,
+        directory: str | None = None,
+        max_bytes: int = 8 << 20,
+        max_rows: int = 4096,
+        workers: int = 8,
+        queue: int = 64,
+        timeout: float = 10.0,
+        backlog: int = 1024,
+    ) -> None:
         self.request_queue_size = backlog  # the listen() backlog (the stdlib's default is 5)
         super().__init__(address, Handler)
         self.scorer, self.max_bytes, self.max_rows, self.timeout_s = scorer, max_bytes, max_rows, timeout
@@ -98,8 +108,10 @@ class ScoringServer(HTTPServer):
 
     def _refuse(self, request: socket.socket) -> None:
         body = json.dumps({"error": "server busy: every worker and queue slot is taken; retry shortly"}).encode()
-        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                f"Retry-After: 1\r\nConnection: close\r\n\r\n").encode()
+        head = (
+            f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Retry-After: 1\r\nConnection: close\r\n\r\n"
+        ).encode()
         try:
             request.settimeout(0.05)
             try:
@@ -187,7 +199,10 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return None
         if int(length) > self.server.max_bytes:
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {int(length)} bytes exceeds the limit of {self.server.max_bytes}")
+            self._error(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"body of {int(length)} bytes exceeds the limit of {self.server.max_bytes}",
+            )
             self.close_connection = True  # the unread body must not be parsed as the next request
             return None
         return self.rfile.read(int(length))
@@ -212,7 +227,10 @@ class Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.BAD_REQUEST, "empty batch: send at least one row")
             return
         if len(rows) > self.server.max_rows:
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{len(rows)} rows exceed the limit of {self.server.max_rows} per request")
+            self._error(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"{len(rows)} rows exceed the limit of {self.server.max_rows} per request",
+            )
             return
         if self._unavailable():
             return
@@ -228,8 +246,10 @@ class Handler(BaseHTTPRequestHandler):
             log.exception("scoring failed")
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"scoring failed: {type(err).__name__}: {err}")
             return
-        self._reply(HTTPStatus.OK, {"scores": [float(s) for s in scores], "rows": len(rows),
-                                    "ignored_fields": scorer.ignored_fields(rows)})
+        self._reply(
+            HTTPStatus.OK,
+            {"scores": [float(s) for s in scores], "rows": len(rows), "ignored_fields": scorer.ignored_fields(rows)},
+        )
 
 
 def parse_json(body: bytes) -> Any:
@@ -248,11 +268,21 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"malformed JSON: {name} is not a JSON number")
 
 
-def serve(directory: str, host: str = "127.0.0.1", port: int = 8080, max_bytes: int = 8 << 20, max_rows: int = 4096,
-          workers: int = 8, queue: int = 64, timeout: float = 10.0, wait: bool = True) -> ScoringServer:
+def serve(
+    directory: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    max_bytes: int = 8 << 20,
+    max_rows: int = 4096,
+    workers: int = 8,
+    queue: int = 64,
+    timeout: float = 10.0,
+    wait: bool = True,
+) -> ScoringServer:
     """A started server (its thread is a daemon); ``server.shutdown()`` stops it. ``wait``: return once
     the export is loaded (else it loads in the background and ``/healthz`` answers 503 until then)."""
-    server = ScoringServer((host, port), load(directory) if wait else None, directory, max_bytes, max_rows, workers,
-                           queue, timeout)
+    server = ScoringServer(
+        (host, port), load(directory) if wait else None, directory, max_bytes, max_rows, workers, queue, timeout
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

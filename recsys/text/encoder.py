@@ -94,8 +94,14 @@ class TextEncoder(nn.Module):
                 digest.update(f.read(1 << 20))  # the first MiB: headers and the first tensors
         return digest.hexdigest()
 
-    def encode_cached(self, texts: list[str], cache_dir: str | Path | None = None, batch_size: int = 128,
-                      dtype: torch.dtype = torch.float16, progress: bool = True) -> tuple[Tensor, Tensor]:
+    def encode_cached(
+        self,
+        texts: list[str],
+        cache_dir: str | Path | None = None,
+        batch_size: int = 128,
+        dtype: torch.dtype = torch.float16,
+        progress: bool = True,
+    ) -> tuple[Tensor, Tensor]:
         """States ``[L, N, T, D]`` (``dtype``) and mask ``[N, T]`` of every text, padded to the longest;
         read from ``cache_dir`` when these texts were encoded before with these weights."""
         key = hashlib.sha256(self.fingerprint().encode())
@@ -108,8 +114,10 @@ class TextEncoder(nn.Module):
             return cached["states"], cached["mask"]
         chunks, masks = [], []
         with torch.inference_mode():
-            for start in tqdm(range(0, len(texts), batch_size), desc="encoding texts", unit="batch", disable=not progress):
-                states, mask = self(texts[start:start + batch_size])
+            for start in tqdm(
+                range(0, len(texts), batch_size), desc="encoding texts", unit="batch", disable=not progress
+            ):
+                states, mask = self(texts[start : start + batch_size])
                 chunks.append(states.to(dtype))
                 masks.append(mask)
         width = max(m.shape[1] for m in masks)

@@ -71,9 +71,11 @@ class TextSpec:
         if not isinstance(block, dict):
             raise TextConfigError(f"{WHERE}: expected a mapping, got {block!r}")
         if "feature" in block or "item" in block:
-            raise TextConfigError(f"{WHERE}.{'feature' if 'feature' in block else 'item'}: the text block names no "
-                                  f"column; it applies to every text column of the dataset, and schema.yaml links "
-                                  f"item text with `item: <feature>` on the text column")
+            raise TextConfigError(
+                f"{WHERE}.{'feature' if 'feature' in block else 'item'}: the text block names no "
+                f"column; it applies to every text column of the dataset, and schema.yaml links "
+                f"item text with `item: <feature>` on the text column"
+            )
         unknown = sorted(set(block) - set(cls.__dataclass_fields__))
         if unknown:
             raise TextConfigError(f"{WHERE}.{unknown[0]}: unknown key (known: {sorted(cls.__dataclass_fields__)})")
@@ -83,8 +85,9 @@ class TextSpec:
         if spec.combine not in COMBINES:
             raise TextConfigError(f"{WHERE}.combine: one of {list(COMBINES)}, got {spec.combine!r}")
         if spec.dim is not None and (not isinstance(spec.dim, int) or spec.dim < 4 or spec.dim % 4):
-            raise TextConfigError(f"{WHERE}.dim: a positive multiple of 4 (item text exports as a table), "
-                                  f"got {spec.dim!r}")
+            raise TextConfigError(
+                f"{WHERE}.dim: a positive multiple of 4 (item text exports as a table), got {spec.dim!r}"
+            )
         return spec
 
     @property
@@ -93,8 +96,12 @@ class TextSpec:
         return int(self.encoder_layers) if self.pooling == "multilayer" else 1
 
     def head(self) -> nn.Module:
-        return make_pooling(self.pooling, int(self.encoder_dim), num_layers=self.encoder_layers,
-                            **({"num_latents": 16} if self.pooling == "latent" else {}))
+        return make_pooling(
+            self.pooling,
+            int(self.encoder_dim),
+            num_layers=self.encoder_layers,
+            **({"num_latents": 16} if self.pooling == "latent" else {}),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -121,7 +128,9 @@ class ItemText(nn.Module):
             (from ``resources``); omit when a state dict follows (a checkpoint).
     """
 
-    def __init__(self, spec: TextSpec, rows: int, dim: int, states: Tensor | None = None, mask: Tensor | None = None) -> None:
+    def __init__(
+        self, spec: TextSpec, rows: int, dim: int, states: Tensor | None = None, mask: Tensor | None = None
+    ) -> None:
         super().__init__()
         self.spec, self.rows, self.dim = spec, rows, dim
         self.head = spec.head()
@@ -129,7 +138,7 @@ class ItemText(nn.Module):
         self.fixed = spec.pooling in FIXED_HEADS
         width, length = int(spec.encoder_dim), spec.max_length
         if states is not None:
-            states, mask = _pad(states[-spec.layers:], mask, length)
+            states, mask = _pad(states[-spec.layers :], mask, length)
         if self.fixed:  # a parameter-free head: pool every row once
             pooled = torch.zeros(rows, width)
             if states is not None:
@@ -137,9 +146,15 @@ class ItemText(nn.Module):
                     pooled = self._head(states.float(), mask)
             self.register_buffer("pooled", pooled)  # [rows, D]
         else:
-            self.register_buffer("states", states.half() if states is not None
-                                 else torch.zeros(spec.layers, rows, length, width, dtype=torch.float16))
-            self.register_buffer("mask", mask.long() if mask is not None else torch.ones(rows, length, dtype=torch.long))
+            self.register_buffer(
+                "states",
+                states.half()
+                if states is not None
+                else torch.zeros(spec.layers, rows, length, width, dtype=torch.float16),
+            )
+            self.register_buffer(
+                "mask", mask.long() if mask is not None else torch.ones(rows, length, dtype=torch.long)
+            )
 
     def _head(self, states: Tensor, mask: Tensor) -> Tensor:
         return self.head(states if states.shape[0] > 1 else states[0], mask)
@@ -176,8 +191,11 @@ class ItemTextTable(nn.Module):
         super().__init__()
         self.key = f"{item}#text"
         self.table = EmbeddingCollection(
-            tables=[EmbeddingConfig(name=f"text_{item}", embedding_dim=dim, num_embeddings=rows, feature_names=[self.key])],
-            device=table_device())
+            tables=[
+                EmbeddingConfig(name=f"text_{item}", embedding_dim=dim, num_embeddings=rows, feature_names=[self.key])
+            ],
+            device=table_device(),
+        )
 
     def forward(self, rows: Tensor) -> Tensor:
         kjt = KeyedJaggedTensor(keys=[self.key], values=rows, lengths=torch.ones_like(rows, dtype=torch.int32))
@@ -208,18 +226,22 @@ class RowText(nn.Module):
 
     def _encode(self, texts: list[str]) -> None:
         if self.encoder is None:
-            raise RuntimeError("row-level text needs its text encoder: build the model with its dataset's resources "
-                               "(or load an export, which carries the encoder)")
+            raise RuntimeError(
+                "row-level text needs its text encoder: build the model with its dataset's resources "
+                "(or load an export, which carries the encoder)"
+            )
         for start in range(0, len(texts), 256):
-            part = texts[start:start + 256]
+            part = texts[start : start + 256]
             with torch.inference_mode():
                 states, mask = self.encoder(part)
-            states = states[-self.spec.layers:].float().clone()
+            states = states[-self.spec.layers :].float().clone()
             for i, text in enumerate(part):
                 length = int(mask[i].sum())
-                one = states[:, i:i + 1, :length]
-                entry = (self._head(one, torch.ones(1, length, dtype=torch.long))[0] if self.fixed else one.half(),
-                         torch.ones(length, dtype=torch.long))
+                one = states[:, i : i + 1, :length]
+                entry = (
+                    self._head(one, torch.ones(1, length, dtype=torch.long))[0] if self.fixed else one.half(),
+                    torch.ones(length, dtype=torch.long),
+                )
                 self._cache[text] = entry
                 self._held += entry[0].numel() * entry[0].element_size() + len(text)
 
@@ -240,8 +262,15 @@ class RowText(nn.Module):
             pooled = torch.stack([self._cache[t][0] for t in unique]).to(device)
         else:
             length = max(self._cache[t][0].shape[2] for t in unique)
-            states = torch.cat([nn.functional.pad(self._cache[t][0].float(), (0, 0, 0, length - self._cache[t][0].shape[2]))
-                                for t in unique], dim=1).to(device)
-            mask = torch.stack([nn.functional.pad(self._cache[t][1], (0, length - len(self._cache[t][1]))) for t in unique])
+            states = torch.cat(
+                [
+                    nn.functional.pad(self._cache[t][0].float(), (0, 0, 0, length - self._cache[t][0].shape[2]))
+                    for t in unique
+                ],
+                dim=1,
+            ).to(device)
+            mask = torch.stack(
+                [nn.functional.pad(self._cache[t][1], (0, length - len(self._cache[t][1]))) for t in unique]
+            )
             pooled = self._head(states, mask.to(device))
         return self.proj(pooled)[torch.as_tensor(inverse, device=device)]

@@ -144,7 +144,9 @@ class MultiLayerPooling(nn.Module):
     def forward(self, states: Tensor, mask: Tensor) -> Tensor:
         _check(states, mask)
         if states.dim() != 4 or states.shape[0] != self.num_layers:
-            raise ValueError(f"multilayer pooling needs all {self.num_layers} layers [L, B, T, D], got {tuple(states.shape)}")
+            raise ValueError(
+                f"multilayer pooling needs all {self.num_layers} layers [L, B, T, D], got {tuple(states.shape)}"
+            )
         layers = masked_mean(states, mask).transpose(0, 1) + self.layer_embedding  # [B, L, D]
         queries = self.latents.unsqueeze(0).expand(layers.shape[0], -1, -1)
         attended, _ = self.attention(queries, layers, layers, need_weights=False)  # [B, k, D]

@@ -20,7 +20,9 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self) -> None:
         super().__init__(write_interval="epoch")
 
-    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any) -> None:
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
         log_dir = trainer.log_dir  # a collective (broadcast): every rank must ask
         if not predictions or trainer.global_rank != 0:  # every rank scored the whole split
             return
@@ -61,7 +63,9 @@ class Throughput(L.Callback):
         # a run resumed mid-epoch starts without on_train_epoch_start
         self.on_train_epoch_start(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._rows += len(batch)
         self._last = time.perf_counter()
 
@@ -71,7 +75,9 @@ class Throughput(L.Callback):
         rate = self._rows * trainer.world_size / (self._last - self._start)
         self.rates.append(rate)
         pl_module.log("train/samples_per_s", rate, rank_zero_only=True)
-        rank_zero_info(f"[recsys] epoch {trainer.current_epoch}: {rate:,.0f} training samples/s over {trainer.world_size} rank(s)")
+        rank_zero_info(
+            f"[recsys] epoch {trainer.current_epoch}: {rate:,.0f} training samples/s over {trainer.world_size} rank(s)"
+        )
 
 
 class RowLedger(L.Callback):
@@ -87,12 +93,16 @@ class RowLedger(L.Callback):
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         positions = getattr(batch, "positions", None)
         if positions is None:
             return
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        line = f"{trainer.global_step}\t{trainer.current_epoch}\t{batch_idx}\t{','.join(map(str, positions.tolist()))}\n"
+        line = (
+            f"{trainer.global_step}\t{trainer.current_epoch}\t{batch_idx}\t{','.join(map(str, positions.tolist()))}\n"
+        )
         with open(self.dirpath / f"ledger.rank{trainer.global_rank}.tsv", "a") as f:
             f.write(line)
 

@@ -36,14 +36,30 @@ from torch.distributed.checkpoint.metadata import Metadata
 META_FILE = "lightning.pt"
 
 # what DCP's .metadata may name: its index dataclasses and the few torch values they hold
-_DCP_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
-} | {("torch", str(t).rpartition(".")[2]) for t in vars(torch).values() if isinstance(t, torch.dtype)} | {
-      ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-      ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-      ("collections", "OrderedDict")}
+_DCP_GLOBALS = (
+    {
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    }
+    | {("torch", str(t).rpartition(".")[2]) for t in vars(torch).values() if isinstance(t, torch.dtype)}
+    | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("collections", "OrderedDict"),
+    }
+)
 
 
 class CheckpointError(ValueError):
@@ -64,8 +80,10 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     try:
         checkpoint = torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{file}: refused — it holds Python objects, not only tensors and plain values, and "
-                              f"loading them could run code ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{file}: refused — it holds Python objects, not only tensors and plain values, and "
+            f"loading them could run code ({str(err).splitlines()[0]})"
+        ) from None
     except Exception as err:  # torch raises RuntimeError, EOFError, struct.error... for a damaged file
         first = str(err).split(". ")[0].strip() or type(err).__name__
         raise CheckpointError(f"{file}: cannot be read (truncated or not a checkpoint: {first})") from None
@@ -97,8 +115,12 @@ class SafeReader(FileSystemReader):
         root = Path(self.path).resolve()
         for info in (metadata.storage_data or {}).values():
             name = str(getattr(info, "relative_path", ""))
-            if not name or Path(name).is_absolute() or ".." in Path(name).parts or \
-                    not (root / name).resolve().is_relative_to(root):
+            if (
+                not name
+                or Path(name).is_absolute()
+                or ".." in Path(name).parts
+                or not (root / name).resolve().is_relative_to(root)
+            ):
                 raise CheckpointError(f"{path}: refused — shard file {name!r} is not inside {self.path}")
         from torch.distributed.checkpoint.metadata import StorageMeta
 

@@ -1,8 +1,8 @@
 """``recsys fit|validate|test|predict``: LightningCLI over any recsys model and dataset directory.
 
-    recsys fit --config configs/movielens/base.yaml --trainer.max_epochs 3 --seed_everything 7
-    recsys fit --config configs/movielens/base.yaml --data.path OTHER_DATASET_DIR
-    recsys test --config configs/movielens/base.yaml --ckpt_path runs/.../best.ckpt
+recsys fit --config configs/movielens/base.yaml --trainer.max_epochs 3 --seed_everything 7
+recsys fit --config configs/movielens/base.yaml --data.path OTHER_DATASET_DIR
+recsys test --config configs/movielens/base.yaml --ckpt_path runs/.../best.ckpt
 """
 
 from __future__ import annotations
@@ -31,17 +31,24 @@ class RecsysCLI(LightningCLI):
         # the model's tables and inputs come from the dataset (schema + vocabulary sizes)
         parser.link_arguments("data.dataset_info", "model.init_args.features", apply_on="instantiate")
         parser.link_arguments("data.resources", "model.init_args.resources", apply_on="instantiate")
-        parser.add_argument("--nonfinite", choices=["stop", "skip"], default="stop",
-                            help="a NaN/inf loss or gradient: stop (save a checkpoint, then fail naming the step and "
-                                 "batch) or skip the batch")
+        parser.add_argument(
+            "--nonfinite",
+            choices=["stop", "skip"],
+            default="stop",
+            help="a NaN/inf loss or gradient: stop (save a checkpoint, then fail naming the step and "
+            "batch) or skip the batch",
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         raw = args if args is not None else sys.argv[1:]
         message = legacy_keys_message(_model_keys(raw))
         if message:
             parser.error(message)
-        configs = [raw[i + 1] for i, a in enumerate(raw) if a in ("--config", "-c") and i + 1 < len(raw)] \
-            if isinstance(raw, list) else []
+        configs = (
+            [raw[i + 1] for i, a in enumerate(raw) if a in ("--config", "-c") and i + 1 < len(raw)]
+            if isinstance(raw, list)
+            else []
+        )
         self._run_name = Path(configs[0]).stem if configs else "run"
         super().parse_arguments(parser, args)
 
@@ -56,14 +63,18 @@ class RecsysCLI(LightningCLI):
         if self.subcommand != "fit" or self.config.fit.get("ckpt_path") != "last":
             return
         if getattr(self, "_random_seed", False):
-            self.parser.error("a resumable run (ckpt_path: last) needs a fixed seed: set seed_everything to a number "
-                              "(a restart must replay the same shuffle, and the run directory is named by its config)")
+            self.parser.error(
+                "a resumable run (ckpt_path: last) needs a fixed seed: set seed_everything to a number "
+                "(a restart must replay the same shuffle, and the run directory is named by its config)"
+            )
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_check=True, skip_none=False)).get("fit", {})
         logger = self.config.fit.trainer.get("logger")
         init_args = logger.get("init_args") if hasattr(logger, "get") else None
         if init_args is None:
-            self.parser.error("a resumable run (ckpt_path: last) needs a logger with a run directory "
-                              "(trainer.logger: TensorBoardLogger), where its checkpoints are found again")
+            self.parser.error(
+                "a resumable run (ckpt_path: last) needs a logger with a run directory "
+                "(trainer.logger: TensorBoardLogger), where its checkpoints are found again"
+            )
         if init_args.get("version") is None:
             init_args.version = run_version(resolved, self._run_name)
         self._resumable = resolved
@@ -79,8 +90,11 @@ class RecsysCLI(LightningCLI):
                 self.parser.error(str(err))
         if getattr(self, "_resumable", None) is not None:
             callback = self.trainer.checkpoint_callback
-            directory = Path(callback.dirpath) if callback is not None and callback.dirpath else \
-                Path(self.trainer.log_dir) / "checkpoints"
+            directory = (
+                Path(callback.dirpath)
+                if callback is not None and callback.dirpath
+                else Path(self.trainer.log_dir) / "checkpoints"
+            )
             try:
                 self.config_init["fit"]["ckpt_path"] = resume_from(directory)
             except RunError as err:
@@ -142,7 +156,7 @@ def _model_keys(args: list[str] | dict) -> list[str]:
                     keys += list(model.get("init_args") or {})
         for prefix in ("--model.init_args.", "--model."):
             if arg.startswith(prefix):
-                keys.append(arg[len(prefix):].split("=", 1)[0].split(".", 1)[0])
+                keys.append(arg[len(prefix) :].split("=", 1)[0].split(".", 1)[0])
     return keys
 
 
@@ -184,8 +198,15 @@ class _ParseOnly(RecsysCLI):
 def resolved_config(args: list[str]) -> dict:
     """The config ``recsys fit ARGS`` would run (every ``--config`` and option applied), as a plain
     dict without the logger (run directories) and ``ckpt_path``: what a run's identity depends on."""
-    cli = _ParseOnly(CTRModule, CTRDataModule, subclass_mode_model=True, args=args, run=False,
-                     auto_configure_optimizers=False, save_config_callback=None)
+    cli = _ParseOnly(
+        CTRModule,
+        CTRDataModule,
+        subclass_mode_model=True,
+        args=args,
+        run=False,
+        auto_configure_optimizers=False,
+        save_config_callback=None,
+    )
     config = yaml.safe_load(cli.parser.dump(cli.config, skip_check=True, skip_none=False))
     config.get("trainer", {}).pop("logger", None)
     config.pop("ckpt_path", None)

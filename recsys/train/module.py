@@ -52,9 +52,15 @@ class CTRModule(L.LightningModule):
             OptEmbed search result; ``recsys.data.resources``); not a hyperparameter.
     """
 
-    def __init__(self, features: DatasetInfo | dict, embedding: dict | None = None, text: dict | None = None,
-                 mba_lambda: float = 0.0, optimizer: OptimizerCallable = default_optimizer,
-                 resources: Any = None) -> None:
+    def __init__(
+        self,
+        features: DatasetInfo | dict,
+        embedding: dict | None = None,
+        text: dict | None = None,
+        mba_lambda: float = 0.0,
+        optimizer: OptimizerCallable = default_optimizer,
+        resources: Any = None,
+    ) -> None:
         super().__init__()
         # collects the subclass's __init__ arguments too; they are the model's config
         self.save_hyperparameters(ignore=["optimizer", "resources"])
@@ -70,8 +76,15 @@ class CTRModule(L.LightningModule):
         ones row by row. What it resolved from the resources (searched OptEmbed widths, the text
         encoder's width) goes back into the hyperparameters, so a checkpoint rebuilds it alone."""
         hp = self.hparams
-        layer = EmbeddingLayer(self.info, hp.get("embedding"), hp.get("text"), features, jagged,
-                               float(hp.get("mba_lambda", 0.0)), self.resources)
+        layer = EmbeddingLayer(
+            self.info,
+            hp.get("embedding"),
+            hp.get("text"),
+            features,
+            jagged,
+            float(hp.get("mba_lambda", 0.0)),
+            self.resources,
+        )
         hp["embedding"] = layer.spec.to_dict()
         if layer.text_spec is not None:
             hp["text"] = layer.text_spec.to_dict()
@@ -163,18 +176,27 @@ class CTRModule(L.LightningModule):
     def _nonfinite(self, what: str, batch: Batch | None, batch_idx: int) -> None:
         """The policy for a non-finite step (every rank calls it alike): skip it, or save and stop."""
         trainer = self.trainer
-        rows = "" if batch is None or batch.positions is None else f", rows at positions {batch.positions[:4].tolist()}..."
-        where = f"non-finite {what} at global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx}{rows})"
+        rows = (
+            "" if batch is None or batch.positions is None else f", rows at positions {batch.positions[:4].tolist()}..."
+        )
+        where = (
+            f"non-finite {what} at global step {trainer.global_step} "
+            f"(epoch {trainer.current_epoch}, batch {batch_idx}{rows})"
+        )
         if self.nonfinite_policy == "skip":
             self._skipped_batches = getattr(self, "_skipped_batches", 0) + 1
             self.log("train/skipped_batches", float(self._skipped_batches), batch_size=1)
             warnings.warn(f"{where}: batch skipped (--nonfinite skip)", stacklevel=2)
             return
-        directory = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)
+        directory = Path(
+            trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir
+        )
         path = directory / f"nonfinite-step{trainer.global_step}.ckpt"
         trainer.save_checkpoint(path)  # collective under the torchrec strategy: every rank is here
-        raise NonFiniteError(f"{where}; the weights before this step are in {path}. Nothing was updated with it. "
-                             f"Rerun with --nonfinite skip to drop such batches instead")
+        raise NonFiniteError(
+            f"{where}; the weights before this step are in {path}. Nothing was updated with it. "
+            f"Rerun with --nonfinite skip to drop such batches instead"
+        )
 
     def on_train_epoch_start(self) -> None:
         # a streaming dataset has no sampler for Lightning to re-seed; tell it the epoch
@@ -185,7 +207,11 @@ class CTRModule(L.LightningModule):
     # -- evaluation ------------------------------------------------------------------------
     def _shared_step(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         logits = self(batch)
-        out = {"prob": torch.sigmoid(logits).detach().float().cpu(), "label": batch.labels.cpu(), "group": batch.groups.cpu()}
+        out = {
+            "prob": torch.sigmoid(logits).detach().float().cpu(),
+            "label": batch.labels.cpu(),
+            "group": batch.groups.cpu(),
+        }
         if stage != "predict":
             loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
             self.log(f"{stage}/loss", loss, batch_size=len(batch))
@@ -215,8 +241,11 @@ class CTRModule(L.LightningModule):
         if undefined and stage not in self._warned_undefined:
             self._warned_undefined.add(stage)
             classes = sorted(set(np.unique(cat["label"]).tolist()))
-            warnings.warn(f"the {stage} split has label(s) {classes} only: {', '.join(undefined)} undefined, logged as "
-                          f"NaN (a checkpoint monitoring it is never the best)", stacklevel=2)
+            warnings.warn(
+                f"the {stage} split has label(s) {classes} only: {', '.join(undefined)} undefined, logged as "
+                f"NaN (a checkpoint monitoring it is never the best)",
+                stacklevel=2,
+            )
         for name, value in metrics.items():  # NaN stays NaN: a 0.0 would read as a (terrible) real AUC
             self.log(f"{stage}/{name}", float(value), prog_bar=name != "logloss")
 

@@ -65,8 +65,10 @@ class ValCache:
     def __init__(self, model: torch.nn.Module, stream: ParquetStream) -> None:
         layer = getattr(model, "embedding", None)
         if layer is None or getattr(layer, "optembed", None) is None:
-            raise TypeError("the checkpoint is not an OptEmbed supernet (model.init_args.embedding: "
-                            "{kind: optembed, stage: supernet})")
+            raise TypeError(
+                "the checkpoint is not an OptEmbed supernet (model.init_args.embedding: "
+                "{kind: optembed, stage: supernet})"
+            )
         model.eval()
         layer.set_eval_dims(None)
         self.model, self.layer = model, layer
@@ -84,8 +86,9 @@ class ValCache:
         widths = dict(zip(self.layer.optembed.owners, (int(d) for d in dims), strict=True))
         with torch.inference_mode():
             if self.layer.narrowable:
-                logits = torch.cat([self.model.head(self.layer.narrow(embedded, widths), dense)
-                                    for embedded, dense in self.batches])
+                logits = torch.cat(
+                    [self.model.head(self.layer.narrow(embedded, widths), dense) for embedded, dense in self.batches]
+                )
             else:
                 self.layer.set_eval_dims(widths)
                 logits = torch.cat([self.model(batch) for batch in self.batches])
@@ -96,7 +99,9 @@ class ValCache:
 class Search:
     """The evolutionary loop over integer widths per table; ``fitness`` maps widths → val AUC."""
 
-    def __init__(self, kept_rows: np.ndarray, total_rows: np.ndarray, full_dims: np.ndarray, config: SearchConfig) -> None:
+    def __init__(
+        self, kept_rows: np.ndarray, total_rows: np.ndarray, full_dims: np.ndarray, config: SearchConfig
+    ) -> None:
         self.kept_rows, self.total_rows, self.full_dims, self.config = kept_rows, total_rows, full_dims, config
         self.rng = np.random.default_rng(config.seed)
         if not 1 <= config.dim_step <= int(full_dims.min()):
@@ -108,9 +113,11 @@ class Search:
         self.limit = None if config.budget is None else config.budget * float((total_rows * full_dims).sum())
         self.scored: dict[tuple[int, ...], float] = {}
         if self.limit is not None and self.params(self.narrowest) > self.limit:
-            raise ValueError(f"--budget {config.budget} allows {self.limit:,.0f} parameters, but the narrowest candidate "
-                             f"(every table at its narrowest width over its kept rows) has "
-                             f"{self.params(self.narrowest):,}; raise the budget or lower --dim-step")
+            raise ValueError(
+                f"--budget {config.budget} allows {self.limit:,.0f} parameters, but the narrowest candidate "
+                f"(every table at its narrowest width over its kept rows) has "
+                f"{self.params(self.narrowest):,}; raise the budget or lower --dim-step"
+            )
 
     def params(self, dims: np.ndarray) -> int:
         return int((self.kept_rows * dims).sum())
@@ -192,8 +199,14 @@ def _plot(search: Search, front: list, path: Path, full: int) -> None:
     plt.close(fig)
 
 
-def search(ckpt: str | Path, out: str | Path, config: SearchConfig, data: str | Path | None = None,
-           batch_size: int = 8192, progress: bool = True) -> dict:
+def search(
+    ckpt: str | Path,
+    out: str | Path,
+    config: SearchConfig,
+    data: str | Path | None = None,
+    batch_size: int = 8192,
+    progress: bool = True,
+) -> dict:
     """Runs the search on a supernet checkpoint and writes the artifacts; returns ``search.json``'s dict."""
     from recsys.train.checkpoint import load_model
 
@@ -220,8 +233,17 @@ def search(ckpt: str | Path, out: str | Path, config: SearchConfig, data: str | 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"supernet": str(ckpt), "full_dims": widths, "dims": dims, "kept": masks, "rows": table_rows,
-                "thresholds": {o: float(layer.optembed.threshold[i].detach()) for i, o in enumerate(owners)}}, out / ARTIFACT)
+    torch.save(
+        {
+            "supernet": str(ckpt),
+            "full_dims": widths,
+            "dims": dims,
+            "kept": masks,
+            "rows": table_rows,
+            "thresholds": {o: float(layer.optembed.threshold[i].detach()) for i, o in enumerate(owners)},
+        },
+        out / ARTIFACT,
+    )
     with open(out / "pareto.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["params", "fraction_of_full", "val_auc", *[f"dim_{o}" for o in owners]])
@@ -252,6 +274,14 @@ def search(ckpt: str | Path, out: str | Path, config: SearchConfig, data: str | 
 def search_config(args: argparse.Namespace) -> SearchConfig:
     if args.budget is not None and not 0 < args.budget <= 1:
         raise ValueError(f"--budget must lie in (0, 1], got {args.budget}")
-    return SearchConfig(population=args.population, generations=args.generations, keep=args.keep,
-                        mutations=args.mutations, crossovers=args.crossovers, mutation_prob=args.mutation_prob,
-                        budget=args.budget, seed=args.seed, dim_step=args.dim_step)
+    return SearchConfig(
+        population=args.population,
+        generations=args.generations,
+        keep=args.keep,
+        mutations=args.mutations,
+        crossovers=args.crossovers,
+        mutation_prob=args.mutation_prob,
+        budget=args.budget,
+        seed=args.seed,
+        dim_step=args.dim_step,
+    )

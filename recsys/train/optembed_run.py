@@ -53,15 +53,31 @@ def _fit(args: list[str], out: Path, stage: str, fingerprint: str) -> Path:
 
     run_dir = out / stage / fingerprint
     if run_dir.exists():  # a run of this stage that was interrupted: kept aside, not mixed with the new one
-        aside = run_dir.with_name(f"{fingerprint}.interrupted-{sum(1 for _ in run_dir.parent.glob(f'{fingerprint}.*')) + 1}")
+        aside = run_dir.with_name(
+            f"{fingerprint}.interrupted-{sum(1 for _ in run_dir.parent.glob(f'{fingerprint}.*')) + 1}"
+        )
         run_dir.rename(aside)
         print(f"[optembed] {run_dir} holds an interrupted run: moved to {aside.name}", flush=True)
-    run(["fit", *args, "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(out),
-         "--trainer.logger.init_args.name", stage, "--trainer.logger.init_args.version", fingerprint])
+    run(
+        [
+            "fit",
+            *args,
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(out),
+            "--trainer.logger.init_args.name",
+            stage,
+            "--trainer.logger.init_args.version",
+            fingerprint,
+        ]
+    )
     best = _best(out, stage, fingerprint)
     if not best.exists():
-        raise FileNotFoundError(f"{best}: the {stage} run wrote no best checkpoint (its config needs a ModelCheckpoint "
-                                f"with filename: best, as configs/movielens/*.yaml have)")
+        raise FileNotFoundError(
+            f"{best}: the {stage} run wrote no best checkpoint (its config needs a ModelCheckpoint "
+            f"with filename: best, as configs/movielens/*.yaml have)"
+        )
     return best
 
 
@@ -74,9 +90,11 @@ def pipeline(configs: list[str], out: Path, search_args: argparse.Namespace, ext
     resolved = resolved_config(fit_args)
     block = dict(((resolved.get("model") or {}).get("init_args") or {}).get("embedding") or {})
     if block.get("kind") != "optembed" or block.get("stage", "supernet") != "supernet":
-        raise ValueError("the configs must give the model an OptEmbed supernet: add --config "
-                         "configs/embedding/optembed_supernet.yaml (model.init_args.embedding: {kind: optembed, "
-                         f"stage: supernet}}); got {block or 'no embedding block'}")
+        raise ValueError(
+            "the configs must give the model an OptEmbed supernet: add --config "
+            "configs/embedding/optembed_supernet.yaml (model.init_args.embedding: {kind: optembed, "
+            f"stage: supernet}}); got {block or 'no embedding block'}"
+        )
     config = search_config(search_args)
     if config.budget is None and block.get("budget") is not None:
         config.budget = float(block["budget"])
@@ -109,10 +127,17 @@ def pipeline(configs: list[str], out: Path, search_args: argparse.Namespace, ext
     report = json.loads(report_file.read_text())
     printed["search"] = str(search_dir)
     result = printed | {
-        "test_auc": report["auc"], "test_gauc": report["gauc"], "test_logloss": report["logloss"],
-        "sparsity": found["sparsity"], "row_sparsity": found["row_sparsity"], "params": found["params"],
-        "full_params": found["full_params"], "search_val_auc": found["val_auc"],
-        "supernet_val_auc": found["full_dims_val_auc"], "dims": found["dims"], "kept_rows": found["kept_rows"],
+        "test_auc": report["auc"],
+        "test_gauc": report["gauc"],
+        "test_logloss": report["logloss"],
+        "sparsity": found["sparsity"],
+        "row_sparsity": found["row_sparsity"],
+        "params": found["params"],
+        "full_params": found["full_params"],
+        "search_val_auc": found["val_auc"],
+        "supernet_val_auc": found["full_dims_val_auc"],
+        "dims": found["dims"],
+        "kept_rows": found["kept_rows"],
         "checkpoint": str(compact),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))

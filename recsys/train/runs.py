@@ -25,8 +25,17 @@ from pathlib import Path
 from typing import Any
 
 # what may differ between a run and its resumption (dotted paths into the resolved config)
-RESUMABLE_KEYS = ("ckpt_path", "trainer.max_epochs", "trainer.max_steps", "trainer.logger", "trainer.enable_progress_bar",
-                  "trainer.log_every_n_steps", "trainer.enable_model_summary", "nonfinite", "config")
+RESUMABLE_KEYS = (
+    "ckpt_path",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.logger",
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+    "trainer.enable_model_summary",
+    "nonfinite",
+    "config",
+)
 RUN_FILE = "run.json"
 
 log = logging.getLogger(__name__)
@@ -66,9 +75,11 @@ def check_run(run_dir: Path, config: dict[str, Any]) -> None:
         differ = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
         if differ:
             shown = "; ".join(f"{k}: {recorded.get(k)!r} → {current.get(k)!r}" for k in differ[:8])
-            raise RunError(f"{run_dir} holds a run with another config ({shown}); resuming it would train the old run "
-                           f"under the new settings. Use another logger version, or the run's own config "
-                           f"({file})")
+            raise RunError(
+                f"{run_dir} holds a run with another config ({shown}); resuming it would train the old run "
+                f"under the new settings. Use another logger version, or the run's own config "
+                f"({file})"
+            )
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     file.write_text(json.dumps({"identity": current}, indent=2, default=str))
@@ -87,12 +98,16 @@ class RunLock:
             self.handle.seek(0)
             owner = self.handle.read().strip() or "another process"
             self.handle.close()
-            raise RunError(f"{run_dir} is being trained by {owner}; two runs into one directory would overwrite each "
-                           f"other's checkpoints. Wait for it, or use another logger version") from None
+            raise RunError(
+                f"{run_dir} is being trained by {owner}; two runs into one directory would overwrite each "
+                f"other's checkpoints. Wait for it, or use another logger version"
+            ) from None
         except OSError as err:
             self.handle.close()
-            raise RunError(f"{run_dir}: cannot lock it ({err}); the filesystem may not support locks — put the run "
-                           f"directory (trainer.logger.init_args.save_dir) on one that does") from None
+            raise RunError(
+                f"{run_dir}: cannot lock it ({err}); the filesystem may not support locks — put the run "
+                f"directory (trainer.logger.init_args.save_dir) on one that does"
+            ) from None
         self.handle.seek(0)
         self.handle.truncate()
         self.handle.write(f"pid {os.getpid()}")
@@ -112,8 +127,10 @@ def resume_from(directory: Path) -> str | None:
 
     if not directory.is_dir():
         return None
-    found = sorted((p for p in directory.iterdir() if p.name.endswith(".ckpt")),
-                   key=lambda p: (not p.name.startswith("last"), -p.stat().st_mtime_ns))
+    found = sorted(
+        (p for p in directory.iterdir() if p.name.endswith(".ckpt")),
+        key=lambda p: (not p.name.startswith("last"), -p.stat().st_mtime_ns),
+    )
     unreadable = []
     for candidate in found:
         try:
@@ -122,10 +139,15 @@ def resume_from(directory: Path) -> str | None:
             unreadable.append(f"{candidate.name} ({str(err).split(': ', 1)[-1]})")
             continue
         if unreadable:
-            log.warning("%s: passing over unreadable checkpoint(s) %s; resuming from %s", directory,
-                        "; ".join(unreadable), candidate.name)
+            log.warning(
+                "%s: passing over unreadable checkpoint(s) %s; resuming from %s",
+                directory,
+                "; ".join(unreadable),
+                candidate.name,
+            )
         return str(candidate)
     if unreadable:
-        raise RunError(f"{directory}: no checkpoint there can be read ({'; '.join(unreadable)}); move them away to "
-                       f"start afresh")
+        raise RunError(
+            f"{directory}: no checkpoint there can be read ({'; '.join(unreadable)}); move them away to start afresh"
+        )
     return None

@@ -41,14 +41,22 @@ from recsys.train.checkpoint import META_FILE, load_sharded, read_checkpoint
 
 log = logging.getLogger(__name__)
 
+
 def sparse_optimizer_class(name: str, device_type: str) -> type[torch.optim.Optimizer]:
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-    classes = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad, "adam": torch.optim.Adam}
+    classes = {
+        "sgd": torch.optim.SGD,
+        "adagrad": torch.optim.Adagrad,
+        "rowwise_adagrad": RowWiseAdagrad,
+        "adam": torch.optim.Adam,
+    }
     if name not in classes:
         raise ValueError(f"sparse_optimizer must be one of {sorted(classes)}, got {name!r}")
     if name == "adam" and device_type == "cpu":
-        raise ValueError("sparse_optimizer 'adam' needs CUDA: FBGEMM's CPU kernels fuse sgd, adagrad and rowwise_adagrad")
+        raise ValueError(
+            "sparse_optimizer 'adam' needs CUDA: FBGEMM's CPU kernels fuse sgd, adagrad and rowwise_adagrad"
+        )
     return classes[name]
 
 
@@ -91,9 +99,18 @@ def shard_model(
     copy = copy_initial_weights and not on_meta
     full_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if copy else {}
     optimizer = sparse_optimizer_class(sparse_optimizer, device_type)
-    apply_optimizer_in_backward(optimizer, table_parameters(model), {"lr": sparse_lr, **(sparse_optimizer_kwargs or {})})
-    plan = plan_model(model, world_size, device_type, sharding_types, compute_kernel, cache_load_factor,
-                      process_group=dist.GroupMember.WORLD)
+    apply_optimizer_in_backward(
+        optimizer, table_parameters(model), {"lr": sparse_lr, **(sparse_optimizer_kwargs or {})}
+    )
+    plan = plan_model(
+        model,
+        world_size,
+        device_type,
+        sharding_types,
+        compute_kernel,
+        cache_load_factor,
+        process_group=dist.GroupMember.WORLD,
+    )
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders())
     if full_state:
         copy_full_weights(dmp.state_dict(), full_state)
@@ -165,9 +182,18 @@ class TorchrecStrategy(DDPStrategy):
         self.setup_precision_plugin()
 
     def _setup_model(self, model: nn.Module) -> DistributedModelParallel:
-        dmp = shard_model(model, self.world_size, self.root_device, self.sharding_types, self.compute_kernel,
-                          self.cache_load_factor, self.sparse_optimizer, self.sparse_lr, self.sparse_optimizer_kwargs,
-                          self.copy_initial_weights)
+        dmp = shard_model(
+            model,
+            self.world_size,
+            self.root_device,
+            self.sharding_types,
+            self.compute_kernel,
+            self.cache_load_factor,
+            self.sparse_optimizer,
+            self.sparse_lr,
+            self.sparse_optimizer_kwargs,
+            self.copy_initial_weights,
+        )
         self.plan = dmp.plan
         return dmp
 
@@ -181,7 +207,10 @@ class TorchrecStrategy(DDPStrategy):
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
         self.barrier("recsys-ckpt-prepare")
-        state = {"state_dict": checkpoint.pop("state_dict"), "sparse_optimizer": self.model.fused_optimizer.state_dict()}
+        state = {
+            "state_dict": checkpoint.pop("state_dict"),
+            "sparse_optimizer": self.model.fused_optimizer.state_dict(),
+        }
         dcp.save(state, checkpoint_id=str(staging))
         if self.is_global_zero:
             checkpoint["recsys_checkpoint_format"] = "torch.distributed.checkpoint"
@@ -211,7 +240,10 @@ class TorchrecStrategy(DDPStrategy):
             checkpoint["state_dict"] = None
             return checkpoint
         checkpoint = read_checkpoint(path)
-        state = {"state_dict": self.lightning_module.state_dict(), "sparse_optimizer": self.model.fused_optimizer.state_dict()}
+        state = {
+            "state_dict": self.lightning_module.state_dict(),
+            "sparse_optimizer": self.model.fused_optimizer.state_dict(),
+        }
         load_sharded(state, path)
         self.model.fused_optimizer.load_state_dict(state["sparse_optimizer"])
         checkpoint["state_dict"] = None  # loaded in place above

@@ -52,8 +52,11 @@ def test_every_problem_is_reported_at_once(tmp_path: Path, capsys: pytest.Captur
     report = check(root, progress=False)
     texts = [f.text() for f in report.errors]
     assert any("column 'click': label is not 0 or 1 (or missing) (2 row(s), first at row 7)" in t for t in texts), texts
-    assert any("column 'price': missing, NaN, inf or beyond float32 (|x| > 3.4e38) numeric value (schema: missing: error) (3 row(s), first at row 3)" in t
-               for t in texts), texts
+    assert any(
+        "column 'price': missing, NaN, inf or beyond float32 (|x| > 3.4e38) "
+        "numeric value (schema: missing: error) (3 row(s), first at row 3)" in t
+        for t in texts
+    ), texts
     assert any(str(drifted) in t and "str ids here but int ids in train (schema drift)" in t for t in texts), texts
     assert any("missing column(s) ['price']" in t for t in texts), texts
     assert any(str(corrupt) in t and "cannot read as Parquet" in t for t in texts), texts
@@ -75,7 +78,9 @@ def test_numeric_missing_values_imputed_as_the_schema_says(tmp_path: Path, polic
     root = write_dataset(tmp_path / "d", schema=schema)
 
     def holes(t: pa.Table) -> pa.Table:
-        price = pa.array([None if i % 10 == 0 else v for i, v in enumerate(t.column("price").to_pylist())], type=pa.float64())
+        price = pa.array(
+            [None if i % 10 == 0 else v for i, v in enumerate(t.column("price").to_pylist())], type=pa.float64()
+        )
         return _set(t, "price", price)
 
     _rewrite(root, "train", holes)

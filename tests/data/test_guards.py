@@ -20,8 +20,11 @@ from tests.conftest import TINY_SCHEMA, write_dataset
 
 def _edit(file: Path, column: str, values: list, kind: pa.DataType | None = None) -> None:
     table = pq.read_table(file)
-    pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(values, type=kind)), file,
-                   row_group_size=256)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index(column), column, pa.array(values, type=kind)),
+        file,
+        row_group_size=256,
+    )
 
 
 def _messages(data: Path) -> list[str]:
@@ -34,16 +37,22 @@ def test_a_value_beyond_float32_is_named_by_check_and_by_training(tmp_path: Path
     price = pq.read_table(train).column("price").to_pylist()
     price[17] = 1e160  # finite in float64, inf in the model's float32: the statistics overflowed silently
     _edit(train, "price", price)
-    assert any("column 'price': missing, NaN, inf or beyond float32" in m and "first at row 17" in m
-               for m in _messages(data)), _messages(data)
-    with pytest.raises(DataError, match=r"part-0.parquet: column 'price' row 17: numeric value 1e\+160 is missing, "
-                                        r"non-finite or beyond float32"):
+    assert any(
+        "column 'price': missing, NaN, inf or beyond float32" in m and "first at row 17" in m for m in _messages(data)
+    ), _messages(data)
+    with pytest.raises(
+        DataError,
+        match=r"part-0.parquet: column 'price' row 17: numeric value 1e\+160 is missing, "
+        r"non-finite or beyond float32",
+    ):
         Vocabulary.load_or_build(data)
 
 
 def test_an_all_null_numeric_column_has_no_mean_to_impute(tmp_path: Path) -> None:
-    data = write_dataset(tmp_path / "d", schema=TINY_SCHEMA.replace("{name: price, type: numeric}",
-                                                                     "{name: price, type: numeric, missing: mean}"))
+    data = write_dataset(
+        tmp_path / "d",
+        schema=TINY_SCHEMA.replace("{name: price, type: numeric}", "{name: price, type: numeric, missing: mean}"),
+    )
     for split in ("train", "val", "test"):
         file = data / split / "part-0.parquet"
         _edit(file, "price", [None] * pq.read_metadata(file).num_rows, pa.float64())
@@ -71,7 +80,7 @@ def test_a_corrupt_data_page_names_the_file_and_row_group(tmp_path: Path) -> Non
     chunk = meta.row_group(3).column(meta.schema.names.index("user"))
     raw = bytearray(file.read_bytes())
     start = chunk.data_page_offset
-    raw[start + 8:start + 40] = b"\xff" * 32  # the page header and data of row group 3's user column
+    raw[start + 8 : start + 40] = b"\xff" * 32  # the page header and data of row group 3's user column
     file.write_bytes(bytes(raw))
     assert any("row group 3 is unreadable" in m for m in _messages(data))
     with pytest.raises(DataError, match="train/part-0.parquet: row group 3 is unreadable"):
@@ -89,7 +98,9 @@ def test_a_one_class_split_reports_auc_as_undefined_not_zero(tmp_path: Path, cap
     data = write_dataset(tmp_path / "d")
     test_file = data / "test" / "part-0.parquet"
     _edit(test_file, "click", np.zeros(pq.read_metadata(test_file).num_rows, dtype=np.int64).tolist())
-    assert any("only label(s) [0.0] in this split: AUC is undefined" in f.text() for f in check(data, progress=False).notes)
+    assert any(
+        "only label(s) [0.0] in this split: AUC is undefined" in f.text() for f in check(data, progress=False).notes
+    )
     dm = CTRDataModule(str(data))
     ckpt = save_checkpoint(EmbeddingMLP(dm.dataset_info, embedding={"dim": 8}), tmp_path / "m.ckpt")
     assert eval_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "r"), "--bootstrap", "20"]) == 1
@@ -98,8 +109,9 @@ def test_a_one_class_split_reports_auc_as_undefined_not_zero(tmp_path: Path, cap
     assert "AUC is undefined: the test split has one class only" in capsys.readouterr().err
     assert "undefined (one class)" in (tmp_path / "r" / "report.md").read_text()
     model = EmbeddingMLP(dm.dataset_info, embedding={"dim": 8})
-    model._outputs["test"] = [{"prob": np.full(8, 0.3, np.float32), "label": np.zeros(8, np.float32),
-                               "group": np.arange(8)}]
+    model._outputs["test"] = [
+        {"prob": np.full(8, 0.3, np.float32), "label": np.zeros(8, np.float32), "group": np.arange(8)}
+    ]
     logged = {}
     model.log = lambda name, value, **kwargs: logged.__setitem__(name, value)  # noqa: ARG005
     with pytest.warns(UserWarning, match=r"the test split has label\(s\) \[0.0\] only: auc, gauc undefined"):

@@ -39,7 +39,9 @@ def test_batch_matches_a_plain_reference(tmp_path: Path) -> None:
     assert hist.values().tolist() == [v for h in expected_hist for v in h]
     assert batch.sparse["tags"].lengths().tolist() == [len(t) for t in rows["tags"]]
     mean, std = vocab.numeric_stats["price"]
-    assert torch.allclose(batch.dense[:, 0], torch.tensor(((rows["price"] - mean) / std).to_numpy(), dtype=torch.float32))
+    assert torch.allclose(
+        batch.dense[:, 0], torch.tensor(((rows["price"] - mean) / std).to_numpy(), dtype=torch.float32)
+    )
     assert batch.sparse.stride() == 50 and batch.sequences.stride() == 50
 
 
@@ -49,7 +51,7 @@ def test_keep_most_recent_against_reference() -> None:
     values = np.arange(lengths.sum())
     got_values, got_lengths = keep_most_recent(values, lengths, 3)
     starts = np.cumsum(lengths) - lengths
-    expected = [values[s:s + n][-3:] for s, n in zip(starts, lengths, strict=True)]
+    expected = [values[s : s + n][-3:] for s, n in zip(starts, lengths, strict=True)]
     assert got_lengths.tolist() == [len(e) for e in expected]
     assert got_values.tolist() == [v for e in expected for v in e]
 
@@ -63,9 +65,20 @@ def test_jagged_take_against_reference() -> None:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_every_row_exactly_once_with_workers(tmp_path: Path, num_workers: int) -> None:
-    root = write_dataset(tmp_path / "d", rows={"train": 2500, "val": 10, "test": 10}, schema=ROW_SCHEMA, row_group_size=300)
-    stream = ParquetStream(root, "train", Vocabulary.load_or_build(root), batch_size=128, shuffle=True,
-                           shuffle_buffer=500, rank=0, world_size=1, num_workers=num_workers)
+    root = write_dataset(
+        tmp_path / "d", rows={"train": 2500, "val": 10, "test": 10}, schema=ROW_SCHEMA, row_group_size=300
+    )
+    stream = ParquetStream(
+        root,
+        "train",
+        Vocabulary.load_or_build(root),
+        batch_size=128,
+        shuffle=True,
+        shuffle_buffer=500,
+        rank=0,
+        world_size=1,
+        num_workers=num_workers,
+    )
     batches = list(DataLoader(stream, batch_size=None, num_workers=num_workers))
     assert len(batches) == len(stream)  # __len__ is exact
     assert torch.cat([b.groups for b in batches]).sort().values.tolist() == list(range(2500))
@@ -73,12 +86,23 @@ def test_every_row_exactly_once_with_workers(tmp_path: Path, num_workers: int) -
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_ranks_read_disjoint_rows_in_equal_steps(tmp_path: Path, num_workers: int) -> None:
-    root = write_dataset(tmp_path / "d", rows={"train": 2500, "val": 10, "test": 10}, schema=ROW_SCHEMA, row_group_size=300)
+    root = write_dataset(
+        tmp_path / "d", rows={"train": 2500, "val": 10, "test": 10}, schema=ROW_SCHEMA, row_group_size=300
+    )
     vocab = Vocabulary.load_or_build(root)
     seen, steps = [], []
     for rank in range(2):
-        stream = ParquetStream(root, "train", vocab, batch_size=128, shuffle=True, shuffle_buffer=500,
-                               rank=rank, world_size=2, num_workers=num_workers)
+        stream = ParquetStream(
+            root,
+            "train",
+            vocab,
+            batch_size=128,
+            shuffle=True,
+            shuffle_buffer=500,
+            rank=rank,
+            world_size=2,
+            num_workers=num_workers,
+        )
         batches = list(DataLoader(stream, batch_size=None, num_workers=num_workers))
         assert len(batches) == len(stream)
         steps.append(len(batches))
@@ -108,7 +132,10 @@ def test_unseen_ids_become_oov_and_stay_in_range(tmp_path: Path) -> None:
     table = pq.read_table(root / "test" / "part-0.parquet")
     items = table.column("item").to_numpy().copy()
     items[:10] = 10_000 + np.arange(10)  # never seen in train
-    pq.write_table(table.set_column(table.schema.get_field_index("item"), "item", pa.array(items)), root / "test" / "part-0.parquet")
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("item"), "item", pa.array(items)),
+        root / "test" / "part-0.parquet",
+    )
     batch = next(iter(ParquetStream(root, "test", vocab, batch_size=64)))
     assert batch.sparse["item"].values()[:10].tolist() == [0] * 10
     for key, rows in vocab.table_sizes().items():
@@ -134,7 +161,9 @@ def test_missing_column_names_file_and_column(tmp_path: Path) -> None:
 
 def test_wrong_dtype_names_the_column(tmp_path: Path) -> None:
     root = write_dataset(tmp_path / "d")
-    file = _rewrite(root, "val", lambda t: t.set_column(t.schema.get_field_index("price"), "price", pa.array(["x"] * len(t))))
+    file = _rewrite(
+        root, "val", lambda t: t.set_column(t.schema.get_field_index("price"), "price", pa.array(["x"] * len(t)))
+    )
     with pytest.raises(DataError, match=rf"{file}: column 'price' has type string, expected a number"):
         _first_batch(root)
 
@@ -148,8 +177,16 @@ def test_list_where_a_scalar_belongs(tmp_path: Path) -> None:
 
 def test_schema_drift_between_splits(tmp_path: Path) -> None:
     root = write_dataset(tmp_path / "d")
-    file = _rewrite(root, "val", lambda t: t.set_column(t.schema.get_field_index("item"), "item", pa.array([str(v) for v in t.column("item").to_pylist()])))
-    with pytest.raises(DataError, match=rf"{file}: column 'item' has type string \(str\) but int ids in the train split"):
+    file = _rewrite(
+        root,
+        "val",
+        lambda t: t.set_column(
+            t.schema.get_field_index("item"), "item", pa.array([str(v) for v in t.column("item").to_pylist()])
+        ),
+    )
+    with pytest.raises(
+        DataError, match=rf"{file}: column 'item' has type string \(str\) but int ids in the train split"
+    ):
         _first_batch(root)
 
 

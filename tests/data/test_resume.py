@@ -18,8 +18,18 @@ def test_a_resumed_pass_yields_exactly_the_unseen_batches(tiny_dataset: Path, wo
     vocab = Vocabulary.load_or_build(tiny_dataset)
 
     def stream() -> ParquetStream:
-        s = ParquetStream(tiny_dataset, "train", vocab, batch_size=64, shuffle=True, shuffle_buffer=300, seed=5,
-                          num_workers=workers, rank=0, world_size=1)
+        s = ParquetStream(
+            tiny_dataset,
+            "train",
+            vocab,
+            batch_size=64,
+            shuffle=True,
+            shuffle_buffer=300,
+            seed=5,
+            num_workers=workers,
+            rank=0,
+            world_size=1,
+        )
         s.set_epoch(1)
         return s
 

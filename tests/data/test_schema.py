@@ -18,8 +18,15 @@ def test_parses_the_contract(tiny_dataset: Path) -> None:
 
 
 def test_sequence_default_max_len() -> None:
-    schema = parse_schema({"label": "y", "features": [
-        {"name": "item", "type": "categorical"}, {"name": "hist", "type": "sequence", "target": "item"}]})
+    schema = parse_schema(
+        {
+            "label": "y",
+            "features": [
+                {"name": "item", "type": "categorical"},
+                {"name": "hist", "type": "sequence", "target": "item"},
+            ],
+        }
+    )
     assert schema["hist"].max_len == 50
 
 
@@ -28,13 +35,24 @@ def test_sequence_default_max_len() -> None:
     [
         ({"features": [{"name": "a", "type": "categorical"}]}, "missing required key 'label'"),
         ({"label": "y", "features": [{"name": "a", "type": "dense"}]}, "feature 'a': unknown feature type 'dense'"),
-        ({"label": "y", "features": [{"name": "a", "type": "numeric"}, {"name": "h", "type": "sequence", "target": "a"}]},
-         "sequence target 'a' must be a declared categorical feature"),
+        (
+            {
+                "label": "y",
+                "features": [{"name": "a", "type": "numeric"}, {"name": "h", "type": "sequence", "target": "a"}],
+            },
+            "sequence target 'a' must be a declared categorical feature",
+        ),
         ({"label": "y", "features": [{"name": "h", "type": "sequence", "target": "nope"}]}, "sequence target 'nope'"),
         ({"label": "y", "features": [{"name": "h", "type": "sequence"}]}, "feature 'h': a sequence needs 'target'"),
         ({"label": "y", "features": [{"name": "a", "type": "categorical", "bucket": 3}]}, "unknown key(s) ['bucket']"),
-        ({"label": "y", "features": [{"name": "a", "type": "categorical", "num_buckets": 0}]}, "'num_buckets' must be a positive integer"),
-        ({"label": "y", "features": [{"name": "a", "type": "categorical"}, {"name": "a", "type": "numeric"}]}, "feature 'a': declared twice"),
+        (
+            {"label": "y", "features": [{"name": "a", "type": "categorical", "num_buckets": 0}]},
+            "'num_buckets' must be a positive integer",
+        ),
+        (
+            {"label": "y", "features": [{"name": "a", "type": "categorical"}, {"name": "a", "type": "numeric"}]},
+            "feature 'a': declared twice",
+        ),
         ({"label": "a", "features": [{"name": "a", "type": "categorical"}]}, "label column 'a' is also declared"),
         ({"label": "y", "features": []}, "'features' must be a non-empty list"),
     ],

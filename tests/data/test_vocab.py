@@ -44,7 +44,10 @@ def test_vocab_rebuilds_when_train_changes(tmp_path: Path) -> None:
     table = pq.read_table(root / "train" / "part-0.parquet")
     users = table.column("user").to_numpy().copy()
     users[:5] = [7001, 7002, 7003, 7004, 7005]
-    pq.write_table(table.set_column(table.schema.get_field_index("user"), "user", pa.array(users)), root / "train" / "part-0.parquet")
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("user"), "user", pa.array(users)),
+        root / "train" / "part-0.parquet",
+    )
     assert Vocabulary.load_or_build(root).num_embeddings("user") >= before + 4
 
 

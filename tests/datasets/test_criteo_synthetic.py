@@ -37,7 +37,9 @@ def test_criteo_streams_in_blocks_into_the_contract(tmp_path: Path) -> None:
     src = tmp_path / "day_0"
     src.write_text("\n".join(lines) + "\n")
     out = tmp_path / "criteo"
-    rows = criteo.convert([(src, None)], out, val_fraction=0.1, test_fraction=0.1, block_size=16 << 10, rows_per_file=700)
+    rows = criteo.convert(
+        [(src, None)], out, val_fraction=0.1, test_fraction=0.1, block_size=16 << 10, rows_per_file=700
+    )
     assert sum(rows.values()) == 3000 and rows["val"] > 200 and rows["test"] > 200
     assert len(list((out / "train").glob("part-*.parquet"))) >= 3  # rolled over files
     table = pq.read_table(out / "train").to_pandas()
@@ -85,14 +87,16 @@ def test_criteo_bad_lines_are_named(tmp_path: Path) -> None:
 
 
 def test_synthetic_has_zipf_ids_and_a_learnable_signal(tmp_path: Path) -> None:
-    info = synthetic.generate(tmp_path / "syn", rows=60_000, chunk_rows=16_000, seed=3, rows_per_file=20_000,
-                              max_cardinality=5000)
+    info = synthetic.generate(
+        tmp_path / "syn", rows=60_000, chunk_rows=16_000, seed=3, rows_per_file=20_000, max_cardinality=5000
+    )
     assert sum(info["rows"].values()) == 60_000
     assert 0.15 < info["positive_rate"] < 0.45 and info["planted_auc"] > 0.75
     train = pq.read_table(tmp_path / "syn" / "train").to_pandas()
     top_share = train["C26"].value_counts(normalize=True).iloc[:10].sum()
     assert top_share > 0.2  # Zipf: a few ids take a large share of rows
     assert train["C26"].nunique() > 500
-    again = synthetic.generate(tmp_path / "syn2", rows=60_000, chunk_rows=16_000, seed=3, rows_per_file=20_000,
-                               max_cardinality=5000)
+    again = synthetic.generate(
+        tmp_path / "syn2", rows=60_000, chunk_rows=16_000, seed=3, rows_per_file=20_000, max_cardinality=5000
+    )
     assert again["planted_auc"] == info["planted_auc"]  # seeded

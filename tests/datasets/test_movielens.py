@@ -44,7 +44,7 @@ def test_history_is_the_previous_items_most_recent_last(splits) -> None:
         seq = rows[rows["user_id"] == user]
         items = seq["item_id"].tolist()
         for i, hist in enumerate(seq["hist_item_id"]):
-            assert list(hist) == items[max(0, i - 50):i]
+            assert list(hist) == items[max(0, i - 50) : i]
         assert len(seq["hist_item_id"].iloc[0]) == 0
     assert rows["hist_item_id"].map(len).max() == 50
     # val/test rows come after every train row of the same user
@@ -75,8 +75,17 @@ def test_grouplens_original_format_gives_the_same_rows(tmp_path: Path, splits) -
     inter, item, user = frames["inter"], frames["item"], frames["user"]
     inter.to_csv(tmp_path / "u.data", sep="\t", header=False, index=False)
     flags = pd.DataFrame({g: item["class"].str.split().map(lambda c, g=g: int(g in c)) for g in prepare.GENRES})
-    original = pd.concat([item["item_id"], item["movie_title"] + " (" + item["release_year"] + ")",
-                          "01-Jan-" + item["release_year"], pd.Series([""] * len(item)), pd.Series([""] * len(item)), flags], axis=1)
+    original = pd.concat(
+        [
+            item["item_id"],
+            item["movie_title"] + " (" + item["release_year"] + ")",
+            "01-Jan-" + item["release_year"],
+            pd.Series([""] * len(item)),
+            pd.Series([""] * len(item)),
+            flags,
+        ],
+        axis=1,
+    )
     original.to_csv(tmp_path / "u.item", sep="|", header=False, index=False)
     user.to_csv(tmp_path / "u.user", sep="|", header=False, index=False)
     rebuilt = prepare.build(prepare.read_directory(tmp_path))

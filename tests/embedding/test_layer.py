@@ -27,8 +27,14 @@ def _info(dm: CTRDataModule) -> DatasetInfo:
 
 def _batch() -> Batch:
     """Three rows by hand: item 5 twice, a history with an empty row, tags of varying length."""
-    sparse = make_kjt({"user": (np.array([1, 2, 1]), np.array([1, 1, 1])), "item": (np.array([5, 7, 5]), np.array([1, 1, 1])),
-                       "tags": (np.array([1, 2, 3]), np.array([2, 0, 1])), "city": (np.array([0, 3, 7]), np.array([1, 1, 1]))})
+    sparse = make_kjt(
+        {
+            "user": (np.array([1, 2, 1]), np.array([1, 1, 1])),
+            "item": (np.array([5, 7, 5]), np.array([1, 1, 1])),
+            "tags": (np.array([1, 2, 3]), np.array([2, 0, 1])),
+            "city": (np.array([0, 3, 7]), np.array([1, 1, 1])),
+        }
+    )
     sequences = make_kjt({"hist_item": (np.array([7, 5, 1, 2]), np.array([2, 0, 2]))})
     return Batch(torch.zeros(3, 1), sparse, sequences, torch.tensor([0.0, 1.0, 1.0]), torch.tensor([1, 2, 1]))
 
@@ -41,7 +47,7 @@ def _hash_row(value: int, owner: str, probe: int, rows: int) -> int:
 def _bags(ids: list[int], lengths: list[int]) -> list[list[int]]:
     out, start = [], 0
     for n in lengths:
-        out.append(ids[start:start + n])
+        out.append(ids[start : start + n])
         start += n
     return out
 
@@ -63,8 +69,12 @@ def _reference(layer: EmbeddingLayer, feature: str, bag: list[int], pooling: str
 
 
 def test_plain_tables_sequences_share_their_target_and_the_schema_width_wins(tmp_path: Path) -> None:
-    data = write_dataset(tmp_path / "d", schema=TINY_SCHEMA.replace("{name: user, type: categorical}",
-                                                                   "{name: user, type: categorical, embedding_dim: 4}"))
+    data = write_dataset(
+        tmp_path / "d",
+        schema=TINY_SCHEMA.replace(
+            "{name: user, type: categorical}", "{name: user, type: categorical, embedding_dim: 4}"
+        ),
+    )
     layer = EmbeddingLayer(_info(CTRDataModule(str(data))), {"dim": 8})
     configs = {c.name: (c.feature_names, c.num_embeddings, c.embedding_dim) for c in layer.bags.embedding_bag_configs()}
     assert configs["t_item"][0] == ["item", "hist_item"]  # the sequence reads its target's table
@@ -76,7 +86,14 @@ def test_plain_tables_sequences_share_their_target_and_the_schema_width_wins(tmp
 KINDS = {
     "plain": {"dim": 4},
     "hashed": {"kind": "hashed", "dim": 4, "rows": 5, "probes": 2},
-    "unified": {"kind": "unified", "dim": 4, "rows": 9, "probes": 2, "num_tables": 2, "features": {"user": {"probes": 3}}},
+    "unified": {
+        "kind": "unified",
+        "dim": 4,
+        "rows": 9,
+        "probes": 2,
+        "num_tables": 2,
+        "features": {"user": {"probes": 3}},
+    },
 }
 
 
@@ -103,8 +120,10 @@ def test_outputs_match_a_gather_and_pool_reference(dm: CTRDataModule, kind: str,
 def test_unified_layout_salts_and_shared_rows(dm: CTRDataModule) -> None:
     layer = EmbeddingLayer(_info(dm), KINDS["unified"])
     names = {c.name: c.feature_names for c in layer.bags.embedding_bag_configs()}
-    assert names == {"unified_0": ["user@0", "user@2", "item@0", "tags@0", "city@0", "hist_item@0"],
-                     "unified_1": ["user@1", "item@1", "tags@1", "city@1", "hist_item@1"]}
+    assert names == {
+        "unified_0": ["user@0", "user@2", "item@0", "tags@0", "city@0", "hist_item@0"],
+        "unified_1": ["user@1", "item@1", "tags@1", "city@1", "hist_item@1"],
+    }
     assert layer.output_dims() == {"user": 12, "item": 8, "tags": 8, "city": 8, "hist_item": 8}
     # id 5 as a user and as an item lands in different rows; a sequence probes with its target's salts
     assert _hash_row(5, "user", 0, 9) != _hash_row(5, "item", 0, 9)
@@ -113,8 +132,11 @@ def test_unified_layout_salts_and_shared_rows(dm: CTRDataModule) -> None:
 
 
 def test_a_shared_table_read_row_by_row_takes_its_pooled_readers_along(dm: CTRDataModule) -> None:
-    layer = EmbeddingLayer(_info(dm), {"kind": "unified", "dim": 4, "rows": 9, "features": {"city": {"kind": "plain"}}},
-                           jagged=["item", "hist_item"])
+    layer = EmbeddingLayer(
+        _info(dm),
+        {"kind": "unified", "dim": 4, "rows": 9, "features": {"city": {"kind": "plain"}}},
+        jagged=["item", "hist_item"],
+    )
     assert layer.bags is not None and [c.name for c in layer.bags.embedding_bag_configs()] == ["t_city"]
     assert {c.name for c in layer.rows["d4"].embedding_configs()} == {"unified_0"}
     assert set(layer(_batch()).pooled) == {"user", "tags", "city"}
@@ -146,7 +168,9 @@ def _mba_reference(layer: EmbeddingLayer, batch: Batch, counts: dict, lam: float
         owner, plan = layer.owner[f], layer.plans[layer.owner[f]]
         for probe, lookup in enumerate(layer.lookups[f]):
             for v in jt.values().tolist():
-                touched.setdefault(lookup.table, set()).add(_hash_row(v, owner, probe, plan.hash_rows) if plan.hash_rows else v)
+                touched.setdefault(lookup.table, set()).add(
+                    _hash_row(v, owner, probe, plan.hash_rows) if plan.hash_rows else v
+                )
     value, n_of = 0.0, {}
     for table, rows in touched.items():
         weight = layer.table_weight(table).detach()
@@ -171,8 +195,9 @@ def test_mba_penalty_is_the_formula_over_the_rows_a_batch_reads(dm: CTRDataModul
     of every id hashing into row j; its gradient is 2λ w_j / n_j on exactly those rows."""
     torch.manual_seed(0)
     lam = 0.5
-    layer = EmbeddingLayer(_info(dm), KINDS[kind], jagged=["item", "hist_item"], mba_lambda=lam,
-                           resources=dm.resources).train()
+    layer = EmbeddingLayer(
+        _info(dm), KINDS[kind], jagged=["item", "hist_item"], mba_lambda=lam, resources=dm.resources
+    ).train()
     batch = _batch()
     layer(batch)
     penalty = layer.regularization()

@@ -27,8 +27,14 @@ from tests.conftest import ROOT, write_dataset
 
 
 def _batch(positions: torch.Tensor | None = None) -> Batch:
-    sparse = make_kjt({"user": (np.array([1, 2, 3]), np.array([1, 1, 1])), "item": (np.array([4, 5, 6]), np.array([1, 1, 1])),
-                       "tags": (np.array([1, 2]), np.array([1, 0, 1])), "city": (np.array([1, 2, 3]), np.array([1, 1, 1]))})
+    sparse = make_kjt(
+        {
+            "user": (np.array([1, 2, 3]), np.array([1, 1, 1])),
+            "item": (np.array([4, 5, 6]), np.array([1, 1, 1])),
+            "tags": (np.array([1, 2]), np.array([1, 0, 1])),
+            "city": (np.array([1, 2, 3]), np.array([1, 1, 1])),
+        }
+    )
     sequences = make_kjt({"hist_item": (np.array([1, 4, 7, 11, 0]), np.array([2, 0, 3]))})
     return Batch(torch.zeros(3, 1), sparse, sequences, torch.zeros(3), torch.zeros(3), positions=positions)
 
@@ -77,12 +83,14 @@ def test_masks_apply_to_rows_before_pooling_against_a_plain_reference(tiny_datas
         ids, start = jagged.values().tolist(), 0
         rows_out = []
         for n in jagged.lengths().tolist():
-            rows = [weight[i] if float(weight[i].abs().sum()) > t else torch.zeros(4) for i in ids[start:start + n]]
+            rows = [weight[i] if float(weight[i].abs().sum()) > t else torch.zeros(4) for i in ids[start : start + n]]
             start += n
-            rows = [torch.cat([r[:dims[owner]], torch.zeros(4 - dims[owner])]) for r in rows]
+            rows = [torch.cat([r[: dims[owner]], torch.zeros(4 - dims[owner])]) for r in rows]
             rows_out.append(rows)
         if feature in layer.jagged_features:
-            torch.testing.assert_close(out.jagged[feature].values(), torch.stack([r for rows in rows_out for r in rows]))
+            torch.testing.assert_close(
+                out.jagged[feature].values(), torch.stack([r for rows in rows_out for r in rows])
+            )
         else:
             expected = torch.stack([torch.stack(r).mean(0) if r else torch.zeros(4) for r in rows_out])
             torch.testing.assert_close(out.pooled[feature], expected)
@@ -127,7 +135,9 @@ def test_remap_ids_and_sparsity_formula() -> None:
     assert out["a"].values().tolist() == [1, 0, 0, 3] and out["a"].lengths().tolist() == [2, 2]
     assert out["b"].values().tolist() == [2]
     # 1 - (3·4 + 10·2) / (5·16 + 20·8)
-    assert sparsity({"x": 3, "y": 10}, {"x": 4, "y": 2}, {"x": 5, "y": 20}, {"x": 16, "y": 8}) == pytest.approx(1 - 32 / 240)
+    assert sparsity({"x": 3, "y": 10}, {"x": 4, "y": 2}, {"x": 5, "y": 20}, {"x": 16, "y": 8}) == pytest.approx(
+        1 - 32 / 240
+    )
 
 
 def test_search_is_deterministic_respects_the_budget_and_crosses_over_tables() -> None:
@@ -180,8 +190,12 @@ def test_compact_tables_give_exactly_the_narrowed_supernet_outputs(tiny_dataset:
     masks = supernet.row_masks()
     dims = {o: 4 * (i % 2 + 1) for i, o in enumerate(supernet.optembed.owners)}
     info = DatasetInfo.from_any(CTRDataModule(str(tiny_dataset)).dataset_info)
-    compact = EmbeddingLayer(info, {"kind": "optembed", "stage": "compact", "artifact": "search", "dim": 8},
-                             jagged=("item", "hist_item"), resources=_Artifact({"dims": dims, "kept": masks})).eval()
+    compact = EmbeddingLayer(
+        info,
+        {"kind": "optembed", "stage": "compact", "artifact": "search", "dim": 8},
+        jagged=("item", "hist_item"),
+        resources=_Artifact({"dims": dims, "kept": masks}),
+    ).eval()
     with torch.no_grad():  # the kept rows' first dims columns, in order, after the zero row
         for o, mask in masks.items():
             compact.table_weight(f"t_{o}")[1:] = supernet.table_weight(f"t_{o}")[mask][:, : dims[o]]
@@ -209,11 +223,30 @@ def test_compact_tables_give_exactly_the_narrowed_supernet_outputs(tiny_dataset:
 def test_three_stages_in_one_command_and_a_compact_checkpoint_loads_without_the_artifact(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "tiny")
     out = tmp_path / "optembed"
-    head = ["run", "--config", str(ROOT / "configs/movielens/din.yaml"),
-            "--config", str(ROOT / "configs/embedding/optembed_supernet.yaml"), "--out", str(out),
-            "--population", "8", "--generations", "3"]
-    tail = ["--", "--data.path", str(data), "--trainer.max_epochs", "2", "--data.batch_size", "256",
-            "--model.init_args.mba_lambda", "0"]
+    head = [
+        "run",
+        "--config",
+        str(ROOT / "configs/movielens/din.yaml"),
+        "--config",
+        str(ROOT / "configs/embedding/optembed_supernet.yaml"),
+        "--out",
+        str(out),
+        "--population",
+        "8",
+        "--generations",
+        "3",
+    ]
+    tail = [
+        "--",
+        "--data.path",
+        str(data),
+        "--trainer.max_epochs",
+        "2",
+        "--data.batch_size",
+        "256",
+        "--model.init_args.mba_lambda",
+        "0",
+    ]
     args = head + tail
     assert optembed_main(args) == 0
     result = json.loads((out / "result.json").read_text())
@@ -237,6 +270,14 @@ def test_three_stages_in_one_command_and_a_compact_checkpoint_loads_without_the_
     assert model.embedding.spec.dims == found["dims"] and model.embedding.spec.kept_rows == found["kept_rows"]
     batch = next(iter(CTRDataModule(str(data)).stream("test")))
     assert torch.isfinite(model(batch)).all()
-    bad = ["run", "--config", str(ROOT / "configs/movielens/din.yaml"), "--out", str(tmp_path / "x"), "--",
-           "--data.path", str(data)]
+    bad = [
+        "run",
+        "--config",
+        str(ROOT / "configs/movielens/din.yaml"),
+        "--out",
+        str(tmp_path / "x"),
+        "--",
+        "--data.path",
+        str(data),
+    ]
     assert optembed_main(bad) == 2  # no supernet block: refused before any training

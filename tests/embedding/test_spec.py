@@ -7,14 +7,20 @@ import pytest
 from recsys.data.schema import parse_schema
 from recsys.embedding.spec import EmbeddingConfigError, EmbeddingSpec, legacy_keys_message
 
-SCHEMA = parse_schema({"label": "y", "features": [
-    {"name": "user", "type": "categorical"},
-    {"name": "item", "type": "categorical", "embedding_dim": 8},
-    {"name": "tag", "type": "categorical_list"},
-    {"name": "small", "type": "categorical"},
-    {"name": "hist", "type": "sequence", "target": "item"},
-    {"name": "price", "type": "numeric"},
-]}, source="s.yaml")
+SCHEMA = parse_schema(
+    {
+        "label": "y",
+        "features": [
+            {"name": "user", "type": "categorical"},
+            {"name": "item", "type": "categorical", "embedding_dim": 8},
+            {"name": "tag", "type": "categorical_list"},
+            {"name": "small", "type": "categorical"},
+            {"name": "hist", "type": "sequence", "target": "item"},
+            {"name": "price", "type": "numeric"},
+        ],
+    },
+    source="s.yaml",
+)
 ROWS = {"user": 1000, "item": 500, "tag": 30, "small": 4}
 
 
@@ -41,8 +47,15 @@ def test_budget_rule_is_max_min_fair_and_small_tables_keep_every_row() -> None:
 
 
 def test_explicit_rows_probes_and_mixed_kinds() -> None:
-    p = plans({"kind": "unified", "dim": 8, "rows": 300, "probes": 2,
-               "features": {"small": {"kind": "plain", "dim": 4}, "user": {"probes": 3}}})
+    p = plans(
+        {
+            "kind": "unified",
+            "dim": 8,
+            "rows": 300,
+            "probes": 2,
+            "features": {"small": {"kind": "plain", "dim": 4}, "user": {"probes": 3}},
+        }
+    )
     assert (p["user"].kind, p["user"].probes, p["user"].rows, p["user"].width) == ("unified", 3, 300, 24)
     assert (p["item"].dim, p["item"].width) == (8, 16)  # unified features read the shared width
     assert (p["small"].kind, p["small"].rows, p["small"].width) == ("plain", 4, 4)
@@ -56,26 +69,35 @@ def test_unified_budget_sizes_the_shared_tables() -> None:
     assert p["user"].rows == int(0.5 * full / (2 * 16))
 
 
-@pytest.mark.parametrize("block, message", [
-    ({"kind": "nope"}, r"embedding.kind: unknown kind 'nope'"),
-    ({"dim": 6}, r"embedding.dim: width 6 is not a multiple of 4"),
-    ({"dim": 0}, r"embedding.dim: expected an integer ≥ 1, got 0"),
-    ({"features": {"user": {"dim": 10}}}, r"features.user.dim: width 10 is not a multiple of 4"),
-    ({"rows": 10}, r"embedding.rows: not taken by the kind\(s\) in use \['plain'\]"),
-    ({"kind": "hashed"}, r"embedding.budget: kind 'hashed' of feature 'user' needs a size"),
-    ({"kind": "hashed", "budget": 0.001}, r"embedding.budget: 0.001 leaves feature 'user' no rows"),
-    ({"kind": "hashed", "budget": 1.5}, r"embedding.budget: expected a number in \(0, 1\]"),
-    ({"kind": "hashed", "budget": 0.5, "rows": 10}, r"give one of them, not both"),
-    ({"features": {"ghost": {}}}, r"features.ghost: no feature 'ghost' in s.yaml"),
-    ({"features": {"hist": {"dim": 4}}}, r"features.hist: a sequence reads its target's table; set it on features.item"),
-    ({"features": {"price": {}}}, r"features.price: 'price' is a numeric feature and has no table"),
-    ({"features": {"user": {"probes": 2}}}, r"features.user.probes: not taken by kind 'plain'"),
-    ({"kind": "unified", "rows": 9, "features": {"user": {"dim": 8}}}, r"features.user.dim: not taken by kind 'unified'"),
-    ({"features": {"user": {"width": 8}}}, r"features.user.width: unknown key"),
-    ({"alpha": 0.1}, r"embedding.alpha: not taken by the kind\(s\) in use"),
-    ({"kind": "optembed", "stage": "final"}, r"embedding.stage: one of \['supernet', 'compact'\]"),
-    ({"colour": "red"}, r"embedding.colour: unknown key"),
-])
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        ({"kind": "nope"}, r"embedding.kind: unknown kind 'nope'"),
+        ({"dim": 6}, r"embedding.dim: width 6 is not a multiple of 4"),
+        ({"dim": 0}, r"embedding.dim: expected an integer ≥ 1, got 0"),
+        ({"features": {"user": {"dim": 10}}}, r"features.user.dim: width 10 is not a multiple of 4"),
+        ({"rows": 10}, r"embedding.rows: not taken by the kind\(s\) in use \['plain'\]"),
+        ({"kind": "hashed"}, r"embedding.budget: kind 'hashed' of feature 'user' needs a size"),
+        ({"kind": "hashed", "budget": 0.001}, r"embedding.budget: 0.001 leaves feature 'user' no rows"),
+        ({"kind": "hashed", "budget": 1.5}, r"embedding.budget: expected a number in \(0, 1\]"),
+        ({"kind": "hashed", "budget": 0.5, "rows": 10}, r"give one of them, not both"),
+        ({"features": {"ghost": {}}}, r"features.ghost: no feature 'ghost' in s.yaml"),
+        (
+            {"features": {"hist": {"dim": 4}}},
+            r"features.hist: a sequence reads its target's table; set it on features.item",
+        ),
+        ({"features": {"price": {}}}, r"features.price: 'price' is a numeric feature and has no table"),
+        ({"features": {"user": {"probes": 2}}}, r"features.user.probes: not taken by kind 'plain'"),
+        (
+            {"kind": "unified", "rows": 9, "features": {"user": {"dim": 8}}},
+            r"features.user.dim: not taken by kind 'unified'",
+        ),
+        ({"features": {"user": {"width": 8}}}, r"features.user.width: unknown key"),
+        ({"alpha": 0.1}, r"embedding.alpha: not taken by the kind\(s\) in use"),
+        ({"kind": "optembed", "stage": "final"}, r"embedding.stage: one of \['supernet', 'compact'\]"),
+        ({"colour": "red"}, r"embedding.colour: unknown key"),
+    ],
+)
 def test_each_bad_block_names_its_key(block: dict, message: str) -> None:
     with pytest.raises(EmbeddingConfigError, match=message):
         plans(block)

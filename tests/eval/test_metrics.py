@@ -31,12 +31,16 @@ def test_gauc_matches_per_user_reference(scored) -> None:
     assert metrics.gauc(labels, scores, groups) == pytest.approx(total / weight, abs=1e-12)
     # groups with one class are left out
     only_pos = np.r_[groups, [10_000] * 3]
-    assert metrics.gauc(np.r_[labels, [1, 1, 1]], np.r_[scores, [0.1, 0.2, 0.3]], only_pos) == pytest.approx(total / weight)
+    assert metrics.gauc(np.r_[labels, [1, 1, 1]], np.r_[scores, [0.1, 0.2, 0.3]], only_pos) == pytest.approx(
+        total / weight
+    )
 
 
 def test_logloss_matches_sklearn_and_clips(scored) -> None:
     labels, scores, _ = scored
-    assert metrics.logloss(labels, scores) == pytest.approx(log_loss(labels, np.clip(scores, 1e-7, 1 - 1e-7)), rel=1e-12)
+    assert metrics.logloss(labels, scores) == pytest.approx(
+        log_loss(labels, np.clip(scores, 1e-7, 1 - 1e-7)), rel=1e-12
+    )
     assert metrics.logloss(np.array([1.0]), np.array([0.0])) == pytest.approx(-np.log(1e-7))
 
 

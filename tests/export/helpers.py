@@ -17,10 +17,28 @@ CONFIGS = ROOT / "configs" / "movielens"
 
 
 def fit(data: Path, logs: Path, name: str, *extra: str, embedding: dict | None = None) -> Path:
-    run(["fit", "--config", str(CONFIGS / "base.yaml"), *extra, "--data.path", str(data), "--trainer.max_epochs", "1",
-         "--trainer.enable_progress_bar", "false", "--model.init_args.embedding", json.dumps(embedding or {"dim": 8}),
-         "--data.batch_size", "256", "--trainer.logger.init_args.save_dir", str(logs),
-         "--trainer.logger.init_args.name", name])
+    run(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "base.yaml"),
+            *extra,
+            "--data.path",
+            str(data),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--model.init_args.embedding",
+            json.dumps(embedding or {"dim": 8}),
+            "--data.batch_size",
+            "256",
+            "--trainer.logger.init_args.save_dir",
+            str(logs),
+            "--trainer.logger.init_args.name",
+            name,
+        ]
+    )
     return next((logs / name).rglob("best.ckpt"))
 
 
@@ -34,12 +52,39 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["din"] = fit(data, logs, "din", "--config", str(CONFIGS / "din.yaml"))
     out["unified"] = fit(data, logs, "unified", embedding={"kind": "unified", "rows": 50, "dim": 4, "probes": 2})
     out["supernet"] = fit(data, logs, "supernet", embedding={"kind": "optembed", "dim": 8})
-    assert optembed_main(["search", "--ckpt", str(out["supernet"]), "--out", str(root / "search"), "--budget", "0.5",
-                          "--population", "6", "--generations", "2"]) == 0
-    out["optembed"] = fit(data, logs, "optembed", embedding={"kind": "optembed", "stage": "compact", "dim": 8,
-                                                             "artifact": str(root / "search")})
-    out["text"] = fit(data, logs, "text", "--config", str(CONFIGS / "din.yaml"), "--config",
-                      str(ROOT / "configs" / "text" / "mean.yaml"))
+    assert (
+        optembed_main(
+            [
+                "search",
+                "--ckpt",
+                str(out["supernet"]),
+                "--out",
+                str(root / "search"),
+                "--budget",
+                "0.5",
+                "--population",
+                "6",
+                "--generations",
+                "2",
+            ]
+        )
+        == 0
+    )
+    out["optembed"] = fit(
+        data,
+        logs,
+        "optembed",
+        embedding={"kind": "optembed", "stage": "compact", "dim": 8, "artifact": str(root / "search")},
+    )
+    out["text"] = fit(
+        data,
+        logs,
+        "text",
+        "--config",
+        str(CONFIGS / "din.yaml"),
+        "--config",
+        str(ROOT / "configs" / "text" / "mean.yaml"),
+    )
     return out
 
 

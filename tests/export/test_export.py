@@ -99,7 +99,8 @@ def test_quantized_tables_hold_only_their_bits_on_disk_and_in_memory(trained: di
     scorer = load(out)
     manifest = scorer.manifest
     expected = sum(t["rows"] * row_bytes(t["dim"], dtype) for t in manifest["tables"])
-    # on disk: the rows plus each safetensors header; in the FBGEMM kernels: the rows (+ ≤ 64 bytes of padding per table)
+    # on disk: the rows plus each safetensors header; in the FBGEMM kernels: the rows (+ ≤ 64 bytes of padding
+    # per table)
     on_disk = sum(manifest["files"][t["file"]]["bytes"] for t in manifest["tables"])
     assert expected <= on_disk <= expected + 200 * len(manifest["tables"])
     assert expected <= scorer.table_bytes_in_memory <= expected + 64 * len(manifest["tables"])
@@ -116,8 +117,9 @@ def test_quantized_tables_hold_only_their_bits_on_disk_and_in_memory(trained: di
     assert np.abs(probs - reference).max() < {"fp16": 1e-3, "int8": 2e-2, "int4": 1e-1}[dtype]
 
 
-def test_export_from_a_sharded_checkpoint_streams_one_table_at_a_time(trained: dict, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_from_a_sharded_checkpoint_streams_one_table_at_a_time(
+    trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import subprocess
     import sys
 
@@ -125,10 +127,33 @@ def test_export_from_a_sharded_checkpoint_streams_one_table_at_a_time(trained: d
 
     logs = tmp_path / "runs"
     recsys = Path(sys.executable).parent / "recsys"
-    subprocess.run([str(recsys), "fit", "--config", str(CONFIGS / "base.yaml"), "--data.path", str(trained["data"]),
-                    "--trainer.max_epochs", "1", "--model.init_args.embedding", '{"dim": 8}', "--data.batch_size", "256",
-                    "--trainer.strategy", "torchrec", "--trainer.devices", "2", "--trainer.enable_progress_bar", "false",
-                    "--trainer.logger.init_args.save_dir", str(logs)], check=True, capture_output=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            str(recsys),
+            "fit",
+            "--config",
+            str(CONFIGS / "base.yaml"),
+            "--data.path",
+            str(trained["data"]),
+            "--trainer.max_epochs",
+            "1",
+            "--model.init_args.embedding",
+            '{"dim": 8}',
+            "--data.batch_size",
+            "256",
+            "--trainer.strategy",
+            "torchrec",
+            "--trainer.devices",
+            "2",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(logs),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
     ckpt = next(logs.rglob("last.ckpt"))
     assert ckpt.is_dir()
     import torch.distributed.checkpoint as dcp
@@ -272,8 +297,13 @@ def test_row_level_text_exports_its_encoder_and_serves_without_the_dataset(tmp_p
     data = write_text_dataset(tmp_path / "words", rows={"train": 400, "val": 100, "test": 100})
     dm = CTRDataModule(str(data), eval_batch_size=100)
     torch.manual_seed(0)
-    model = EmbeddingMLP(dm.dataset_info, embedding={"dim": 8}, text={"pooling": "attention", "dim": 8},
-                         dnn_hidden_units=[8], resources=dm.resources).eval()
+    model = EmbeddingMLP(
+        dm.dataset_info,
+        embedding={"dim": 8},
+        text={"pooling": "attention", "dim": 8},
+        dnn_hidden_units=[8],
+        resources=dm.resources,
+    ).eval()
     batch = next(iter(dm.stream("test")))
     with torch.no_grad():
         expected = torch.sigmoid(model(batch)).numpy()
@@ -305,8 +335,10 @@ def test_a_manifest_naming_other_code_or_paths_outside_is_refused(trained: dict,
     marker = tmp_path / "ran"
     out = export(trained["base"], tmp_path / "e", "fp32", progress=False)
     cases = [
-        (lambda m: m["model"].update({"class": "subprocess.Popen", "hparams": {"args": ["touch", str(marker)]}}),
-         "'subprocess.Popen' is not a recsys model"),
+        (
+            lambda m: m["model"].update({"class": "subprocess.Popen", "hparams": {"args": ["touch", str(marker)]}}),
+            "'subprocess.Popen' is not a recsys model",
+        ),
         (lambda m: m["model"].update({"class": "recsys.models.base.CTRModule"}), "not a recsys model"),
         (lambda m: m["model"]["hparams"].update({"args": ["touch", str(marker)]}), "hyperparameters do not fit"),
         (lambda m: m["files"].update({"../outside.txt": {"bytes": 1, "sha256": "0"}}), "not a relative path inside"),

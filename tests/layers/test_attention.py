@@ -4,12 +4,14 @@ import torch
 from recsys.layers.attention import TargetAttention, padded_to_jagged, segment_softmax
 
 
-def reference_attention(module: TargetAttention, query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def reference_attention(
+    module: TargetAttention, query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
     """The paper's activation unit, one row at a time, with the plain first layer on [q, k, q−k, q⊙k]."""
     out = []
     start = 0
     for row, n in enumerate(lengths.tolist()):
-        k = keys[start:start + n]
+        k = keys[start : start + n]
         start += n
         if n == 0:
             out.append(torch.zeros(query.shape[1]))
@@ -61,7 +63,7 @@ def test_padding_never_attends() -> None:
     mask = torch.zeros(len(lengths), longest, dtype=torch.bool)
     start = 0
     for row, n in enumerate(lengths.tolist()):
-        padded[row, :n] = keys[start:start + n]
+        padded[row, :n] = keys[start : start + n]
         mask[row, :n] = True
         start += n
     values, padded_lengths = padded_to_jagged(padded, mask)

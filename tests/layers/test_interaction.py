@@ -43,7 +43,9 @@ def test_dot_interaction_lists_every_pair_in_row_major_order() -> None:
     vectors = torch.randn(3, 5, 4, dtype=torch.float64)
 
     def pairs(v: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.stack([v[b, i] @ v[b, j] for i in range(5) for j in range(i + 1, 5)]) for b in range(3)])
+        return torch.stack(
+            [torch.stack([v[b, i] @ v[b, j] for i in range(5) for j in range(i + 1, 5)]) for b in range(3)]
+        )
 
     _same_forward_and_backward(dot_interaction, pairs, vectors)
     assert dot_interaction(vectors).shape == (3, 10)
@@ -68,15 +70,23 @@ def test_cross_layers_follow_the_dcn_v2_formula() -> None:
     _same_forward_and_backward(full, reference, x, params=list(full.parameters()))
     mix = cross_network(7, 2, low_rank=3, num_experts=2).double()
 
-    def mixture(x0: torch.Tensor) -> torch.Tensor:  # DCN-Mix: Σ_i softmax(G(x_l))_i · x_0 ⊙ (U_i g(C_i g(V_i x_l)) + b) + x_l
+    def mixture(
+        x0: torch.Tensor,
+    ) -> torch.Tensor:  # DCN-Mix: Σ_i softmax(G(x_l))_i · x_0 ⊙ (U_i g(C_i g(V_i x_l)) + b) + x_l
         rows = []
         for b in range(x0.shape[0]):
             xl = x0[b]
             for layer in range(2):
                 gates = torch.softmax(torch.stack([g.weight[0] @ xl for g in mix.gates]), 0)
-                experts = [x0[b] * (mix.U_kernels[layer][i] @ torch.relu(mix.C_kernels[layer][i] @
-                                    torch.relu(mix.V_kernels[layer][i] @ xl))
-                                    + mix.bias[layer][:, 0]) for i in range(2)]
+                experts = [
+                    x0[b]
+                    * (
+                        mix.U_kernels[layer][i]
+                        @ torch.relu(mix.C_kernels[layer][i] @ torch.relu(mix.V_kernels[layer][i] @ xl))
+                        + mix.bias[layer][:, 0]
+                    )
+                    for i in range(2)
+                ]
                 xl = sum(gates[i] * experts[i] for i in range(2)) + xl
             rows.append(xl)
         return torch.stack(rows)

@@ -24,9 +24,9 @@ def test_a_batch_equals_each_row_encoded_alone_without_padding() -> None:
     assert batch.shape == (4, 16)
     start = 0
     for row, n in enumerate(lengths.tolist()):
-        own = behaviors[start:start + n]
+        own = behaviors[start : start + n]
         start += n
-        tokens = torch.cat([target[row:row + 1], own.flip(0)])  # the target, then the most recent first
+        tokens = torch.cat([target[row : row + 1], own.flip(0)])  # the target, then the most recent first
         x = encoder.project(tokens) + encoder.position(torch.arange(n + 1))
         encoded = encoder.encoder(x.unsqueeze(0))[0]  # one row, no padding at all
         torch.testing.assert_close(batch[row], torch.cat([encoded[0], encoded.mean(0)]), atol=1e-5, rtol=1e-5)
@@ -37,8 +37,9 @@ def test_padding_and_other_rows_do_not_change_a_row() -> None:
     encoder = SequenceTransformer(in_features=4, dim=8, heads=4, layers=1, dropout=0.0, max_len=9).eval()
     target, behaviors = torch.randn(1, 4), torch.randn(2, 4)
     alone = encoder(target, behaviors, torch.tensor([2]))
-    with_long_row = encoder(torch.cat([target, torch.randn(1, 4)]), torch.cat([behaviors, torch.randn(9, 4)]),
-                            torch.tensor([2, 9]))  # the long row pads this one to 9 behaviors
+    with_long_row = encoder(
+        torch.cat([target, torch.randn(1, 4)]), torch.cat([behaviors, torch.randn(9, 4)]), torch.tensor([2, 9])
+    )  # the long row pads this one to 9 behaviors
     torch.testing.assert_close(with_long_row[0], alone[0], atol=1e-5, rtol=1e-5)
     shuffled = encoder(target, behaviors.flip(0), torch.tensor([2]))  # positions: order matters
     assert not torch.allclose(shuffled, alone)
@@ -50,4 +51,6 @@ def test_a_batch_without_any_history_encodes_the_target_alone() -> None:
     target = torch.randn(5, 4)
     out = encoder(target, torch.zeros(0, 4), torch.zeros(5, dtype=torch.int32))
     encoded = encoder.encoder((encoder.project(target) + encoder.position.weight[0]).unsqueeze(1))[:, 0]
-    torch.testing.assert_close(out, torch.cat([encoded, encoded], dim=1), atol=1e-5, rtol=1e-5)  # one token: mean = itself
+    torch.testing.assert_close(
+        out, torch.cat([encoded, encoded], dim=1), atol=1e-5, rtol=1e-5
+    )  # one token: mean = itself

@@ -24,7 +24,8 @@ def test_forward_shapes_and_every_table_gets_gradient(tiny_dataset: Path) -> Non
 def test_learns_the_planted_signal(tiny_dataset: Path) -> None:
     L.seed_everything(0)
     dm = CTRDataModule(str(tiny_dataset), batch_size=128)
-    model = EmbeddingMLP(dm.dataset_info, embedding={"dim": 8}, dnn_hidden_units=[32],
-                         optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+    model = EmbeddingMLP(
+        dm.dataset_info, embedding={"dim": 8}, dnn_hidden_units=[32], optimizer=lambda p: torch.optim.Adam(p, lr=0.01)
+    )
     # the planted logit's AUC on this data is about 0.8; an untrained model gives about 0.5
     assert fit_and_auc(model, dm) > 0.72

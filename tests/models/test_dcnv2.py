@@ -11,7 +11,9 @@ def test_stacked_and_low_rank_mixture_variants(tiny_dataset: Path) -> None:
 
     dm = CTRDataModule(str(tiny_dataset), batch_size=32)
     batch = next(iter(dm.stream("train")))
-    stacked = DCNv2(dm.dataset_info, embedding={"dim": 8}, structure="stacked", cross_low_rank=4, cross_experts=2, **SMALL)
+    stacked = DCNv2(
+        dm.dataset_info, embedding={"dim": 8}, structure="stacked", cross_low_rank=4, cross_experts=2, **SMALL
+    )
     assert stacked(batch).shape == (32,) and stacked.out.in_features == 16  # the DNN's output only
     parallel = DCNv2(dm.dataset_info, embedding={"dim": 8}, **SMALL)
     assert parallel.out.in_features == 16 + 5 * 8 + 1  # DNN ⊕ cross output (all inputs)

@@ -41,7 +41,9 @@ def test_history_changes_the_prediction_only_through_attention(tiny_dataset: Pat
         empty = batch.sequences.to_dict()["hist_item"]
         from recsys.data.batch import make_kjt
 
-        no_history = make_kjt({"hist_item": (empty.values()[:0].numpy(), torch.zeros(len(batch), dtype=torch.int32).numpy())})
+        no_history = make_kjt(
+            {"hist_item": (empty.values()[:0].numpy(), torch.zeros(len(batch), dtype=torch.int32).numpy())}
+        )
         changed = model(type(batch)(batch.dense, batch.sparse, no_history, batch.labels, batch.groups))
     had_history = empty.lengths() > 0
     assert torch.allclose(base[~had_history], changed[~had_history])
@@ -58,7 +60,8 @@ def test_mba_penalty_matches_train_counts(tiny_dataset: Path) -> None:
     ids |= {f: batch.sparse[f].values() for f in ("user", "city")}  # single-valued pooled features
     weights = {f: model.embedding.table_weight(f"t_{f}") for f in ("item", "user", "city")}
     expected = sum(
-        mba_penalty(weights[t], table_ids, inverse_counts(torch.from_numpy(counts[t])), 0.5) for t, table_ids in ids.items()
+        mba_penalty(weights[t], table_ids, inverse_counts(torch.from_numpy(counts[t])), 0.5)
+        for t, table_ids in ids.items()
     )
     penalty = model.embedding.regularization()
     assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -97,21 +100,34 @@ def test_unequal_sequences_in_one_group_are_refused(tmp_path: Path) -> None:
     root = _two_sequences(tmp_path, same_lengths=False)
     dm = CTRDataModule(str(root), batch_size=16)
     model = DIN(dm.dataset_info, embedding={"dim": 4})
-    with pytest.raises(ValueError, match=r"attend together but differ in length in \d+ row\(s\) of this batch, first "
-                                         r"batch row 0 \(file #0 of the split, row 0\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"attend together but differ in length in \d+ row\(s\) of this batch, first "
+        r"batch row 0 \(file #0 of the split, row 0\)",
+    ):
         model(next(iter(dm.stream("val"))))
     from recsys.data.check import check
 
     notes = [f.text() for f in check(root, progress=False).notes]
-    assert any("val/part-0.parquet: column 'hist_item': sequences ['hist_item', 'hist_tag'] differ in length" in n
-               for n in notes), notes
+    assert any(
+        "val/part-0.parquet: column 'hist_item': sequences ['hist_item', 'hist_tag'] differ in length" in n
+        for n in notes
+    ), notes
     # serving: a request whose grouped sequences differ in length is refused, naming the row
     from recsys.export.exporter import export
     from recsys.export.loader import RowError, load
     from tests.test_composition import save_checkpoint
 
     scorer = load(export(save_checkpoint(model, tmp_path / "din.ckpt"), tmp_path / "export", "fp32", progress=False))
-    row = {"user": 1000, "item": 3, "tags": [], "city": "paris", "price": 10.0, "hist_item": [1, 2], "hist_tag": ["paris"]}
+    row = {
+        "user": 1000,
+        "item": 3,
+        "tags": [],
+        "city": "paris",
+        "price": 10.0,
+        "hist_item": [1, 2],
+        "hist_tag": ["paris"],
+    }
     with pytest.raises(RowError, match=r"row 0: sequences \['hist_item', 'hist_tag'\] .* lengths \[2, 1\]"):
         scorer.score([row])
     assert scorer.score([row | {"hist_tag": ["paris", "lyon"]}]).shape == (1,)
@@ -128,18 +144,44 @@ def test_needs_a_sequence_feature(tmp_path: Path) -> None:
 def test_learns_the_planted_signal(tiny_dataset: Path) -> None:
     L.seed_everything(0)
     dm = CTRDataModule(str(tiny_dataset), batch_size=128)
-    model = DIN(dm.dataset_info, embedding={"dim": 8}, attention_softmax=True, mba_lambda=0.001, resources=dm.resources,
-                optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
-    L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False).fit(model, dm)
+    model = DIN(
+        dm.dataset_info,
+        embedding={"dim": 8},
+        attention_softmax=True,
+        mba_lambda=0.001,
+        resources=dm.resources,
+        optimizer=lambda p: torch.optim.Adam(p, lr=0.01),
+    )
+    L.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(model, dm)
     scored = predict_split(model, dm.stream("test"))
     assert auc(scored["label"], scored["prob"]) > 0.72
 
 
 def test_din_config_runs(tiny_dataset: Path, tmp_path: Path) -> None:
-    cli = run(["fit", "--config", str(ROOT / "configs/movielens/din.yaml"), "--data.path", str(tiny_dataset),
-               "--trainer.max_epochs", "2", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-               "--trainer.enable_progress_bar", "false", "--data.batch_size", "256"])
+    cli = run(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/movielens/din.yaml"),
+            "--data.path",
+            str(tiny_dataset),
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.batch_size",
+            "256",
+        ]
+    )
     assert isinstance(cli.model, DIN) and cli.model.embedding.mba_lambda > 0
     # a real validation AUC: the planted signal is learnable (NaN would have been logged as 0)
     assert 0.6 < cli.trainer.callback_metrics["val/auc"].item() < 1.0

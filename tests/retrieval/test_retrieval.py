@@ -37,7 +37,9 @@ def test_exact_index_matches_brute_force_and_approximate_ones_mostly_agree() -> 
         approx, _ = VectorIndex(items, kind=kind, nprobe=32).search(queries, 10)
         overlap = np.mean([len(set(a) & set(t)) / 10 for a, t in zip(approx, truth, strict=True)])
         assert overlap >= 0.8, (kind, overlap)
-    excluded, _ = VectorIndex(items, ids=np.arange(3000) + 100).search(queries[:2], 5, exclude=[{truth[0, 0] + 100}, set()])
+    excluded, _ = VectorIndex(items, ids=np.arange(3000) + 100).search(
+        queries[:2], 5, exclude=[{truth[0, 0] + 100}, set()]
+    )
     assert truth[0, 0] + 100 not in excluded[0] and excluded[1][0] == truth[1, 0] + 100
 
 
@@ -56,8 +58,16 @@ def test_in_batch_softmax_with_log_q_matches_a_plain_reference(tmp_path: Path) -
     data = write_dataset(tmp_path / "d", schema=SCHEMA)
     dm = CTRDataModule(str(data), batch_size=64)
     torch.manual_seed(0)
-    model = TwoTower(dm.dataset_info, user="user", item="item", history="hist_item", embedding={"dim": 8},
-                     tower_hidden_units=[8], output_dim=4, temperature=0.5)
+    model = TwoTower(
+        dm.dataset_info,
+        user="user",
+        item="item",
+        history="hist_item",
+        embedding={"dim": 8},
+        tower_hidden_units=[8],
+        output_dim=4,
+        temperature=0.5,
+    )
     batch = next(iter(dm.stream("train")))
     loss = model.training_loss(batch)
     clicked = (batch.labels > 0.5).nonzero().flatten().tolist()
@@ -69,9 +79,9 @@ def test_in_batch_softmax_with_log_q_matches_a_plain_reference(tmp_path: Path) -
         for j in clicked:
             if j != i and items_all[j] == items_all[i]:
                 continue  # the same item clicked by another row is no negative
-            v = model.item_vectors(items_all[j:j + 1])[0]
+            v = model.item_vectors(items_all[j : j + 1])[0]
             logits.append(float(users[i] @ v) / 0.5 - float(model.log_q[items_all[j]]))
-        own = float(users[i] @ model.item_vectors(items_all[i:i + 1])[0]) / 0.5 - float(model.log_q[items_all[i]])
+        own = float(users[i] @ model.item_vectors(items_all[i : i + 1])[0]) / 0.5 - float(model.log_q[items_all[i]])
         total += -(own - np.log(np.exp(logits).sum()))
     assert float(loss) == pytest.approx(total / len(clicked), rel=1e-4)
     loss.backward()
@@ -116,8 +126,9 @@ def test_retrieve_end_to_end_excludes_seen_items_and_scores_cold_items(tmp_path:
     from recsys.retrieval.evaluate import _standardize
 
     np.testing.assert_allclose(fused[:, cold], _standardize(s_text)[:, cold], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(fused[:, ~cold], (0.7 * _standardize(s_id) + 0.3 * _standardize(s_text))[:, ~cold],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        fused[:, ~cold], (0.7 * _standardize(s_id) + 0.3 * _standardize(s_text))[:, ~cold], rtol=1e-5, atol=1e-5
+    )
     # every user has seen most of the 60 train items: what remains are the unseen ones
     s_id, s_text = retriever.scores(queries)
     assert s_id.shape == s_text.shape == (len(queries.users), len(retriever.catalogue.items))
@@ -129,7 +140,9 @@ def test_retrieve_end_to_end_excludes_seen_items_and_scores_cold_items(tmp_path:
     from recsys.models.din import DIN
 
     din = DIN(dm.dataset_info, embedding={"dim": 8}, dnn_hidden_units=[8])
-    candidates = [list(r[:7]) for r in retriever.index_id.search(retriever.user_vectors(queries)[0], 7, queries.seen)[0]]
+    candidates = [
+        list(r[:7]) for r in retriever.index_id.search(retriever.user_vectors(queries)[0], 7, queries.seen)[0]
+    ]
     reranked = retriever.rerank(din, queries, candidates)
     assert all(sorted(a) == sorted(b) for a, b in zip(reranked, candidates, strict=True))
     assert "hybrid_learned+din" in retriever.evaluate(din=din, k=10, rerank_depth=20)["results"]

@@ -54,7 +54,12 @@ def test_every_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_servin
         (json.dumps({"rows": "x"}).encode(), 400, "expected a JSON list", None),
         (json.dumps([]).encode(), 400, "empty batch", None),
         (json.dumps([{k: v for k, v in row.items() if k != "user"}]).encode(), 400, "missing feature 'user'", "user"),
-        (json.dumps([row | {"price": 1e160}]).encode(), 400, "'price' must be a finite number the model can represent", "price"),
+        (
+            json.dumps([row | {"price": 1e160}]).encode(),
+            400,
+            "'price' must be a finite number the model can represent",
+            "price",
+        ),
         (b'[{"price": NaN}]', 400, "NaN is not a JSON number", None),
         (json.dumps([row | {"user": 2**63}]).encode(), 400, "'user': id 9223372036854775808 does not fit", "user"),
         (json.dumps([row | {"user": -(2**63) - 1}]).encode(), 400, "does not fit a signed 64-bit integer", "user"),
@@ -129,8 +134,9 @@ def test_busy_server_answers_503_and_drops_idle_clients(trained: dict, tmp_path:
         busy.server_close()
 
 
-def test_healthz_says_ready_only_once_the_export_can_score(trained: dict, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_healthz_says_ready_only_once_the_export_can_score(
+    trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import threading
 
     import recsys.serve.server as server_module
@@ -146,7 +152,10 @@ def test_healthz_says_ready_only_once_the_export_can_score(trained: dict, tmp_pa
     monkeypatch.setattr(server_module, "load", slow_load)
     loading = serve(str(out), port=0, wait=False)
     try:
-        assert request(loading, "GET", "/healthz") == (503, {"status": "loading", "error": "the export is still loading"})
+        assert request(loading, "GET", "/healthz") == (
+            503,
+            {"status": "loading", "error": "the export is still loading"},
+        )
         assert score(loading, raw_rows(trained["data"], n=1))[0] == 503
         release.set()
         for _ in range(100):
@@ -173,14 +182,14 @@ def test_a_busy_port_is_named_not_a_traceback(server, capsys: pytest.CaptureFixt
 
 def test_concurrent_requests_get_their_own_scores(server, trained: dict) -> None:  # noqa: ANN001
     rows = raw_rows(trained["data"], n=64)
-    batches = [rows[i:i + 8] for i in range(0, 64, 8)]
+    batches = [rows[i : i + 8] for i in range(0, 64, 8)]
     with ThreadPoolExecutor(64) as pool:  # 64 clients at once: every request answered, none dropped
         replies = list(pool.map(lambda b: score(server, b), batches * 24))
     expected = server.scorer.score(rows)
     for i, (status, body) in enumerate(replies):
         assert status == 200
         k = i % len(batches)
-        np.testing.assert_allclose(body["scores"], expected[k * 8:(k + 1) * 8], atol=1e-6)
+        np.testing.assert_allclose(body["scores"], expected[k * 8 : (k + 1) * 8], atol=1e-6)
 
 
 def test_serve_cli_refuses_a_broken_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -27,8 +27,14 @@ def test_all_layers_and_mask_and_batching_does_not_change_a_text(encoder: TextEn
 
 
 def test_embeddings_carry_meaning(encoder: TextEncoder) -> None:
-    v = _embed(encoder, ["a film about a shark attacking swimmers", "Jaws: a great white shark terrorizes a beach town",
-                         "a romantic comedy set in Paris"])
+    v = _embed(
+        encoder,
+        [
+            "a film about a shark attacking swimmers",
+            "Jaws: a great white shark terrorizes a beach town",
+            "a romantic comedy set in Paris",
+        ],
+    )
     assert float(v[0] @ v[1]) > float(v[0] @ v[2]) + 0.2
 
 
@@ -38,7 +44,9 @@ def test_frozen_by_default(encoder: TextEncoder) -> None:
     assert not encoder.model.training  # no dropout in a frozen encoder
 
 
-def test_cache_is_keyed_by_texts_and_settings(encoder: TextEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_is_keyed_by_texts_and_settings(
+    encoder: TextEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     texts = [f"movie number {i}" for i in range(10)]
     states, mask = encoder.encode_cached(texts, tmp_path, batch_size=4, progress=False)
     assert states.dtype == torch.float16 and states.shape[:2] == (7, 10) and len(list(tmp_path.iterdir())) == 1

@@ -45,7 +45,7 @@ def test_item_text_vectors_match_a_reference_computed_from_the_encoder(dm: CTRDa
             pooled = sum(tokens) / len(tokens)
         else:  # softmax over the real tokens of q·k/√D, then the weighted sum (the head's formula, by hand)
             query = module.head.query.detach()
-            scores = torch.stack([tok @ query for tok in tokens]) / 384 ** 0.5
+            scores = torch.stack([tok @ query for tok in tokens]) / 384**0.5
             pooled = sum(w * tok for w, tok in zip(scores.softmax(0), tokens, strict=True))
         expected = module.proj.weight.detach() @ pooled + module.proj.bias.detach()
         torch.testing.assert_close(out[i].detach(), expected, atol=2e-3, rtol=1e-3)  # states are cached in fp16
@@ -56,7 +56,9 @@ def test_item_text_vectors_match_a_reference_computed_from_the_encoder(dm: CTRDa
 def test_every_model_joins_item_text_to_the_item_and_trains_the_head(dm: CTRDataModule, cls: type) -> None:
     extra = {"user": "user", "item": "item", "history": "hist_item"} if cls is TwoTower else {}
     plain = cls(dm.dataset_info, embedding={"dim": 8}, resources=dm.resources, **extra)
-    model = cls(dm.dataset_info, embedding={"dim": 8}, text={"pooling": "gem", "dim": 4}, resources=dm.resources, **extra)
+    model = cls(
+        dm.dataset_info, embedding={"dim": 8}, text={"pooling": "gem", "dim": 4}, resources=dm.resources, **extra
+    )
     widths, plain_widths = model.embedding.output_dims(), plain.embedding.output_dims()
     assert widths["item"] == plain_widths["item"] + 4 and widths["hist_item"] == plain_widths["hist_item"] + 4
     assert widths["user"] == plain_widths["user"]
@@ -90,18 +92,23 @@ def test_sum_and_init_combine(dm: CTRDataModule) -> None:
     assert init.embedding.output_dims()["item"] == 8 and not len(init.embedding.item_text)  # no text at run time
 
 
-@pytest.mark.parametrize("text, message", [
-    ({"feature": "title"}, r"text.feature: the text block names no column"),
-    ({"dim": 6}, r"text.dim: a positive multiple of 4"),
-    ({"pooling": "median"}, r"text.pooling: one of"),
-    ({"combine": "sum", "dim": 4}, r"text.dim: combine sum needs the 'item' table width 8, got 4"),
-    ({"typo": 1}, r"text.typo: unknown key"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ({"feature": "title"}, r"text.feature: the text block names no column"),
+        ({"dim": 6}, r"text.dim: a positive multiple of 4"),
+        ({"pooling": "median"}, r"text.pooling: one of"),
+        ({"combine": "sum", "dim": 4}, r"text.dim: combine sum needs the 'item' table width 8, got 4"),
+        ({"typo": 1}, r"text.typo: unknown key"),
+    ],
+)
 def test_bad_text_blocks_name_their_key(dm: CTRDataModule, text: dict, message: str) -> None:
     with pytest.raises(TextConfigError, match=message):
         EmbeddingMLP(dm.dataset_info, embedding={"dim": 8}, text=text, resources=dm.resources)
     with pytest.raises(TextConfigError, match="init starts a plain item table"):
-        EmbeddingMLP(dm.dataset_info, embedding={"kind": "hashed", "rows": 20}, text={"combine": "init"}, resources=dm.resources)
+        EmbeddingMLP(
+            dm.dataset_info, embedding={"kind": "hashed", "rows": 20}, text={"combine": "init"}, resources=dm.resources
+        )
 
 
 def test_row_level_text_learns_a_planted_word(tmp_path: Path) -> None:
@@ -112,8 +119,14 @@ def test_row_level_text_learns_a_planted_word(tmp_path: Path) -> None:
     for name, text in (("text", {"pooling": "mean", "dim": 8}), ("ids only", None)):
         L.seed_everything(0)
         dm = CTRDataModule(str(data), batch_size=64)
-        model = EmbeddingMLP(dm.dataset_info, embedding={"dim": 8}, text=text, dnn_hidden_units=[32], resources=dm.resources,
-                             optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+        model = EmbeddingMLP(
+            dm.dataset_info,
+            embedding={"dim": 8},
+            text=text,
+            dnn_hidden_units=[32],
+            resources=dm.resources,
+            optimizer=lambda p: torch.optim.Adam(p, lr=0.01),
+        )
         if text:
             assert model.embedding.pooled_features == ["user", "query"] and model.embedding.output_dims()["query"] == 8
         aucs[name] = fit_and_auc(model, dm, epochs=6)

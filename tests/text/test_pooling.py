@@ -16,7 +16,7 @@ def _batch(seed: int = 0, left_padding: bool = False):  # noqa: ANN202
     mask = torch.zeros(3, 6, dtype=torch.long)
     for b, n in enumerate(lengths):
         if left_padding:
-            mask[b, 6 - n:] = 1
+            mask[b, 6 - n :] = 1
         else:
             mask[b, :n] = 1
     return states, mask

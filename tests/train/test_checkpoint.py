@@ -33,8 +33,9 @@ def checkpoint(tiny_dataset: Path, tmp_path: Path) -> Path:
     return save_checkpoint(EmbeddingMLP(dm.dataset_info, embedding={"dim": 8}), tmp_path / "good.ckpt")
 
 
-def test_a_plain_checkpoint_with_a_code_object_is_refused(checkpoint: Path, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture) -> None:
+def test_a_plain_checkpoint_with_a_code_object_is_refused(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     marker = tmp_path / "ran"
     payload = torch.load(checkpoint, weights_only=True) | {"extra": RunsACommand(marker)}
     evil = tmp_path / "evil.ckpt"
@@ -79,8 +80,10 @@ def test_a_sharded_checkpoint_is_read_through_allow_lists(checkpoint: Path, tmp_
 
 def test_a_checkpoint_naming_another_class_or_arguments_is_refused(checkpoint: Path, tmp_path: Path) -> None:
     payload = torch.load(checkpoint, weights_only=True)
-    for name, message in (("subprocess.Popen", "'subprocess.Popen' is not a recsys model"),
-                          ("recsys.models.base.torch", "is not a recsys model")):
+    for name, message in (
+        ("subprocess.Popen", "'subprocess.Popen' is not a recsys model"),
+        ("recsys.models.base.torch", "is not a recsys model"),
+    ):
         torch.save(payload | {"recsys": payload["recsys"] | {"model_class": name}}, tmp_path / "x.ckpt")
         with pytest.raises(CheckpointError, match=message):
             load_model(tmp_path / "x.ckpt")

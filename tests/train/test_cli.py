@@ -19,10 +19,28 @@ CONFIG = ROOT / "configs" / "movielens" / "base.yaml"
 
 
 def _fit(data: Path, logs: Path, *extra: str) -> Path:
-    run(["fit", "--config", str(CONFIG), "--data.path", str(data), "--trainer.max_epochs", "2",
-         "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false",
-         "--model.init_args.embedding", '{"dim": 8}', "--data.batch_size", "256",
-         "--model.init_args.optimizer.init_args.lr", "0.01", *extra])
+    run(
+        [
+            "fit",
+            "--config",
+            str(CONFIG),
+            "--data.path",
+            str(data),
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.logger.init_args.save_dir",
+            str(logs),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--model.init_args.embedding",
+            '{"dim": 8}',
+            "--data.batch_size",
+            "256",
+            "--model.init_args.optimizer.init_args.lr",
+            "0.01",
+            *extra,
+        ]
+    )
     ckpts = sorted(logs.rglob("best.ckpt"))
     assert len(ckpts) == 1
     return ckpts[0]
@@ -77,9 +95,20 @@ features:
 def test_validate_test_and_predict_from_a_checkpoint(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "tiny")
     ckpt = _fit(data, tmp_path / "runs")
-    common = ["--config", str(CONFIG), "--data.path", str(data), "--model.init_args.embedding", '{"dim": 8}',
-              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs2"), "--trainer.enable_progress_bar", "false",
-              "--ckpt_path", str(ckpt)]
+    common = [
+        "--config",
+        str(CONFIG),
+        "--data.path",
+        str(data),
+        "--model.init_args.embedding",
+        '{"dim": 8}',
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs2"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--ckpt_path",
+        str(ckpt),
+    ]
     cli = run(["test", *common])
     test_auc = cli.trainer.callback_metrics["test/auc"].item()
     cli = run(["predict", *common, "--data.predict_split", "test"])
@@ -87,7 +116,9 @@ def test_validate_test_and_predict_from_a_checkpoint(tmp_path: Path) -> None:
     assert len(predictions) == 1
     scored = pq.read_table(predictions[0]).to_pandas()
     assert len(scored) == 600
-    assert ctr_metrics(scored["label"].to_numpy(), scored["prob"].to_numpy(), scored["group"].to_numpy())["auc"] == pytest.approx(test_auc, abs=1e-6)
+    assert ctr_metrics(scored["label"].to_numpy(), scored["prob"].to_numpy(), scored["group"].to_numpy())[
+        "auc"
+    ] == pytest.approx(test_auc, abs=1e-6)
 
 
 def test_eval_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -99,8 +130,13 @@ def test_console_script_help_and_print_config() -> None:
     recsys = Path(sys.executable).parent / "recsys"
     out = subprocess.run([str(recsys), "--help"], capture_output=True, text=True, check=True).stdout
     assert "fit" in out and "eval" in out
-    out = subprocess.run([str(recsys), "fit", "--config", str(CONFIG), "--print_config"], capture_output=True,
-                         text=True, check=True, cwd=ROOT).stdout
+    out = subprocess.run(
+        [str(recsys), "fit", "--config", str(CONFIG), "--print_config"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
     printed = yaml.safe_load(out)
     assert printed["model"]["class_path"] == "recsys.models.base.EmbeddingMLP"
     assert "features" not in printed["model"]["init_args"]  # linked from the data module
@@ -114,10 +150,22 @@ def test_every_kind_overlay_composes_with_every_model_config(tmp_path: Path, mod
     data = write_dataset(tmp_path / "tiny")
     batch = next(iter(CTRDataModule(str(data), batch_size=32).stream("train")))
     for overlay in ("hashed", "unified", "optembed_supernet"):
-        cli = run(["--config", str(ROOT / f"configs/movielens/{model}.yaml"), "--config",
-                   str(ROOT / f"configs/embedding/{overlay}.yaml"), "--data.path", str(data), "--trainer.logger", "false"],
-                  subcommand=False)
-        expected = yaml.safe_load((ROOT / f"configs/embedding/{overlay}.yaml").read_text())["model"]["init_args"]["embedding"]
+        cli = run(
+            [
+                "--config",
+                str(ROOT / f"configs/movielens/{model}.yaml"),
+                "--config",
+                str(ROOT / f"configs/embedding/{overlay}.yaml"),
+                "--data.path",
+                str(data),
+                "--trainer.logger",
+                "false",
+            ],
+            subcommand=False,
+        )
+        expected = yaml.safe_load((ROOT / f"configs/embedding/{overlay}.yaml").read_text())["model"]["init_args"][
+            "embedding"
+        ]
         from recsys.embedding.spec import EmbeddingSpec
 
         # the overlay replaced the model config's block whole
@@ -131,9 +179,15 @@ def test_old_keys_and_bad_blocks_stop_with_one_message(tmp_path: Path, capsys: p
     old = tmp_path / "old_unified.yaml"
     old.write_text("model:\n  init_args:\n    unified: {rows: 100, dim: 8}\n")
     cases = [
-        (["--config", str(old)], "model.init_args.unified is no longer a model argument; write embedding: {kind: unified"),
+        (
+            ["--config", str(old)],
+            "model.init_args.unified is no longer a model argument; write embedding: {kind: unified",
+        ),
         (["--model.init_args.embedding_dim", "8"], "write embedding: {dim: N}"),
-        (["--model.init_args.embedding", '{"kind": "hashed", "dim": 6, "rows": 10}'], "embedding.dim: width 6 is not a multiple of 4"),
+        (
+            ["--model.init_args.embedding", '{"kind": "hashed", "dim": 6, "rows": 10}'],
+            "embedding.dim: width 6 is not a multiple of 4",
+        ),
         (["--model.init_args.embedding", '{"features": {"nope": {}}}'], "embedding.features.nope: no feature 'nope'"),
     ]
     for extra, message in cases:
@@ -143,8 +197,9 @@ def test_old_keys_and_bad_blocks_stop_with_one_message(tmp_path: Path, capsys: p
         assert stop.value.code == 2 and message in err, err[-2000:]
 
 
-def test_data_whose_content_differs_is_refused_and_an_identical_copy_passes(tmp_path: Path,
-                                                                              capsys: pytest.CaptureFixture) -> None:
+def test_data_whose_content_differs_is_refused_and_an_identical_copy_passes(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import shutil
 
     import pyarrow as pa
@@ -173,17 +228,51 @@ def test_data_whose_content_differs_is_refused_and_an_identical_copy_passes(tmp_
     with pytest.raises(ValueError, match="the vocabulary of 'item'"):
         export(ckpt, tmp_path / "e2", "fp32", data=reordered, progress=False)
     with pytest.raises(Exception, match="the vocabulary of 'item'"):  # recsys test --ckpt_path on that data
-        run(["test", "--config", str(CONFIG), "--data.path", str(reordered), "--model.init_args.embedding", '{"dim": 8}',
-             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--ckpt_path", str(ckpt)])
+        run(
+            [
+                "test",
+                "--config",
+                str(CONFIG),
+                "--data.path",
+                str(reordered),
+                "--model.init_args.embedding",
+                '{"dim": 8}',
+                "--trainer.logger",
+                "false",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--ckpt_path",
+                str(ckpt),
+            ]
+        )
 
 
-def test_a_run_without_a_logger_writes_no_config_into_the_working_directory(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_without_a_logger_writes_no_config_into_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = write_dataset(tmp_path / "tiny")
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # Lightning's default log_dir without a logger
-    run(["fit", "--config", str(CONFIG), "--data.path", str(data), "--trainer.logger", "false",
-         "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
-         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"])
+    run(
+        [
+            "fit",
+            "--config",
+            str(CONFIG),
+            "--data.path",
+            str(data),
+            "--trainer.logger",
+            "false",
+            "--trainer.callbacks",
+            "[]",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "1",
+            "--trainer.limit_val_batches",
+            "1",
+        ]
+    )
     assert not (work / "config.yaml").exists(), sorted(p.name for p in work.iterdir())

@@ -16,8 +16,11 @@ from recsys.data.parquet import ParquetStream
 from recsys.models.base import EmbeddingMLP
 from tests.conftest import write_dataset
 
-KINDS = {"plain": {"dim": 8}, "unified": {"kind": "unified", "dim": 8, "rows": 40, "probes": 2},
-         "supernet": {"kind": "optembed", "dim": 8}}
+KINDS = {
+    "plain": {"dim": 8},
+    "unified": {"kind": "unified", "dim": 8, "rows": 40, "probes": 2},
+    "supernet": {"kind": "optembed", "dim": 8},
+}
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 
 
@@ -53,7 +56,9 @@ def _worker(rank: int, world: int, rendezvous: str, data: str, out: str) -> None
             torch.manual_seed(0)
             model = EmbeddingMLP(dm.dataset_info, embedding=block, dnn_hidden_units=[8]).train()
             net = shard_model(model, world, torch.device("cpu"), sparse_optimizer=name, sparse_lr=0.1)
-            dense = torch.optim.Adam([p for p in net.parameters() if not hasattr(p, "_in_backward_optimizers")], lr=0.01)
+            dense = torch.optim.Adam(
+                [p for p in net.parameters() if not hasattr(p, "_in_backward_optimizers")], lr=0.01
+            )
             changed = []
             for step, batch in enumerate(batches):
                 hook = poison_embedding_gradient(model.embedding) if step == 1 else None

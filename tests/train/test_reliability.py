@@ -26,19 +26,38 @@ def _config(path: Path, data: Path, runs: Path, version: str, callbacks: list[di
     config = {
         "seed_everything": 42,
         "ckpt_path": "last",
-        "model": {"class_path": "recsys.models.base.EmbeddingMLP",
-                  "init_args": {"embedding": {"dim": 8}, "dnn_hidden_units": [32],
-                                "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}}}},
+        "model": {
+            "class_path": "recsys.models.base.EmbeddingMLP",
+            "init_args": {
+                "embedding": {"dim": 8},
+                "dnn_hidden_units": [32],
+                "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
+            },
+        },
         "data": {"path": str(data), "batch_size": 60, "num_workers": workers},
         "trainer": {
-            "max_epochs": 2, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "log_every_n_steps": 1,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(runs), "name": "", "version": version}},
+            "max_epochs": 2,
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "log_every_n_steps": 1,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(runs), "name": "", "version": version},
+            },
             "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"every_n_train_steps": 10, "save_top_k": 0, "save_last": True}},
-                {"class_path": "recsys.train.callbacks.RowLedger", "init_args": {"dirpath": str(runs / version / "ledger")}},
-                {"class_path": "tests.train.faults.SaveFinal", "init_args": {"path": str(runs / version / "final.ckpt")}},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"every_n_train_steps": 10, "save_top_k": 0, "save_last": True},
+                },
+                {
+                    "class_path": "recsys.train.callbacks.RowLedger",
+                    "init_args": {"dirpath": str(runs / version / "ledger")},
+                },
+                {
+                    "class_path": "tests.train.faults.SaveFinal",
+                    "init_args": {"path": str(runs / version / "final.ckpt")},
+                },
                 *callbacks,
             ],
         },
@@ -51,8 +70,15 @@ def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
     recsys = Path(sys.executable).parent / "recsys"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     # its own session: the fault kills the job's whole process group, as a preemption would
-    return subprocess.run([str(recsys), "fit", "--config", str(config), *extra], capture_output=True, text=True,
-                          env=env, cwd=config.parent, timeout=600, start_new_session=True)
+    return subprocess.run(
+        [str(recsys), "fit", "--config", str(config), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=config.parent,
+        timeout=600,
+        start_new_session=True,
+    )
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -61,15 +87,22 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("devices", [1, 2])
 def test_sigkill_mid_epoch_then_the_same_command_resumes_without_losing_or_repeating_a_row(
-        tiny: Path, tmp_path: Path, devices: int) -> None:
+    tiny: Path, tmp_path: Path, devices: int
+) -> None:
     runs = tmp_path / "runs"
     extra = ["--trainer.strategy", "torchrec", "--trainer.devices", "2"] if devices == 2 else []
     workers = 2 if devices == 1 else 0
     full = _fit(_config(tmp_path / "full.yaml", tiny, runs, "full", [], workers), *extra)
     assert full.returncode == 0, full.stderr[-3000:]
 
-    config = _config(tmp_path / "job.yaml", tiny, runs, "job", [{"class_path": "tests.train.faults.KillAt",
-                                                                 "init_args": {"step": 27}}], workers)
+    config = _config(
+        tmp_path / "job.yaml",
+        tiny,
+        runs,
+        "job",
+        [{"class_path": "tests.train.faults.KillAt", "init_args": {"step": 27}}],
+        workers,
+    )
     killed = _fit(config, *extra)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (runs / "job" / "final.ckpt").exists()
@@ -95,13 +128,17 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes_without_losing_or_repea
 
 def _run_inprocess(tiny: Path, tmp_path: Path, poison: dict, *extra: str) -> Path:
     runs = tmp_path / "runs"
-    config = _config(tmp_path / "cfg.yaml", tiny, runs, "nan", [{"class_path": "tests.train.faults.PoisonAt", "init_args": poison}])
+    config = _config(
+        tmp_path / "cfg.yaml", tiny, runs, "nan", [{"class_path": "tests.train.faults.PoisonAt", "init_args": poison}]
+    )
     run(["fit", "--config", str(config), *extra])
     return runs / "nan"
 
 
 def test_nan_loss_stops_with_step_and_batch_after_saving_a_checkpoint(tiny: Path, tmp_path: Path) -> None:
-    with pytest.raises(NonFiniteError, match=r"non-finite loss at global step 13 \(epoch 0, batch 13, rows at positions"):
+    with pytest.raises(
+        NonFiniteError, match=r"non-finite loss at global step 13 \(epoch 0, batch 13, rows at positions"
+    ):
         _run_inprocess(tiny, tmp_path, {"step": 13, "what": "loss"})
     saved = next((tmp_path / "runs" / "nan").rglob("nonfinite-step13.ckpt"))
     checkpoint = torch.load(saved, weights_only=True)

@@ -15,14 +15,36 @@ PREEMPTIBLE = str(ROOT / "configs/run/preemptible.yaml")
 
 
 def _fit(data: Path, runs: Path, *extra: str) -> None:
-    run(["fit", "--config", BASE, "--config", PREEMPTIBLE, "--data.path", str(data), "--trainer.max_epochs", "1",
-         "--data.batch_size", "512", "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir",
-         str(runs), "--model.init_args.embedding", '{"dim": 8}', *extra])
+    run(
+        [
+            "fit",
+            "--config",
+            BASE,
+            "--config",
+            PREEMPTIBLE,
+            "--data.path",
+            str(data),
+            "--trainer.max_epochs",
+            "1",
+            "--data.batch_size",
+            "512",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(runs),
+            "--model.init_args.embedding",
+            '{"dim": 8}',
+            *extra,
+        ]
+    )
 
 
 def test_the_run_directory_is_the_config_and_resumable_keys_do_not_change_it() -> None:
-    config = {"model": {"init_args": {"optimizer": {"init_args": {"lr": 0.003}}}}, "trainer": {"max_epochs": 8},
-              "ckpt_path": "last"}
+    config = {
+        "model": {"init_args": {"optimizer": {"init_args": {"lr": 0.003}}}},
+        "trainer": {"max_epochs": 8},
+        "ckpt_path": "last",
+    }
     longer = config | {"trainer": {"max_epochs": 12}, "ckpt_path": "runs/x/last.ckpt"}
     faster = {"model": {"init_args": {"optimizer": {"init_args": {"lr": 0.01}}}}, "trainer": {"max_epochs": 8}}
     assert run_version(config, "base") == run_version(longer, "base")  # more epochs: the same run, resumed
@@ -31,8 +53,9 @@ def test_the_run_directory_is_the_config_and_resumable_keys_do_not_change_it() -
     assert identity(config) == {"model.init_args.optimizer.init_args.lr": 0.003}
 
 
-def test_configs_do_not_share_a_directory_and_a_pinned_one_refuses_another_config(tmp_path: Path,
-                                                                                 capsys: pytest.CaptureFixture) -> None:
+def test_configs_do_not_share_a_directory_and_a_pinned_one_refuses_another_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     data = write_dataset(tmp_path / "tiny")
     runs = tmp_path / "runs"
     _fit(data, runs)
@@ -40,7 +63,10 @@ def test_configs_do_not_share_a_directory_and_a_pinned_one_refuses_another_confi
     directories = sorted(p.name for p in (runs / "movielens" / "base").iterdir())
     assert len(directories) == 2 and all(d.startswith("base-") for d in directories)
     for directory in directories:  # one best.ckpt each, no best-v1.ckpt beside it
-        assert sorted(p.name for p in (runs / "movielens/base" / directory / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+        assert sorted(p.name for p in (runs / "movielens/base" / directory / "checkpoints").iterdir()) == [
+            "best.ckpt",
+            "last.ckpt",
+        ]
     _fit(data, runs, "--trainer.max_epochs", "2")  # more epochs: resumes the first run, no third directory
     assert len(list((runs / "movielens" / "base").iterdir())) == 2
     pinned = ["--trainer.logger.init_args.version", directories[0]]
@@ -68,8 +94,9 @@ def test_a_second_run_into_the_same_directory_is_refused(tmp_path: Path, capsys:
             second.release()
 
 
-def test_a_truncated_last_checkpoint_is_named_and_the_previous_good_one_used(tmp_path: Path,
-                                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_a_truncated_last_checkpoint_is_named_and_the_previous_good_one_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import logging
     import os
     import shutil

@@ -69,13 +69,19 @@ def _rows(batch: Batch, lo: int, hi: int) -> Batch:
         out = {}
         for key, jt in kjt.to_dict().items():
             offsets = jt.offsets()
-            out[key] = JaggedTensor(values=jt.values()[int(offsets[lo]):int(offsets[hi])], lengths=jt.lengths()[lo:hi])
+            out[key] = JaggedTensor(
+                values=jt.values()[int(offsets[lo]) : int(offsets[hi])], lengths=jt.lengths()[lo:hi]
+            )
         return KeyedJaggedTensor.from_jt_dict(out)
 
-    return Batch(batch.dense[lo:hi], part(batch.sparse), part(batch.sequences), batch.labels[lo:hi], batch.groups[lo:hi])
+    return Batch(
+        batch.dense[lo:hi], part(batch.sparse), part(batch.sequences), batch.labels[lo:hi], batch.groups[lo:hi]
+    )
 
 
-def train_shares(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[Batch], rank: int, world: int) -> list[float]:
+def train_shares(
+    net: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[Batch], rank: int, world: int
+) -> list[float]:
     """Trains on this rank's share of each global batch; returns the global mean loss per step."""
     losses = []
     for batch in batches:
@@ -111,7 +117,9 @@ def _sharded_worker(rank: int, world: int, rendezvous: str, data: str, sharding:
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     torch.set_num_threads(1)
     model, batches, val = _build(data)
-    dmp = shard_model(model, world, torch.device("cpu"), sharding_types={"pooled": sharding}, sparse_optimizer="sgd", sparse_lr=0.1)
+    dmp = shard_model(
+        model, world, torch.device("cpu"), sharding_types={"pooled": sharding}, sparse_optimizer="sgd", sparse_lr=0.1
+    )
     dense = [p for p in dmp.parameters() if not hasattr(p, "_in_backward_optimizers")]
     losses = train_shares(dmp, torch.optim.SGD(dense, lr=0.1), batches, rank, world)
     dmp.eval()
@@ -156,8 +164,12 @@ def test_two_ranks_match_one_process(tiny: str, tmp_path: Path, sharding: str) -
 def test_tables_are_the_sparse_parameters(tiny: str) -> None:
     model, _, _ = _build(tiny)
     names = {n for n, p in model.named_parameters() if any(p is q for q in table_parameters(model))}
-    assert names == {"embedding.rows.d8.embeddings.t_item.weight", "embedding.bags.embedding_bags.t_user.weight",
-                     "embedding.bags.embedding_bags.t_tags.weight", "embedding.bags.embedding_bags.t_city.weight"}
+    assert names == {
+        "embedding.rows.d8.embeddings.t_item.weight",
+        "embedding.bags.embedding_bags.t_user.weight",
+        "embedding.bags.embedding_bags.t_tags.weight",
+        "embedding.bags.embedding_bags.t_city.weight",
+    }
 
 
 def test_unsupported_choices_are_refused_clearly(tiny: str) -> None:
@@ -185,10 +197,28 @@ def _recsys(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _common(data: str, logs: Path, devices: int, version: str) -> list[str]:
-    return ["--config", str(ROOT / "configs/movielens/din.yaml"), "--data.path", data, "--data.batch_size", "256",
-            "--model.init_args.mba_lambda", "0", "--trainer.strategy", "torchrec", "--trainer.devices", str(devices),
-            "--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.version", version,
-            "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"]
+    return [
+        "--config",
+        str(ROOT / "configs/movielens/din.yaml"),
+        "--data.path",
+        data,
+        "--data.batch_size",
+        "256",
+        "--model.init_args.mba_lambda",
+        "0",
+        "--trainer.strategy",
+        "torchrec",
+        "--trainer.devices",
+        str(devices),
+        "--trainer.logger.init_args.save_dir",
+        str(logs),
+        "--trainer.logger.init_args.version",
+        version,
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
 
 
 def _train_losses(run_dir: Path) -> dict[int, float]:
@@ -207,7 +237,9 @@ def test_lightning_two_ranks_checkpoint_resume_and_load_at_one_rank(tiny: str, t
     _recsys("fit", *_common(tiny, logs, 2, "part"), "--trainer.max_epochs", "1", cwd=tmp_path)
     last = logs / "movielens/din/part/checkpoints/last.ckpt"
     assert (last / "lightning.pt").exists() and len(list(last.glob("*.distcp"))) == 2  # one file per rank
-    _recsys("fit", *_common(tiny, logs, 2, "resumed"), "--trainer.max_epochs", "2", "--ckpt_path", str(last), cwd=tmp_path)
+    _recsys(
+        "fit", *_common(tiny, logs, 2, "resumed"), "--trainer.max_epochs", "2", "--ckpt_path", str(last), cwd=tmp_path
+    )
     full = _train_losses(logs / "movielens/din/full")
     resumed = _train_losses(logs / "movielens/din/resumed")
     assert resumed and set(resumed) <= set(full)
@@ -236,12 +268,34 @@ def test_checkpoints_move_from_one_rank_to_two(tiny: str, tmp_path: Path) -> Non
 
     logs = tmp_path / "runs"
     _recsys("fit", *_common(tiny, logs, 1, "one"), "--trainer.max_epochs", "1", cwd=tmp_path)
-    base = ["--config", str(ROOT / "configs/movielens/base.yaml"), "--data.path", tiny, "--trainer.max_epochs", "1",
-            "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false"]
+    base = [
+        "--config",
+        str(ROOT / "configs/movielens/base.yaml"),
+        "--data.path",
+        tiny,
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.logger.init_args.save_dir",
+        str(logs),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     _recsys("fit", *base, "--trainer.logger.init_args.version", "plain", cwd=tmp_path)
-    cases = [(logs / "movielens/din/one/checkpoints/best.ckpt", _common(tiny, logs, 2, "p1")),
-             (logs / "movielens/base/plain/checkpoints/best.ckpt",
-              [*base, "--trainer.strategy", "torchrec", "--trainer.devices", "2", "--trainer.logger.init_args.version", "p2"])]
+    cases = [
+        (logs / "movielens/din/one/checkpoints/best.ckpt", _common(tiny, logs, 2, "p1")),
+        (
+            logs / "movielens/base/plain/checkpoints/best.ckpt",
+            [
+                *base,
+                "--trainer.strategy",
+                "torchrec",
+                "--trainer.devices",
+                "2",
+                "--trainer.logger.init_args.version",
+                "p2",
+            ],
+        ),
+    ]
     assert cases[0][0].is_dir() and cases[1][0].is_file()
     for ckpt, args in cases:
         _recsys("predict", *args, "--ckpt_path", str(ckpt), cwd=tmp_path)
@@ -260,8 +314,22 @@ def test_plan_dry_run(tiny: str, capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     assert "| embedding.rows.d16.t_item | 61 × 16 | row_wise | fused | [0, 1, 2, 3] |" in out
     assert sum(line.startswith("| 3 |") for line in out.splitlines()) == 1  # a memory line per rank
-    assert plan_main(["--config", config, "--world-size", "2", "--sharding-types", "t_item=table_wise",
-                      "--", "--data.path", tiny]) == 2
+    assert (
+        plan_main(
+            [
+                "--config",
+                config,
+                "--world-size",
+                "2",
+                "--sharding-types",
+                "t_item=table_wise",
+                "--",
+                "--data.path",
+                tiny,
+            ]
+        )
+        == 2
+    )
     assert "cannot be sharded 'table_wise' on cpu" in capsys.readouterr().err
 
 
@@ -280,8 +348,15 @@ def test_cuda_training_step_with_uvm_caching(tiny: str) -> None:  # pragma: no c
     dist.init_process_group("nccl", init_method=_rendezvous(), rank=0, world_size=1)
     try:
         model, batches, _ = _build(tiny)
-        dmp = shard_model(model, 1, torch.device("cuda"), {"pooled": "row_wise"}, cache_load_factor=0.5, sparse_optimizer="adam",
-                          sparse_lr=0.01)
+        dmp = shard_model(
+            model,
+            1,
+            torch.device("cuda"),
+            {"pooled": "row_wise"},
+            cache_load_factor=0.5,
+            sparse_optimizer="adam",
+            sparse_lr=0.01,
+        )
         batch = batches[0].to("cuda")
         loss = F.binary_cross_entropy_with_logits(dmp(batch), batch.labels)
         loss.backward()
@@ -318,8 +393,16 @@ def test_tables_built_on_meta_are_materialised_as_shards(tiny: str, tmp_path: Pa
 def test_cli_builds_tables_on_meta_when_the_strategy_asks(tiny: str, tmp_path: Path) -> None:
     from recsys.train.cli import run
 
-    args = ["--config", str(ROOT / "configs/movielens/din.yaml"), "--data.path", tiny, "--trainer.logger", "false",
-            "--trainer.strategy.class_path", "recsys.train.strategy.TorchrecStrategy"]
+    args = [
+        "--config",
+        str(ROOT / "configs/movielens/din.yaml"),
+        "--data.path",
+        tiny,
+        "--trainer.logger",
+        "false",
+        "--trainer.strategy.class_path",
+        "recsys.train.strategy.TorchrecStrategy",
+    ]
     meta = run([*args, "--trainer.strategy.init_args.init_tables_on_meta", "true"], subcommand=False)
     assert all(p.is_meta for p in table_parameters(meta.model))
     assert not any(p.is_meta for p in meta.model.dnn.parameters())  # dense layers are real
