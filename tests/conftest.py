@@ -114,6 +114,22 @@ def write_text_dataset(root: Path, rows: dict[str, int] | None = None, word: str
     return root
 
 
+def plain_ctr_metrics(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """AUC, GAUC and logloss by the protocol's definitions, written independently of recsys.eval.metrics:
+    scikit-learn's ROC AUC, a loop over groups, the clipped cross-entropy formula."""
+    from sklearn.metrics import roc_auc_score
+
+    weighted, rows = 0.0, 0
+    for group in np.unique(groups):
+        mine = groups == group
+        if len(np.unique(labels[mine])) == 2:  # only groups holding both classes
+            weighted += mine.sum() * roc_auc_score(labels[mine], probs[mine])
+            rows += mine.sum()
+    p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+    logloss = -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    return {"auc": roc_auc_score(labels, probs), "gauc": weighted / rows, "logloss": logloss}
+
+
 def fit_and_auc(model, dm, epochs: int = 4) -> float:  # noqa: ANN001
     """Trains ``model`` on ``dm`` with a plain Lightning trainer; its test AUC."""
     import lightning as L

@@ -11,9 +11,9 @@ import yaml
 
 from recsys.commands.eval import main as eval_main
 from recsys.data.datamodule import CTRDataModule
-from recsys.eval.metrics import ctr_metrics, rela_impr
+from recsys.eval.metrics import rela_impr
 from recsys.train.cli import run
-from tests.conftest import ROOT, write_dataset
+from tests.conftest import ROOT, plain_ctr_metrics, write_dataset
 
 CONFIG = ROOT / "configs" / "movielens" / "base.yaml"
 
@@ -63,7 +63,7 @@ def test_fit_then_eval_on_any_dataset_in_the_contract(tmp_path: Path, capsys: py
     assert report["rows"] == 600 and report["data"] == str(data)
     # the report's numbers are the metrics of its own predictions
     scored = pq.read_table(out / "predictions.parquet").to_pandas()
-    expected = ctr_metrics(scored["label"].to_numpy(), scored["prob"].to_numpy(), scored["group"].to_numpy())
+    expected = plain_ctr_metrics(scored["label"].to_numpy(), scored["prob"].to_numpy(), scored["group"].to_numpy())
     for key in ("auc", "gauc", "logloss"):
         assert report[key] == pytest.approx(expected[key])
         lo, hi = report["ci95"][key]
@@ -116,7 +116,7 @@ def test_validate_test_and_predict_from_a_checkpoint(tmp_path: Path) -> None:
     assert len(predictions) == 1
     scored = pq.read_table(predictions[0]).to_pandas()
     assert len(scored) == 600
-    assert ctr_metrics(scored["label"].to_numpy(), scored["prob"].to_numpy(), scored["group"].to_numpy())[
+    assert plain_ctr_metrics(scored["label"].to_numpy(), scored["prob"].to_numpy(), scored["group"].to_numpy())[
         "auc"
     ] == pytest.approx(test_auc, abs=1e-6)
 
