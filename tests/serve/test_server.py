@@ -205,8 +205,12 @@ def test_serve_cli_refuses_a_broken_export(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_scorer_of_every_model_kind_serves_raw_rows(trained: dict, tmp_path: Path) -> None:
+    """int8 and int4 exports of every model kind score raw rows within their bound of the fp32 model."""
     rows = raw_rows(trained["data"], n=5)
+    test_split = CTRDataModule(str(trained["data"]), eval_batch_size=256).stream("test")
     for kind in ("din", "unified", "optembed", "supernet", "text"):
-        scorer = load(export(trained[kind], tmp_path / kind, "int8", progress=False))
-        probs = scorer.score(rows)
-        assert probs.shape == (5,) and np.all((probs > 0) & (probs < 1))
+        expected = predict_split(load_model(trained[kind]), test_split)["prob"][:5]  # the first test rows
+        for dtype, bound in (("int8", 1e-2), ("int4", 0.1)):
+            probs = load(export(trained[kind], tmp_path / f"{kind}-{dtype}", dtype, progress=False)).score(rows)
+            assert probs.shape == (5,)
+            assert float(np.abs(probs - expected).max()) <= bound, (kind, dtype, np.abs(probs - expected).max())
