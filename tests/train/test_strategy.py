@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,21 +35,38 @@ def _rendezvous() -> str:
     return f"file://{folder}/store"
 
 
-def spawn_ranks(worker, world: int, *args) -> None:
+def _marking_start_up(rank: int, world: int, rendezvous: str, markers: str, worker, *args) -> None:  # noqa: ANN001
+    """Runs ``worker`` in a rank, leaving ``<markers>/rank<r>.up`` once its process group is up."""
+    init = dist.init_process_group
+
+    def init_and_mark(*a, **k) -> None:  # noqa: ANN002, ANN003
+        init(*a, **k)
+        (Path(markers) / f"rank{rank}.up").touch()
+
+    dist.init_process_group = init_and_mark
+    worker(rank, world, rendezvous, *args)
+
+
+def spawn_ranks(worker, world: int, *args) -> None:  # noqa: ANN001
     """Runs ``worker(rank, world, rendezvous, *args)`` on ``world`` fresh processes.
 
-    One retry, with a new rendezvous, when a rank dies by SIGABRT before reporting: on this
-    2-core machine gloo's start-up has aborted ("terminate called without an active exception")
-    in about one suite run of five, independent of the code under test. Assertion failures and
-    Python exceptions in a rank are never retried.
+    One retry, with a new rendezvous and a warning, only when a rank dies by SIGABRT before its
+    process group is up: on these 2-core machines gloo's start-up has aborted ("terminate called
+    without an active exception") in about one suite run of five, before any code under test ran.
+    An abort after start-up, assertion failures and Python exceptions in a rank are never retried.
     """
+    import tempfile
+
     for attempt in range(2):
+        markers = tempfile.mkdtemp(prefix="recsys-ranks-up-")
         try:
-            mp.spawn(worker, args=(world, _rendezvous(), *args), nprocs=world, join=True)
+            mp.spawn(_marking_start_up, args=(world, _rendezvous(), markers, worker, *args), nprocs=world, join=True)
             return
         except mp.ProcessExitedException as err:
-            if err.signal_name != "SIGABRT" or attempt == 1:
+            started = (Path(markers) / f"rank{err.error_index}.up").exists()
+            if err.signal_name != "SIGABRT" or started or attempt == 1:
                 raise
+            warnings.warn(f"rank {err.error_index} aborted before its process group was up; retrying", stacklevel=2)
 
 
 def _build(data: str) -> tuple[DIN, list[Batch], Batch]:
@@ -408,3 +426,24 @@ def test_cli_builds_tables_on_meta_when_the_strategy_asks(tiny: str, tmp_path: P
     assert not any(p.is_meta for p in meta.model.dnn.parameters())  # dense layers are real
     plain = run(args, subcommand=False)
     assert not any(p.is_meta for p in table_parameters(plain.model))
+
+
+def _aborting_worker(rank: int, world: int, rendezvous: str, when: str, log: str) -> None:
+    with open(log, "a") as f:
+        f.write(f"{rank}\n")
+    if when == "after":
+        dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    if rank == 0:
+        os.abort()
+    if when == "after":
+        dist.barrier()  # rank 1 waits for rank 0, which never comes: the spawn's join stops it
+
+
+def test_spawn_ranks_retries_only_an_abort_before_start_up(tmp_path: Path) -> None:
+    for when, attempts in (("before", 2), ("after", 1)):
+        log = tmp_path / f"{when}.log"
+        with pytest.raises(mp.ProcessExitedException), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            spawn_ranks(_aborting_worker, 2, when, str(log))
+        assert log.read_text().count("0\n") == attempts, when
+        assert len([w for w in caught if "retrying" in str(w.message)]) == attempts - 1, when
