@@ -26,6 +26,7 @@ from benchdoc import machine, write_doc_section
 
 from recsys.eval.report import evaluate
 from recsys.train.cli import run
+from recsys.train.optembed import search_arguments
 from recsys.train.optembed_run import pipeline as optembed_pipeline
 
 DATASETS = {
@@ -65,18 +66,7 @@ def fit(data: str, root: Path, version: str, seed: int, extra: list[str]) -> Pat
 
 def pipeline(data: str, root: Path, seed: int, budget: float, extra: list[str]) -> dict:
     """``recsys optembed run`` on the base model: one supernet per seed, a search and a compact retrain per budget."""
-    search = argparse.Namespace(
-        budget=budget,
-        population=50,
-        generations=30,
-        keep=15,
-        mutations=10,
-        crossovers=10,
-        mutation_prob=0.1,
-        seed=seed,
-        dim_step=4,
-        batch_size=8192,
-    )
+    search = search_arguments(seed, budget)
     configs = [BASE, "configs/embedding/optembed_supernet.yaml"]
     return optembed_pipeline(
         configs, root / "optembed", search, ["--data.path", data, "--seed_everything", str(seed), *extra]

@@ -118,22 +118,10 @@ def train_and_score(config: str, seed: int, out: Path, extra: list[str], kind: s
 def train(config: str, seed: int, out: Path, name: str, extra: list[str], kind: str | None) -> str:
     """Path of the best-val-AUC checkpoint of one training run (the OptEmbed pipeline's compact model)."""
     if kind == "optembed":
-        from argparse import Namespace
-
+        from recsys.train.optembed import search_arguments
         from recsys.train.optembed_run import pipeline
 
-        search = Namespace(
-            budget=None,
-            population=50,
-            generations=30,
-            keep=15,
-            mutations=10,
-            crossovers=10,
-            mutation_prob=0.1,
-            seed=seed,
-            dim_step=4,
-            batch_size=8192,
-        )
+        search = search_arguments(seed)
         return pipeline(
             [config, *KIND_OVERLAYS[kind]], out / name / f"seed{seed}", search, ["--seed_everything", str(seed), *extra]
         )["checkpoint"]

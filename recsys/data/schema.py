@@ -115,6 +115,20 @@ class Schema:
         """The features that own a table (one per categorical/categorical_list feature)."""
         return self.sparse
 
+    def sequence_groups(self, groups: list[list[str]] | None, model: str) -> tuple[dict[str, str], list[list[str]]]:
+        """``({sequence: its target feature}, groups)`` for a model that reads behaviors against their target
+        (DIN, BST): every sequence in exactly one group; default one group of all, in schema order."""
+        if not self.sequences:
+            raise ValueError(f"{self.source}: {model} needs at least one 'sequence' feature; use EmbeddingMLP instead")
+        target_of = {s.name: s.target for s in self.sequences}
+        groups = groups or [list(target_of)]
+        grouped = [s for group in groups for s in group]
+        if len(grouped) != len(set(grouped)) or set(grouped) != set(target_of):
+            raise ValueError(
+                f"attention_groups must list each sequence feature {sorted(target_of)} exactly once, got {groups}"
+            )
+        return target_of, groups
+
     def columns(self) -> list[str]:
         """Every Parquet column the contract reads."""
         cols = [self.label] + [f.name for f in self.features]

@@ -57,19 +57,7 @@ class BST(CTRModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(features, **kwargs)
-        sequences = self.schema.sequences
-        if not sequences:
-            raise ValueError(
-                f"{self.schema.source}: BST needs at least one 'sequence' feature; use EmbeddingMLP instead"
-            )
-        self.target_of = {s.name: s.target for s in sequences}
-        self.groups = attention_groups or [[s.name for s in sequences]]
-        grouped = [s for group in self.groups for s in group]
-        if len(grouped) != len(set(grouped)) or set(grouped) != set(self.target_of):
-            raise ValueError(
-                f"attention_groups must list each sequence feature {sorted(self.target_of)} exactly once, "
-                f"got {self.groups}"
-            )
+        self.target_of, self.groups = self.schema.sequence_groups(attention_groups, "BST")
         targets = list(dict.fromkeys(self.target_of.values()))
         self.embedding = self.embedding_layer(jagged=[*targets, *self.target_of])
         width = self.embedding.output_dims()

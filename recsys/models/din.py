@@ -65,20 +65,8 @@ class DIN(CTRModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(features, **kwargs)
-        sequences = self.schema.sequences
-        if not sequences:
-            raise ValueError(
-                f"{self.schema.source}: DIN needs at least one 'sequence' feature; use EmbeddingMLP instead"
-            )
-        self.target_of = {s.name: s.target for s in sequences}
+        self.target_of, self.groups = self.schema.sequence_groups(attention_groups, "DIN")
         self.targets = list(dict.fromkeys(self.target_of.values()))  # in schema order, unique
-        self.groups = attention_groups or [[s.name for s in sequences]]
-        grouped = [s for group in self.groups for s in group]
-        if len(grouped) != len(set(grouped)) or set(grouped) != set(self.target_of):
-            raise ValueError(
-                f"attention_groups must list each sequence feature {sorted(self.target_of)} exactly once, "
-                f"got {self.groups}"
-            )
         self.embedding = self.embedding_layer(jagged=[*self.targets, *self.target_of])
         width = self.embedding.output_dims()
         self.pooled = self.embedding.pooled_features

@@ -56,6 +56,12 @@ class SearchConfig:
     dim_step: int = 4  # FBGEMM's table-batched kernels need widths that are multiples of 4
 
 
+def search_arguments(seed: int, budget: float | None = None, batch_size: int = 8192) -> argparse.Namespace:
+    """The arguments ``recsys optembed run`` parses, at the search's defaults: for scripts that call the pipeline."""
+    defaults = SearchConfig()
+    return argparse.Namespace(**{**defaults.__dict__, "seed": seed, "budget": budget, "batch_size": batch_size})
+
+
 class ValCache:
     """The val split through a supernet once (full widths, learned row masks): the embedding layer's
     outputs and the dense features of every batch. A candidate's fitness then narrows the cached
