@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import shutil
 import time
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchdoc import machine, write_doc_section
+from benchdoc import machine, reused_or_run, write_doc_section
 
+from recsys.data.vocab import Vocabulary
+from recsys.embedding.optembed import ARTIFACT, load_artifact
 from recsys.eval.report import evaluate
 from recsys.train.cli import run
 from recsys.train.optembed import search_arguments
@@ -37,6 +40,7 @@ OUT = Path("runs/optembed")
 
 
 BASE = "configs/movielens/base.yaml"
+FULL_DIM = 16  # the base config's width (configs/movielens/base.yaml)
 
 
 def fit(data: str, root: Path, version: str, seed: int, extra: list[str]) -> Path:
@@ -77,61 +81,78 @@ def test_auc(ckpt: Path) -> float:
     return float(evaluate(ckpt, split="test", out=ckpt.parent.parent / "eval_test", bootstrap=0)["auc"])
 
 
+def fit_and_test(
+    data: str, root: Path, version: str, seed: int, block: dict | None, extra: list[str], inputs: str = ""
+) -> float:
+    """Test AUC of the base model with embedding ``block`` (None: the config's), reused when the run
+    directory holds a result for the same config text, block, seed, options and ``inputs`` (a hash of
+    the files the block names)."""
+    options = [*(["--model.init_args.embedding", json.dumps(block)] if block else []), *extra]
+    parts = [Path(BASE).read_text(), data, seed, options, inputs]
+    return reused_or_run(root / version, parts, lambda: {"auc": test_auc(fit(data, root, version, seed, options))})[
+        "auc"
+    ]
+
+
+def ablation_artifact(search_dir: str, out: Path, keep_rows: bool, keep_dims: bool) -> Path:
+    """A search artifact with one part of OptEmbed switched off: the searched row masks with every table
+    at its full width (``keep_rows``, OptEmbed-E), or every row with the searched widths (``keep_dims``,
+    OptEmbed-D); written to ``out`` for a compact retrain."""
+    artifact = load_artifact(search_dir)
+    derived = {
+        **artifact,
+        "kept": artifact["kept"] if keep_rows else {o: torch.ones_like(m) for o, m in artifact["kept"].items()},
+        "dims": artifact["dims"] if keep_dims else dict(artifact["full_dims"]),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(derived, out / ARTIFACT)
+    return out
+
+
+def row(name: str, method: str, budget: float, seed: int, params: int, full_params: int, auc: float) -> dict:
+    return {
+        "dataset": name,
+        "method": method,
+        "budget": budget,
+        "seed": seed,
+        "params": params,
+        "full_params": full_params,
+        "sparsity": 1 - params / full_params,
+        "test_auc": auc,
+    }
+
+
 def run_seed(name: str, seed: int, budgets: list[float]) -> list[dict]:
+    """Per seed: the full tables, OptEmbed per budget, and at each budget's parameters the baselines
+    (unified, uniform narrow tables) and the ablations (rows only, widths only)."""
     data, extra = DATASETS[name]["path"], DATASETS[name]["extra"]
     root = OUT / name / f"s{seed}"
+    sizes = Vocabulary.load_or_build(Path(data)).table_sizes()
     rows = []
-    full_ckpt = root / "full" / "checkpoints" / "best.ckpt"
-    if not (root / "full" / "eval_test" / "report.json").exists():
-        shutil.rmtree(root / "full", ignore_errors=True)
-        fit(data, root, "full", seed, extra)
-        test_auc(full_ckpt)
-    full = json.loads((root / "full" / "eval_test" / "report.json").read_text())
     for budget in budgets:
         result = pipeline(data, root, seed, budget, extra)
-        rows.append(
-            {
-                "dataset": name,
-                "method": "optembed",
-                "budget": budget,
-                "seed": seed,
-                "params": result["params"],
-                "full_params": result["full_params"],
-                "sparsity": result["sparsity"],
-                "test_auc": result["test_auc"],
-            }
-        )
+        full_params = result["full_params"]
+        rows.append(row(name, "optembed", budget, seed, result["params"], full_params, result["test_auc"]))
         unified_rows = max(1, round(result["params"] / 8))
-        version = f"unified_b{budget}"
-        report = root / version / "eval_test" / "report.json"
-        if not report.exists():
-            shutil.rmtree(root / version, ignore_errors=True)
-            block = {"kind": "unified", "rows": unified_rows, "dim": 8, "num_tables": 1, "probes": 2}
-            test_auc(fit(data, root, version, seed, ["--model.init_args.embedding", json.dumps(block), *extra]))
-        rows.append(
-            {
-                "dataset": name,
-                "method": "unified",
-                "budget": budget,
-                "seed": seed,
-                "params": unified_rows * 8,
-                "full_params": result["full_params"],
-                "sparsity": 1 - unified_rows * 8 / result["full_params"],
-                "test_auc": json.loads(report.read_text())["auc"],
-            }
-        )
-    rows.append(
-        {
-            "dataset": name,
-            "method": "full",
-            "budget": 1.0,
-            "seed": seed,
-            "params": rows[0]["full_params"],
-            "full_params": rows[0]["full_params"],
-            "sparsity": 0.0,
-            "test_auc": full["auc"],
-        }
-    )
+        block = {"kind": "unified", "rows": unified_rows, "dim": 8, "num_tables": 1, "probes": 2}
+        auc = fit_and_test(data, root, f"unified_b{budget}", seed, block, extra)
+        rows.append(row(name, "unified", budget, seed, unified_rows * 8, full_params, auc))
+        narrow = max(4, round(FULL_DIM * budget / 4) * 4)  # uniform width at the budget (FBGEMM: multiples of 4)
+        auc = fit_and_test(data, root, f"narrow_d{narrow}", seed, {"dim": narrow}, extra)
+        rows.append(row(name, f"uniform dim {narrow}", budget, seed, sum(sizes.values()) * narrow, full_params, auc))
+        for method, keep_rows, keep_dims in (("rows only", True, False), ("widths only", False, True)):
+            if method == "rows only" and budget != budgets[0]:
+                continue  # the row masks come from the supernet: one per seed, whatever the budget
+            label = method.replace(" ", "_") + ("" if keep_rows and not keep_dims else f"_b{budget}")
+            artifact = ablation_artifact(result["search"], root / "artifacts" / label, keep_rows, keep_dims)
+            found = load_artifact(artifact)
+            params = sum(int(found["kept"][o].sum()) * int(found["dims"][o]) for o in found["dims"])
+            compact = {"kind": "optembed", "stage": "compact", "dim": FULL_DIM, "artifact": str(artifact)}
+            inputs = hashlib.sha256((artifact / ARTIFACT).read_bytes()).hexdigest()
+            auc = fit_and_test(data, root, label, seed, compact, extra, inputs)
+            rows.append(row(name, f"optembed {method}", budget if keep_dims else 1.0, seed, params, full_params, auc))
+    auc = fit_and_test(data, root, "full", seed, None, extra)
+    rows.append(row(name, "full", 1.0, seed, full_params, full_params, auc))
     return rows
 
 
@@ -142,7 +163,11 @@ def markdown(rows: list[dict], seeds: list[int], seconds: float) -> str:
         "(docs/protocols.md), mean over seeds; Δ = vs the full tables "
         "of the same seeds. Supernet α = 1e-5, threshold lr 1e-2; "
         "search: dims in multiples of 4, population 50, 30 generations × "
-        "(10 mutations + 10 crossovers), top 15, p = 0.1, fitness = val AUC.",
+        "(10 mutations + 10 crossovers), top 15, p = 0.1, fitness = val AUC. Baselines at each budget's "
+        "parameters: `unified` (one shared table, 2 probes × 8), `uniform dim d` (plain tables, every feature "
+        "at width d = 16·budget). Ablations (compact retrains from a derived search artifact): `optembed rows "
+        "only` = the supernet's row masks with every table at width 16 (OptEmbed-E), `optembed widths only` = "
+        "every row with the searched widths (OptEmbed-D).",
         "",
         "| dataset | method | budget | sparsity | embedding params | test AUC | Δ AUC vs full |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -158,6 +183,7 @@ def markdown(rows: list[dict], seeds: list[int], seconds: float) -> str:
                 f"{np.mean([r['params'] for r in sel]):,.0f} | {aucs.mean():.4f} ± {aucs.std():.4f} | "
                 f"{aucs.mean() - full.mean():+.4f} |"
             )
+    lines += ["", *contributions(rows)]
     lines += [
         "",
         "Search front of the ml100k seed-1 supernet at budget 0.5 (val AUC with supernet weights):",
@@ -165,6 +191,36 @@ def markdown(rows: list[dict], seeds: list[int], seconds: float) -> str:
         "![OptEmbed search](optembed_pareto.png)",
     ]
     return "\n".join(lines)
+
+
+def contributions(rows: list[dict]) -> list[str]:
+    """One sentence per dataset and budget, computed from the rows: what row pruning and the widths
+    search each add, in test AUC (mean over seeds), against the uniform table of that budget."""
+
+    def mean(name: str, method: str, budget: float) -> float | None:
+        aucs = [r["test_auc"] for r in rows if (r["dataset"], r["method"], r["budget"]) == (name, method, budget)]
+        return float(np.mean(aucs)) if aucs else None
+
+    lines = []
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        full, rows_only = mean(name, "full", 1.0), mean(name, "optembed rows only", 1.0)
+        budgets = sorted({r["budget"] for r in rows if r["dataset"] == name and r["method"] == "optembed"})
+        for budget in budgets[::-1]:
+            uniform = [
+                r["test_auc"]
+                for r in rows
+                if r["dataset"] == name and r["budget"] == budget and r["method"].startswith("uniform")
+            ]
+            uniform = float(np.mean(uniform)) if uniform else None
+            optembed, widths = mean(name, "optembed", budget), mean(name, "optembed widths only", budget)
+            if None in (full, rows_only, uniform, optembed, widths):
+                continue
+            lines.append(
+                f"- {name}, budget {budget:g}: OptEmbed {optembed - uniform:+.4f} AUC vs the uniform table of the "
+                f"same budget; the widths search alone (every row kept) {widths - uniform:+.4f}; row pruning "
+                f"alone (full widths) {rows_only - full:+.4f} vs the full tables."
+            )
+    return lines
 
 
 def main() -> None:

@@ -2,10 +2,15 @@
 
 from benchdoc import machine, write_doc_section      # (scripts/ is on sys.path when a script runs)
 write_doc_section("docs/benchmarks.md", "bench_train", f"Machine: {machine()} ...")
+result = reused_or_run(run_dir, [config_text, block, seed], lambda: {...})   # a run reused only if the same
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,3 +46,24 @@ def machine() -> str:
     except OSError:
         pass
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def fingerprint(parts: object) -> str:
+    """Hash of what a run's result depends on (config text, blocks, seed, options), as JSON."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def reused_or_run(run_dir: Path, parts: object, compute: Callable[[], dict]) -> dict:
+    """``run_dir/result.json`` when it was written for the same ``parts``; otherwise ``run_dir`` is
+    cleared (a stale checkpoint must not be scored), ``compute()`` runs and its result is stored with
+    the fingerprint. So a table never mixes results of two configs."""
+    done, key = Path(run_dir) / "result.json", fingerprint(parts)
+    if done.exists():
+        stored = json.loads(done.read_text())
+        if stored.get("fingerprint") == key:
+            return stored
+    shutil.rmtree(run_dir, ignore_errors=True)
+    result = {**compute(), "fingerprint": key}
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(result, indent=2))
+    return result

@@ -171,6 +171,11 @@ def main() -> None:
         f"Machine: {machine()}, {args.threads} torch threads; base model (Embedding&MLP), width 16 per feature; "
         f"{time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s. CSV: runs/sweep_memory/results.csv.",
         "",
+        "Hashing trick: `embedding: {kind: hashed, dim: 16, budget: b}`, the embedding layer's one allocation "
+        "rule (max-min fair: a table smaller than the common row cap keeps every row, the larger ones share "
+        "what is left; `recsys/embedding/spec.py`), so small features are not collapsed to one row. "
+        "Unified: one shared table of 2·b·Σ rows_f rows × 8, each feature concatenating 2 probes (width 16).",
+        "",
         "![Pareto front](sweep_memory.png)",
         "",
         "| dataset | budget | embedding params (unified; hashing within 1%) | "

@@ -37,6 +37,7 @@ from recsys.data.arrow import split_files
 from recsys.data.encode import ChunkEncoder
 from recsys.data.vocab import Vocabulary, check_same_content
 from recsys.eval.metrics import ndcg_at_k, recall_at_k
+from recsys.eval.selection import best_on_val
 from recsys.retrieval.index import VectorIndex
 
 
@@ -98,7 +99,7 @@ class Queries:
         self.seen = [seen.get(u, set()) for u in users]
         train_clicks = train[train[label] > 0.5].groupby(user)[item].agg(lambda s: [catalogue.position[i] for i in s])
         self.train_clicks = [train_clicks.get(u, []) for u in users]
-        self.users = users
+        self.users, self.split = users, split
         self.cold_positives = [{p for p in ps if catalogue.cold[p]} for ps in self.positives]
 
 
@@ -190,11 +191,16 @@ class Retriever:
         z_id[:, self.catalogue.cold] = z_text[:, self.catalogue.cold]
         return alpha * z_id + (1 - alpha) * z_text
 
-    def alpha(self, queries: Queries, k: int) -> float:
-        s_id, s_text = self.scores(queries)
-        grid = np.linspace(0, 1, 11)
-        recalls = [recall_at_k(_rank(self.fused(s_id, s_text, a), queries.seen, k), queries.positives, k) for a in grid]
-        return float(grid[int(np.argmax(recalls))])
+    def alpha(self, val: Queries, k: int) -> float:
+        """The fusion weight α ∈ {0, 0.1, …, 1} with the best Recall@k on ``val`` (the val split's users)."""
+        s_id, s_text = self.scores(val)
+        recalls = {
+            float(a): {
+                "val": {"recall": recall_at_k(_rank(self.fused(s_id, s_text, a), val.seen, k), val.positives, k)}
+            }
+            for a in np.linspace(0, 1, 11)
+        }
+        return best_on_val(recalls, "recall")
 
     def rerank(self, din, queries: Queries, ranked: list[list[int]]) -> list[list[int]]:  # noqa: ANN001
         """Each user's candidates re-ordered by DIN's click probability."""

@@ -1,9 +1,12 @@
 """OptEmbed inside the embedding layer: masks, sampled widths, search, compact tables, the 3-stage command."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -254,6 +257,19 @@ def test_three_stages_in_one_command_and_a_compact_checkpoint_loads_without_the_
     assert result["sparsity"] >= 0.5 and (search_dir / "pareto.png").exists()  # the overlay's budget 0.5
     assert (search_dir / "pareto.csv").read_text().startswith("params,fraction_of_full,val_auc")
     assert 0.5 < result["test_auc"] <= 1
+    # the search scores widths on val only: on a copy whose test clicks are shuffled it finds the same
+    permuted = tmp_path / "test_labels_permuted"
+    shutil.copytree(data, permuted)
+    for file in sorted((permuted / "test").glob("*.parquet")):
+        table = pq.read_table(file)
+        clicks = np.random.default_rng(0).permutation(table.column("click").to_numpy())
+        pq.write_table(table.set_column(table.schema.get_field_index("click"), "click", pa.array(clicks)), file)
+    again = tmp_path / "search_again"
+    first = json.loads((search_dir / "search.json").read_text())
+    flags = ["--data", str(permuted), "--out", str(again), "--budget", "0.5", *head[-4:]]
+    assert optembed_main(["search", "--ckpt", first["supernet"], *flags]) == 0
+    second = json.loads((again / "search.json").read_text())
+    assert (second["dims"], second["val_auc"]) == (first["dims"], first["val_auc"])
     stages = {"supernet": out / "supernet", "search": search_dir, "compact": out / "compact"}
     marks = {p: (d / "FINGERPRINT").stat().st_mtime_ns for p, d in stages.items()}
     assert optembed_main(args) == 0  # the same command again: every stage is recorded as done
@@ -262,8 +278,6 @@ def test_three_stages_in_one_command_and_a_compact_checkpoint_loads_without_the_
     assert marks["supernet"] == (out / "supernet" / "FINGERPRINT").stat().st_mtime_ns
     second = Path(json.loads((out / "result.json").read_text())["search"])
     assert second != search_dir and (search_dir / "optembed.pt").exists()  # the first search is still there
-    import shutil
-
     shutil.rmtree(search_dir)
     found = json.loads((out / "result.json").read_text())
     model = load_model(found["checkpoint"])

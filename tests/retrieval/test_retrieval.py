@@ -101,7 +101,9 @@ def test_vectors_are_normalized_and_history_matters(tmp_path: Path) -> None:
         TwoTower(dm.dataset_info, user="user", item="user", history="hist_item")
 
 
-def test_retrieve_end_to_end_excludes_seen_items_and_scores_cold_items(tmp_path: Path) -> None:
+def test_retrieve_end_to_end_excludes_seen_items_and_scores_cold_items(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from recsys.retrieval.evaluate import Queries, Retriever
 
     data = write_dataset(tmp_path / "d", schema=SCHEMA)
@@ -146,6 +148,12 @@ def test_retrieve_end_to_end_excludes_seen_items_and_scores_cold_items(tmp_path:
     reranked = retriever.rerank(din, queries, candidates)
     assert all(sorted(a) == sorted(b) for a, b in zip(reranked, candidates, strict=True))
     assert "hybrid_learned+din" in retriever.evaluate(din=din, k=10, rerank_depth=20)["results"]
+    # α is chosen on val: the queries it is scored on are the val split's users, whatever split is reported
+    chosen_on = []
+    choose = Retriever.alpha
+    monkeypatch.setattr(Retriever, "alpha", lambda self, q, k: chosen_on.append(q.split) or choose(self, q, k))
+    assert retriever.evaluate(din=None, k=10, rerank_depth=20, split="test")["split"] == "test"
+    assert chosen_on == ["val"]
 
 
 def test_item_text_can_carry_more_item_columns(tmp_path: Path) -> None:
