@@ -99,7 +99,12 @@ def bench_fused(rows: list[int], dim: int, batch: int, steps: int, optimizer: st
     return _rate(step, data, batch)
 
 
-def bench_world_sizes(rows: int, threads: int) -> dict[int, float]:
+def spread(values: list[float]) -> str:
+    """``median [min–max]`` of samples/s measurements."""
+    return f"{np.median(values):,.0f} [{min(values):,.0f}–{max(values):,.0f}]"
+
+
+def bench_world_sizes(rows: int, threads: int, repeats: int) -> dict[int, list[float]]:
     data = Path(f"data/synthetic-{rows // 1000}k")
     if not (data / "GENERATED.json").exists():
         subprocess.run(
@@ -116,8 +121,8 @@ def bench_world_sizes(rows: int, threads: int) -> dict[int, float]:
             check=True,
         )
     recsys = Path(sys.executable).parent / "recsys"
-    rates = {}
-    for devices in (1, 2):
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    for devices in [d for _ in range(repeats) for d in (1, 2)]:  # interleaved
         env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
         env["OMP_NUM_THREADS"] = str(max(1, threads // devices))
         out = subprocess.run(
@@ -154,8 +159,8 @@ def bench_world_sizes(rows: int, threads: int) -> dict[int, float]:
         found = re.findall(r"epoch 0: ([\d,]+) training samples/s", out.stdout + out.stderr)
         if out.returncode != 0 or not found:
             raise RuntimeError(f"recsys fit at {devices} device(s) failed:\n{(out.stdout + out.stderr)[-3000:]}")
-        rates[devices] = float(found[-1].replace(",", ""))
-        print(f"[bench_embeddings] world size {devices}: {rates[devices]:,.0f} samples/s", flush=True)
+        rates[devices].append(float(found[-1].replace(",", "")))
+        print(f"[bench_embeddings] world size {devices}: {rates[devices][-1]:,.0f} samples/s", flush=True)
     return rates
 
 
@@ -168,6 +173,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per cell (interleaved); median and range")
     parser.add_argument("--train-rows", type=int, default=1_000_000, help="synthetic rows for the world-size part")
     parser.add_argument("--doc", default="docs/benchmarks.md")
     args = parser.parse_args()
@@ -175,8 +181,9 @@ def main() -> None:
     rows = np.geomspace(args.min_rows, args.max_rows, NUM_TABLES).astype(int).tolist()
     header = [
         f"Command: `python scripts/bench_embeddings.py --part {args.part} --dims {' '.join(map(str, args.dims))} "
-        f"--batch {args.batch} --steps {args.steps} --threads {args.threads}`  ",
-        f"Machine: {machine()}, {args.threads} torch threads; {time.strftime('%Y-%m-%d')}.",
+        f"--batch {args.batch} --steps {args.steps} --threads {args.threads} --repeats {args.repeats}`  ",
+        f"Machine: {machine()}, {args.threads} torch threads; {time.strftime('%Y-%m-%d')}. Each cell: median of "
+        f"{args.repeats} measurements (interleaved with the other columns) [min–max].",
     ]
     if args.part in ("kernels", "all"):
         lines = [
@@ -192,20 +199,20 @@ def main() -> None:
             "|---|---|---|---|---|",
         ]
         for dim in args.dims:
-            base = bench_baseline(rows, dim, args.batch, args.steps)
-            fused = bench_fused(rows, dim, args.batch, args.steps, "adagrad")
-            rowwise = bench_fused(rows, dim, args.batch, args.steps, "rowwise_adagrad")
-            print(
-                f"[bench_embeddings] dim {dim}: baseline {base:,.0f}, "
-                f"fused adagrad {fused:,.0f}, rowwise {rowwise:,.0f}",
-                flush=True,
-            )
-            lines.append(f"| {dim} | {base:,.0f} | {fused:,.0f} | {rowwise:,.0f} | {fused / base:.2f}× |")
+            runs: dict[str, list[float]] = {"base": [], "fused": [], "rowwise": []}
+            for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every column
+                runs["base"].append(bench_baseline(rows, dim, args.batch, args.steps))
+                runs["fused"].append(bench_fused(rows, dim, args.batch, args.steps, "adagrad"))
+                runs["rowwise"].append(bench_fused(rows, dim, args.batch, args.steps, "rowwise_adagrad"))
+            print(f"[bench_embeddings] dim {dim}: {runs}", flush=True)
+            ratio = float(np.median(runs["fused"]) / np.median(runs["base"]))
+            cells = " | ".join(spread(runs[k]) for k in ("base", "fused", "rowwise"))
+            lines.append(f"| {dim} | {cells} | {ratio:.2f}× |")
         write_doc_section(Path(args.doc), "bench_embeddings", "\n".join(lines))
     if args.part in ("training", "all"):
         if dist.is_initialized():
             dist.destroy_process_group()
-        rates = bench_world_sizes(args.train_rows, args.threads)
+        rates = bench_world_sizes(args.train_rows, args.threads, args.repeats)
         lines = [
             "## Training at world size 1 and 2 (`scripts/bench_embeddings.py --part training`)",
             "",
@@ -218,7 +225,7 @@ def main() -> None:
             "| world size | training samples/s (all ranks) |",
             "|---|---|",
         ]
-        lines += [f"| {w} | {r:,.0f} |" for w, r in rates.items()]
+        lines += [f"| {w} | {spread(r)} |" for w, r in rates.items()]
         write_doc_section(Path(args.doc), "bench_world_sizes", "\n".join(lines))
     print(f"[bench_embeddings] wrote {args.doc}")
 

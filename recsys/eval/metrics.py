@@ -158,6 +158,20 @@ def paired_bootstrap_pvalue(
     return float((np.sum(stats <= 0) + 1) / (num_samples + 1))
 
 
+def paired_bootstrap_interval(
+    a: np.ndarray, b: np.ndarray, num_samples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile interval of ``mean(a − b)`` over units (users) drawn with replacement; ``a[i]`` and
+    ``b[i]`` are one unit's metric under two systems (e.g. per-user Recall@K), so the pairing is kept."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if diff.ndim != 1 or not len(diff) or not np.isfinite(diff).all():
+        raise ValueError(f"paired_bootstrap_interval needs two equal-length finite 1-d arrays, got {diff.shape}")
+    drawn = np.random.default_rng(seed).integers(0, len(diff), (num_samples, len(diff)))
+    means = diff[drawn].mean(1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
 def calibration_bins(labels: np.ndarray, probs: np.ndarray, num_bins: int = 10) -> dict[str, np.ndarray]:
     """Equal-width reliability bins: mean predicted vs observed click rate, and counts."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -185,9 +199,14 @@ def _ranges(sizes: np.ndarray) -> np.ndarray:
     return np.arange(total) - np.repeat(starts, sizes)
 
 
+def recall_per_user(ranked: list[list], positives: list[set], k: int) -> list[float]:
+    """|top-K ∩ positives| / |positives| of each user with positives (users without are left out)."""
+    return [len(set(r[:k]) & p) / len(p) for r, p in zip(ranked, positives, strict=True) if p]
+
+
 def recall_at_k(ranked: list[list], positives: list[set], k: int) -> float:
     """docs/protocols.md Recall@K: per user |top-K ∩ positives| / |positives|, averaged over users with positives."""
-    values = [len(set(r[:k]) & p) / len(p) for r, p in zip(ranked, positives, strict=True) if p]
+    values = recall_per_user(ranked, positives, k)
     return float(np.mean(values)) if values else float("nan")
 
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from recsys.data.arrow import split_files
 from recsys.data.encode import ChunkEncoder
 from recsys.data.vocab import Vocabulary, check_same_content
-from recsys.eval.metrics import ndcg_at_k, recall_at_k
+from recsys.eval.metrics import ndcg_at_k, recall_at_k, recall_per_user
 from recsys.eval.selection import best_on_val
 from recsys.retrieval.index import VectorIndex
 
@@ -126,8 +126,10 @@ def _standardize(scores: np.ndarray) -> np.ndarray:
 
 
 def _metrics(ranked: list[list[int]], queries: Queries, k: int) -> dict[str, float]:
+    """Recall/NDCG@k overall and on cold positives, and each user's Recall@k (for paired bootstraps)."""
     return {
         f"recall@{k}": recall_at_k(ranked, queries.positives, k),
+        f"user_recall@{k}": recall_per_user(ranked, queries.positives, k),
         f"ndcg@{k}": ndcg_at_k(ranked, queries.positives, k),
         f"cold_recall@{k}": recall_at_k(ranked, queries.cold_positives, k),
         "cold_users": int(sum(1 for c in queries.cold_positives if c)),

@@ -73,3 +73,19 @@ def test_calibration_bins() -> None:
     assert bins["counts"].tolist() == [2, 0, 0, 0, 0, 1, 0, 0, 0, 2]
     assert bins["observed"][9] == 1.0 and bins["predicted"][0] == pytest.approx(0.05)
     assert metrics.expected_calibration_error(labels, probs) == pytest.approx((2 * 0.05 + 0.55 + 2 * 0.05) / 5)
+
+
+def test_paired_bootstrap_interval_matches_the_normal_approximation_and_keeps_pairs() -> None:
+    from recsys.eval.metrics import paired_bootstrap_interval
+
+    rng = np.random.default_rng(0)
+    b = rng.uniform(size=3000)
+    a = b + 0.02 + rng.normal(0, 0.1, size=3000)
+    low, high = paired_bootstrap_interval(a, b, num_samples=4000)
+    diff = a - b  # the textbook interval for a mean: x̄ ± 1.96·s/√n
+    half = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff))
+    assert abs(low - (diff.mean() - half)) < 0.1 * half and abs(high - (diff.mean() + half)) < 0.1 * half
+    # pairs are kept: a constant shift has no spread at all (unpaired resampling would give a wide one)
+    assert paired_bootstrap_interval(b + 0.05, b) == pytest.approx((0.05, 0.05))
+    with pytest.raises(ValueError, match="equal-length finite"):
+        paired_bootstrap_interval(np.array([0.1, np.nan]), np.array([0.1, 0.2]))

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -69,10 +70,23 @@ def spawn_ranks(worker, world: int, *args) -> None:  # noqa: ANN001
             warnings.warn(f"rank {err.error_index} aborted before its process group was up; retrying", stacklevel=2)
 
 
-def _build(data: str) -> tuple[DIN, list[Batch], Batch]:
+MBA = 0.05  # large enough that the penalty moves the rows visibly in 4 steps
+
+
+def _build(data: str, dice_and_mba: bool = False) -> tuple[DIN, list[Batch], Batch]:
     torch.manual_seed(0)
     dm = CTRDataModule(data)
-    model = DIN(dm.dataset_info, embedding={"dim": 8}, attention_activation="prelu", dnn_activation="relu")
+    if dice_and_mba:  # batch statistics (Dice) and the batch's row set (MBA) are per rank: half the global batch
+        model = DIN(
+            dm.dataset_info,
+            embedding={"dim": 8},
+            attention_activation="dice",
+            dnn_activation="dice",
+            mba_lambda=MBA,
+            resources=dm.resources,
+        )
+    else:
+        model = DIN(dm.dataset_info, embedding={"dim": 8}, attention_activation="prelu", dnn_activation="relu")
     stream = ParquetStream(data, "train", dm.vocab, batch_size=GLOBAL_BATCH, shuffle=True, rank=0, world_size=1)
     batches = [b for _, b in zip(range(STEPS), stream, strict=False)]
     val = next(iter(ParquetStream(data, "val", dm.vocab, batch_size=200, rank=0, world_size=1)))
@@ -131,6 +145,103 @@ def _reference(data: str) -> tuple[list[float], np.ndarray]:
         return losses, torch.sigmoid(model.eval()(val)).numpy()
 
 
+def _dice_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: b.clone() for name, b in model.named_buffers() if ".norm." in name}
+
+
+def _train_counts(data: str, model: DIN) -> dict[str, torch.Tensor]:
+    """n_j of MBA by a plain count: each table row's occurrences in the train split, at least 1; row 0
+    (null / out of vocabulary) holds no vocabulary id, so it counts as seen once (docs/architecture.md)."""
+    from recsys.data.arrow import split_files
+
+    vocab = CTRDataModule(data).vocab
+    train = pa.concat_tables([pq.read_table(f) for f in split_files(Path(data), "train")])
+    counts = {}
+    for table in ("user", "item", "city"):
+        rows = torch.as_tensor(np.asarray(vocab.lookup(table, train.column(table).combine_chunks())))
+        size = model.embedding.table_weight(f"t_{table}").shape[0]
+        counts[table] = torch.bincount(rows, minlength=size)
+        counts[table][0] = 0
+        counts[table] = counts[table].clamp(min=1).float()
+    return counts
+
+
+def _share_penalty(model: DIN, local: Batch, counts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """λ Σ_j ||w_j||² / n_j over the distinct rows one share reads: the single-valued features and the
+    behavior sequence (through the item table); the pooled tag list is a mean, not penalised."""
+    penalty = torch.zeros(())
+    for table in ("user", "item", "city"):
+        ids = local.sparse[table].values()
+        if table == "item":
+            ids = torch.cat([ids, local.sequences["hist_item"].values()])
+        unique = ids.unique()
+        weight = model.embedding.table_weight(f"t_{table}")
+        penalty = penalty + (weight[unique].pow(2).sum(1) / counts[table][unique]).sum()
+    return MBA * penalty
+
+
+def _reference_dice_and_mba(data: str, world: int = 2) -> tuple[list[float], np.ndarray]:
+    """One process doing by hand what each of ``world`` ranks does: per step, each rank's share of the
+    batch gets its own forward (Dice normalises by that share's statistics; MBA penalises the rows that
+    share reads), the gradient is the mean over shares (DDP's averaging and torchrec's gradient
+    division), and the Dice running statistics are rank 0's (they only ever saw its shares)."""
+    model, batches, val = _build(data, dice_and_mba=True)
+    counts = _train_counts(data, model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for batch in batches:
+        optimizer.zero_grad()
+        share, total = len(batch) // world, torch.zeros(())
+        for rank in range(world):
+            local = _rows(batch, rank * share, (rank + 1) * share)
+            bce = F.binary_cross_entropy_with_logits(model(local), local.labels)
+            total = total + (bce + _share_penalty(model, local, counts)) / world
+            if rank == 0:
+                rank0 = _dice_buffers(model)
+        total.backward()
+        with torch.no_grad():  # another rank's statistics never reach rank 0's running averages
+            for name, buffer in model.named_buffers():
+                if name in rank0:
+                    buffer.copy_(rank0[name])
+        optimizer.step()
+        losses.append(float(total))
+    with torch.no_grad():
+        return losses, torch.sigmoid(model.eval()(val)).numpy()
+
+
+def _dice_mba_worker(rank: int, world: int, rendezvous: str, data: str, out: str) -> None:
+    """The model's own training loss (BCE + the layer's MBA from its lookups) on this rank's share."""
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, batches, val = _build(data, dice_and_mba=True)
+    dmp = shard_model(
+        model,
+        world,
+        torch.device("cpu"),
+        sharding_types={"pooled": "table_wise"},
+        sparse_optimizer="sgd",
+        sparse_lr=0.1,
+    )
+    dense = torch.optim.SGD([p for p in dmp.parameters() if not hasattr(p, "_in_backward_optimizers")], lr=0.1)
+    losses = []
+    for batch in batches:
+        share = len(batch) // world
+        local = _rows(batch, rank * share, (rank + 1) * share)
+        dense.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(dmp(local), local.labels) + dmp.module.embedding.regularization()
+        loss.backward()
+        dense.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+    dmp.eval()
+    with torch.no_grad():
+        probs = torch.sigmoid(dmp(val)).numpy()
+    if rank == 0:
+        np.savez(out, losses=np.array(losses), probs=probs)
+    dist.destroy_process_group()
+
+
 def _sharded_worker(rank: int, world: int, rendezvous: str, data: str, sharding: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -177,6 +288,20 @@ def test_two_ranks_match_one_process(tiny: str, tmp_path: Path, sharding: str) -
     np.testing.assert_allclose(result["probs"], ref_probs, rtol=0, atol=2e-5)
     assert ref_losses[-1] != ref_losses[0]  # it did train
     assert "feature 'item': id 61 outside its table of 61 rows" in str(result["refused"])
+
+
+def test_two_ranks_with_dice_and_mba_match_a_per_share_reference(tiny: str, tmp_path: Path) -> None:
+    ref_losses, ref_probs = _reference_dice_and_mba(tiny)
+    out = str(tmp_path / "dice_mba.npz")
+    spawn_ranks(_dice_mba_worker, 2, tiny, out)
+    result = np.load(out)
+    np.testing.assert_allclose(result["losses"], ref_losses, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(result["probs"], ref_probs, rtol=0, atol=2e-5)
+    # the reference is not one process on the whole batch: that one differs (Dice statistics and row sets)
+    model, batches, _ = _build(tiny, dice_and_mba=True)
+    whole = F.binary_cross_entropy_with_logits(model(batches[0]), batches[0].labels)
+    whole = whole + _share_penalty(model, batches[0], _train_counts(tiny, model))
+    assert abs(float(whole) - ref_losses[0]) > 3 * 2e-5  # (7e-5 here): the tolerance above tells them apart
 
 
 def test_tables_are_the_sparse_parameters(tiny: str) -> None:
