@@ -217,7 +217,15 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_ylabel("PSS of the process tree (GiB)")
     ax.set_ylim(bottom=0)
     ax.legend()
-    ax.set_title("DLRM training memory does not grow with the data")
+    single = sorted((r for r in results if r["world_size"] == 1), key=lambda r: r["rows"])
+    if len(single) > 1:  # the title states what this run measured, nothing more
+        low, high = single[0], single[-1]
+        growth, more = high["train_peak_bytes"] / low["train_peak_bytes"], high["rows"] / low["rows"]
+        ax.set_title(
+            f"peak {high['train_peak_bytes'] / 2**30:.2f} GiB at {high['rows'] / 1e6:.0f}M rows vs "
+            f"{low['train_peak_bytes'] / 2**30:.2f} GiB at {low['rows'] / 1e6:.0f}M "
+            f"({growth:.2f}× for {more:.0f}× the rows)"
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
