@@ -58,6 +58,9 @@ class Batch:
             None when the schema has none. Item text does not travel here: it belongs to the item's table row.
         positions: ``[B]`` int64 row positions in the split, ``file_index · 2**40 + row_in_file``
             (which rows a step trained on: ``recsys.train.callbacks.RowLedger``).
+        shares: how many ranks split the evaluation batch this one is a share of (1: not split).
+        padded: trailing rows that repeat a real row only so that every rank's share has the same
+            size (sharded forwards are collective); they are scored but never counted.
     """
 
     dense: torch.Tensor
@@ -67,6 +70,8 @@ class Batch:
     groups: torch.Tensor
     text: dict[str, list[str]] | None = None
     positions: torch.Tensor | None = None
+    shares: int = 1
+    padded: int = 0
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -152,13 +152,33 @@ class CTRDataModule(L.LightningDataModule):
                 shuffle_buffer=self.shuffle_buffer,
                 seed=seed,
                 num_workers=self.num_workers,
-                # evaluation: every rank reads the whole split, so metrics are exact without a
-                # gather and a sharded model's collective forward sees the same batches everywhere
+                # evaluation: the whole split, in the same batches on every rank (a sharded model's
+                # forward is collective); val/test loaders take each rank's share (_eval_stream)
                 **({} if train else {"rank": 0, "world_size": 1}),
             )
         return self._streams[split]
 
-    def _loader(self, split: str) -> DataLoader:
+    def _eval_stream(self, split: str) -> ParquetStream:
+        """``split`` for val/test under ``torch.distributed``: each rank scores an equal share of every
+        batch (the module gathers the predictions, so metrics stay exact); otherwise the whole split."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.stream(split)
+        whole = self.stream(split)
+        return ParquetStream(
+            self.path,
+            split,
+            self.vocab,
+            batch_size=whole.batch_size,
+            num_workers=self.num_workers,
+            rank=0,
+            world_size=1,
+            share=(dist.get_rank(), dist.get_world_size()),
+        )
+
+    def _loader(self, split: str, shared: bool = False) -> DataLoader:
+        """``shared``: val/test under several ranks, each scoring its share (predictions: the whole split)."""
         options = {
             "num_workers": self.num_workers,
             "persistent_workers": self.num_workers > 0,
@@ -166,7 +186,7 @@ class CTRDataModule(L.LightningDataModule):
         }
         if split == "train":
             return StreamLoader(self.stream(split), self._train_progress, **options)
-        return DataLoader(self.stream(split), batch_size=None, **options)
+        return DataLoader(self._eval_stream(split) if shared else self.stream(split), batch_size=None, **options)
 
     def _train_progress(self) -> tuple[int, int]:
         """(epoch, batches trained in it): at a checkpoint, every batch the loop has processed."""
@@ -179,10 +199,10 @@ class CTRDataModule(L.LightningDataModule):
         return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader("val", shared=True)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("test", shared=True)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_split)

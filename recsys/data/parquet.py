@@ -62,6 +62,10 @@ class ParquetStream(IterableDataset):
         seed: base seed; the shuffle of epoch e uses ``seed + e`` (see ``set_epoch``).
         rank, world_size: this process's share of the row groups (defaults: torch.distributed).
         num_workers: dataloader workers that will read it (only for ``len()``).
+        share: ``(rank, world)`` for an evaluation split scored in equal shares: every rank reads
+            every batch (so all run the same number of steps) and keeps rows
+            ``[rank·s, (rank+1)·s)`` of it, ``s = ceil(B / world)``, padded to ``s`` rows with
+            repeats of the batch's first row (``Batch.padded``). Needs ``rank=0, world_size=1``.
 
     Row groups are dealt to the ``world_size * num_workers`` readers round-robin, the same way
     every epoch, so ``len()`` (batches per epoch on this rank) is exact; shuffling changes the
@@ -81,8 +85,12 @@ class ParquetStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         num_workers: int = 0,
+        share: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
+        if share is not None and not (0 <= share[0] < share[1]):
+            raise ValueError(f"share must be (rank, world) with 0 <= rank < world, got {share}")
+        self.share = share if share is not None and share[1] > 1 else None
         self.data_dir = Path(data_dir)
         self.split = split
         self.vocab = vocab
@@ -234,7 +242,7 @@ class ParquetStream(IterableDataset):
             else:
                 emit = len(rows) // self.batch_size * self.batch_size
             for start in range(0, emit, self.batch_size):
-                yield partial(_assemble, rows, start, start + self.batch_size)
+                yield partial(_assemble, rows, start, start + self.batch_size, self.share)
             rest = rows.take(np.arange(emit, len(rows)))
             pending, held = [rest], len(rest)
             del rows
@@ -247,7 +255,7 @@ class ParquetStream(IterableDataset):
                 end = min(start + self.batch_size, len(rows))
                 if end - start < self.batch_size and self.drop_last:
                     break
-                yield partial(_assemble, rows, start, end)
+                yield partial(_assemble, rows, start, end, self.share)
 
 
 def release_freed_memory() -> None:
@@ -267,5 +275,15 @@ def release_freed_memory() -> None:
 _TRIM = None
 
 
-def _assemble(rows: Chunk, start: int, end: int) -> Batch:
-    return rows.take(np.arange(start, end)).to_batch()
+def _assemble(rows: Chunk, start: int, end: int, share: tuple[int, int] | None = None) -> Batch:
+    """Rows ``[start, end)`` as a Batch, or this rank's padded share of them (see ``share``)."""
+    if share is None:
+        return rows.take(np.arange(start, end)).to_batch()
+    rank, world = share
+    size = -(-(end - start) // world)
+    low = min(start + rank * size, end)
+    index = np.arange(low, min(low + size, end))
+    padded = size - len(index)
+    batch = rows.take(np.concatenate([index, np.full(padded, start)])).to_batch()
+    batch.shares, batch.padded = world, padded
+    return batch

@@ -26,7 +26,7 @@ from recsys.data.vocab import DatasetInfo
 from recsys.embedding.layer import Embedded, EmbeddingLayer
 from recsys.eval.metrics import ctr_metrics
 
-# every rank scores the whole val/test split, so epoch metrics are equal on all ranks without syncing
+# epoch metrics come from every rank's predictions gathered (exact, equal on all ranks): no syncing
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
 
 
@@ -69,6 +69,7 @@ class CTRModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.resources = resources
         self._outputs: dict[str, list[dict[str, np.ndarray]]] = {}
+        self._shares: dict[str, int] = {}  # stage → ranks its evaluation batches were split among
         self._warned_undefined: set[str] = set()
 
     def embedding_layer(self, features: list[str] | None = None, jagged: list[str] | tuple = ()) -> EmbeddingLayer:
@@ -206,15 +207,18 @@ class CTRModule(L.LightningModule):
 
     # -- evaluation ------------------------------------------------------------------------
     def _shared_step(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
-        logits = self(batch)
+        real = len(batch) - batch.padded  # a rank's share of an evaluation batch may end in padding
+        logits = self(batch)[:real]
         out = {
             "prob": torch.sigmoid(logits).detach().float().cpu(),
-            "label": batch.labels.cpu(),
-            "group": batch.groups.cpu(),
+            "label": batch.labels[:real].cpu(),
+            "group": batch.groups[:real].cpu(),
         }
+        if batch.shares > 1:
+            self._shares[stage] = batch.shares
         if stage != "predict":
-            loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-            self.log(f"{stage}/loss", loss, batch_size=len(batch))
+            loss = F.binary_cross_entropy_with_logits(logits, batch.labels[:real])
+            self.log(f"{stage}/loss", loss, batch_size=max(real, 1))
             # kept as compact numpy copies: holding the batch's own tensors for a whole split pinned
             # ~250 bytes of freed batch memory per row (measured on a 1M-row val split), so memory
             # grew with the split instead of staying flat
@@ -234,8 +238,12 @@ class CTRModule(L.LightningModule):
         outputs = self._outputs.pop(stage, [])
         if not outputs:
             return
-        # every rank scores the whole split (CTRDataModule), so local outputs give exact metrics
         cat = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+        shares = self._shares.pop(stage, 1)
+        if shares > 1:  # each rank scored its share of every batch: gather them all, for exact metrics
+            parts: list[Any] = [None] * shares
+            torch.distributed.all_gather_object(parts, cat)
+            cat = {k: np.concatenate([p[k] for p in parts]) for k in cat}
         metrics = ctr_metrics(cat["label"], cat["prob"], cat["group"])
         undefined = sorted(name for name, value in metrics.items() if not np.isfinite(value))
         if undefined and stage not in self._warned_undefined:
@@ -248,6 +256,26 @@ class CTRModule(L.LightningModule):
             )
         for name, value in metrics.items():  # NaN stays NaN: a 0.0 would read as a (terrible) real AUC
             self.log(f"{stage}/{name}", float(value), prog_bar=name != "logloss")
+
+    def _share_running_statistics(self) -> None:
+        """Before ranks score shares of a split: rank 0's batch-norm running statistics (Dice's too) on
+        every rank. Each rank trained on its own rows, so without this the shares would be scored by
+        slightly different models, none of them the one rank 0 checkpoints."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        if torch.distributed.get_world_size() == 1:
+            return
+        for module in self.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats:
+                for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
+                    if buffer is not None:
+                        torch.distributed.broadcast(buffer, src=0)
+
+    def on_validation_epoch_start(self) -> None:
+        self._share_running_statistics()
+
+    def on_test_epoch_start(self) -> None:
+        self._share_running_statistics()
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_metrics("val")

@@ -16,8 +16,9 @@ Checkpoints are written with ``torch.distributed.checkpoint`` into a directory (
 plus ``lightning.pt`` with the rest of Lightning's checkpoint). They load back at any world size,
 and ``recsys.train.module.load_model`` reads them into an unsharded model.
 
-Every rank reads the whole val/test split (the DMP forward is collective, so all ranks must run
-the same batches); training data is split between ranks with equal batch counts.
+Every rank reads every val/test batch and scores its equal share of the rows (the DMP forward is
+collective, so all ranks must run the same batches; ``CTRModule`` gathers the predictions);
+training data is split between ranks with equal batch counts.
 """
 
 from __future__ import annotations

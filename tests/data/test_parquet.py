@@ -115,6 +115,41 @@ def test_ranks_read_disjoint_rows_in_equal_steps(tmp_path: Path, num_workers: in
     assert 2500 - len(rows) < 128 * 2 * max(1, num_workers) + 300
 
 
+@pytest.mark.parametrize(("world", "num_workers"), [(2, 0), (3, 2)])
+def test_evaluation_shares_cover_every_row_once_in_equal_steps(tmp_path: Path, world: int, num_workers: int) -> None:
+    """Each rank scores ceil(B / world) rows of every batch (the last rank's share padded), so all run
+    the same steps; the real rows of the shares, rank after rank, are the whole batch (a loop checks)."""
+    root = write_dataset(tmp_path / "d", rows={"train": 300, "val": 1000, "test": 10}, schema=ROW_SCHEMA)
+    vocab = Vocabulary.load_or_build(root)
+
+    def batches(**share) -> list:  # noqa: ANN003
+        stream = ParquetStream(
+            root, "val", vocab, batch_size=99, rank=0, world_size=1, num_workers=num_workers, **share
+        )
+        return list(DataLoader(stream, batch_size=None, num_workers=num_workers))
+
+    whole = batches()
+    shares = [batches(share=(rank, world)) for rank in range(world)]
+    assert {len(s) for s in shares} == {len(whole)}  # every rank: one step per batch of the split
+    scored = 0
+    for i, batch in enumerate(whole):
+        size = -(-len(batch) // world)
+        rows = []
+        for rank in range(world):
+            part = shares[rank][i]
+            assert len(part) == size and part.shares == world  # equal shares: the sharded forward lines up
+            real = len(part) - part.padded
+            rows += part.groups[:real].tolist()
+            assert part.groups[real:].tolist() == [batch.groups[0].item()] * part.padded
+        assert rows == batch.groups.tolist()
+        scored += len(rows)
+    assert scored == 1000
+    padding = sum(b.padded for s in shares for b in s)
+    assert padding == sum(-(-len(b) // world) * world - len(b) for b in whole) > 0
+    with pytest.raises(ValueError, match="share must be"):
+        ParquetStream(root, "val", vocab, share=(2, 2))
+
+
 def test_shuffle_changes_with_epoch_and_is_seeded(tmp_path: Path) -> None:
     root = write_dataset(tmp_path / "d", schema=ROW_SCHEMA)
     stream = _stream(root, batch_size=3000, shuffle=True, seed=1)

@@ -16,13 +16,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from recsys.data.batch import Batch
 from recsys.data.datamodule import CTRDataModule
 from recsys.data.parquet import ParquetStream
 from recsys.models.din import DIN
 from recsys.train.strategy import shard_model, table_parameters
-from tests.conftest import ROOT, write_dataset
+from tests.conftest import ROOT, plain_ctr_metrics, write_dataset
 
 STEPS = 4
 GLOBAL_BATCH = 256
@@ -365,8 +366,6 @@ def _common(data: str, logs: Path, devices: int, version: str) -> list[str]:
 
 
 def _train_losses(run_dir: Path) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     events = EventAccumulator(str(run_dir))
     events.Reload()
     return {e.step: e.value for e in events.Scalars("train/loss")}
@@ -402,6 +401,25 @@ def test_lightning_two_ranks_checkpoint_resume_and_load_at_one_rank(tiny: str, t
     dm = CTRDataModule(tiny)
     unsharded = predict_split(model, dm.stream("test"))
     np.testing.assert_allclose(unsharded["prob"], sharded["prob"].to_numpy(), atol=1e-6)
+    # each rank scored half of every val batch; the gathered metrics are the whole split's, as one process
+    # computes them by the protocol's definitions from the best checkpoint
+    events = EventAccumulator(str(logs / "movielens/din/full"))
+    events.Reload()
+    logged = {name: {e.step: e.value for e in events.Scalars(f"val/{name}")} for name in ("auc", "gauc", "logloss")}
+    step = max(logged["auc"], key=logged["auc"].get)  # best.ckpt monitors the max val/auc
+    val = predict_split(model, dm.stream("val"))
+    expected = plain_ctr_metrics(val["label"], val["prob"], val["group"])
+    # a half-size batch rounds a little differently (probabilities within 1e-6), which may swap a few
+    # near-tied pairs: allow 3 swapped pairs, in the whole split and in the user where one weighs most
+    # (a missing or doubled share would move the metrics by far more)
+    labels, groups = val["label"] > 0.5, val["group"]
+    pair = 1 / (labels.sum() * (~labels).sum())
+    both = [u for u in np.unique(groups) if 0 < labels[groups == u].sum() < (groups == u).sum()]
+    weighed = sum((groups == u).sum() for u in both)  # GAUC weighs a user by its rows among such users
+    users = [(groups == u).sum() / weighed / (labels[groups == u].sum() * (~labels[groups == u]).sum()) for u in both]
+    tolerance = {"auc": 3 * pair, "gauc": 3 * max(users), "logloss": 1e-5}
+    for name in ("auc", "gauc", "logloss"):
+        assert logged[name][step] == pytest.approx(expected[name], abs=tolerance[name]), name
 
 
 def test_checkpoints_move_from_one_rank_to_two(tiny: str, tmp_path: Path) -> None:
