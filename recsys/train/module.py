@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 
 from recsys.data.batch import Batch
 from recsys.data.vocab import DatasetInfo
@@ -71,6 +72,7 @@ class CTRModule(L.LightningModule):
         self._outputs: dict[str, list[dict[str, np.ndarray]]] = {}
         self._shares: dict[str, int] = {}  # stage → ranks its evaluation batches were split among
         self._warned_undefined: set[str] = set()
+        self._told_shares: set[str] = set()
 
     def embedding_layer(self, features: list[str] | None = None, jagged: list[str] | tuple = ()) -> EmbeddingLayer:
         """The model's embedding layer over ``features`` (default all id features), keeping ``jagged``
@@ -244,6 +246,10 @@ class CTRModule(L.LightningModule):
             parts: list[Any] = [None] * shares
             torch.distributed.all_gather_object(parts, cat)
             cat = {k: np.concatenate([p[k] for p in parts]) for k in cat}
+            if stage not in self._told_shares:  # once per stage: how the work was split
+                self._told_shares.add(stage)
+                counts = " + ".join(f"{len(p['prob']):,}" for p in parts)
+                rank_zero_info(f"[recsys] {stage}: {len(cat['prob']):,} rows scored by {shares} ranks ({counts})")
         metrics = ctr_metrics(cat["label"], cat["prob"], cat["group"])
         undefined = sorted(name for name, value in metrics.items() if not np.isfinite(value))
         if undefined and stage not in self._warned_undefined:

@@ -374,7 +374,8 @@ def _train_losses(run_dir: Path) -> dict[int, float]:
 def test_lightning_two_ranks_checkpoint_resume_and_load_at_one_rank(tiny: str, tmp_path: Path) -> None:
     logs = tmp_path / "runs"
     # uninterrupted: 2 epochs on 2 ranks
-    _recsys("fit", *_common(tiny, logs, 2, "full"), "--trainer.max_epochs", "2", cwd=tmp_path)
+    full_run = _recsys("fit", *_common(tiny, logs, 2, "full"), "--trainer.max_epochs", "2", cwd=tmp_path)
+    assert "val: 600 rows scored by 2 ranks (300 + 300)" in full_run.stdout + full_run.stderr  # half each
     # interrupted: 1 epoch, then resumed from its last checkpoint for the second
     _recsys("fit", *_common(tiny, logs, 2, "part"), "--trainer.max_epochs", "1", cwd=tmp_path)
     last = logs / "movielens/din/part/checkpoints/last.ckpt"
