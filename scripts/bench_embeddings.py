@@ -177,6 +177,8 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=1_000_000, help="synthetic rows for the world-size part")
     parser.add_argument("--doc", default="docs/benchmarks.md")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
     rows = np.geomspace(args.min_rows, args.max_rows, NUM_TABLES).astype(int).tolist()
     header = [

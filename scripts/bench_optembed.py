@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import shutil
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchdoc import machine, reused_or_run, write_doc_section
+from benchdoc import data_identity, machine, reused_or_run, write_doc_section
 
 from recsys.data.vocab import Vocabulary
 from recsys.embedding.optembed import ARTIFACT, load_artifact
@@ -88,7 +87,7 @@ def fit_and_test(
     directory holds a result for the same config text, block, seed, options and ``inputs`` (a hash of
     the files the block names)."""
     options = [*(["--model.init_args.embedding", json.dumps(block)] if block else []), *extra]
-    parts = [Path(BASE).read_text(), data, seed, options, inputs]
+    parts = [Path(BASE).read_text(), data, data_identity(data), seed, options, inputs]
     return reused_or_run(root / version, parts, lambda: {"auc": test_auc(fit(data, root, version, seed, options))})[
         "auc"
     ]
@@ -148,7 +147,7 @@ def run_seed(name: str, seed: int, budgets: list[float]) -> list[dict]:
             found = load_artifact(artifact)
             params = sum(int(found["kept"][o].sum()) * int(found["dims"][o]) for o in found["dims"])
             compact = {"kind": "optembed", "stage": "compact", "dim": FULL_DIM, "artifact": str(artifact)}
-            inputs = hashlib.sha256((artifact / ARTIFACT).read_bytes()).hexdigest()
+            inputs = method + (Path(result["search"]) / "search.json").read_text()  # what the artifact derives from
             auc = fit_and_test(data, root, label, seed, compact, extra, inputs)
             rows.append(row(name, f"optembed {method}", budget if keep_dims else 1.0, seed, params, full_params, auc))
     auc = fit_and_test(data, root, "full", seed, None, extra)
@@ -164,8 +163,9 @@ def markdown(rows: list[dict], seeds: list[int], seconds: float) -> str:
         "of the same seeds. Supernet α = 1e-5, threshold lr 1e-2; "
         "search: dims in multiples of 4, population 50, 30 generations × "
         "(10 mutations + 10 crossovers), top 15, p = 0.1, fitness = val AUC. Baselines at each budget's "
-        "parameters: `unified` (one shared table, 2 probes × 8), `uniform dim d` (plain tables, every feature "
-        "at width d = 16·budget). Ablations (compact retrains from a derived search artifact): `optembed rows "
+        "parameters: `unified` (one shared table, 2 probes × 8, as many parameters as that seed's OptEmbed "
+        "tables), `uniform dim d` (plain tables, every feature at width d = 16·budget rounded to a multiple of 4, "
+        "at least 4). Ablations (compact retrains from a derived search artifact): `optembed rows "
         "only` = the supernet's row masks with every table at width 16 (OptEmbed-E), `optembed widths only` = "
         "every row with the searched widths (OptEmbed-D).",
         "",
@@ -197,9 +197,9 @@ def contributions(rows: list[dict]) -> list[str]:
     """One sentence per dataset and budget, computed from the rows: what row pruning and the widths
     search each add, in test AUC (mean over seeds), against the uniform table of that budget."""
 
-    def mean(name: str, method: str, budget: float) -> float | None:
-        aucs = [r["test_auc"] for r in rows if (r["dataset"], r["method"], r["budget"]) == (name, method, budget)]
-        return float(np.mean(aucs)) if aucs else None
+    def mean(name: str, method: str, budget: float, key: str = "test_auc") -> float | None:
+        values = [r[key] for r in rows if (r["dataset"], r["method"], r["budget"]) == (name, method, budget)]
+        return float(np.mean(values)) if values else None
 
     lines = []
     for name in dict.fromkeys(r["dataset"] for r in rows):
@@ -215,10 +215,19 @@ def contributions(rows: list[dict]) -> list[str]:
             optembed, widths = mean(name, "optembed", budget), mean(name, "optembed widths only", budget)
             if None in (full, rows_only, uniform, optembed, widths):
                 continue
+            params = {m: mean(name, m, budget, "params") for m in ("optembed", "optembed widths only")}
+            pruned = mean(name, "optembed rows only", 1.0, "params")
+            uniform_params = next(
+                r["params"]
+                for r in rows
+                if r["dataset"] == name and r["budget"] == budget and r["method"].startswith("uniform")
+            )
             lines.append(
-                f"- {name}, budget {budget:g}: OptEmbed {optembed - uniform:+.4f} AUC vs the uniform table of the "
-                f"same budget; the widths search alone (every row kept) {widths - uniform:+.4f}; row pruning "
-                f"alone (full widths) {rows_only - full:+.4f} vs the full tables."
+                f"- {name}, budget {budget:g}: OptEmbed ({params['optembed']:,.0f} parameters) "
+                f"{optembed - uniform:+.4f} test AUC vs the uniform table ({uniform_params:,}); "
+                f"the widths search with every row kept ({params['optembed widths only']:,.0f}) "
+                f"{widths - uniform:+.4f}; row pruning alone, full widths ({pruned:,.0f}), "
+                f"{rows_only - full:+.4f} vs the full tables."
             )
     return lines
 

@@ -67,3 +67,10 @@ def reused_or_run(run_dir: Path, parts: object, compute: Callable[[], dict]) -> 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(result, indent=2))
     return result
+
+
+def data_identity(path: str | Path) -> str:
+    """What a generated dataset was made from (its GENERATED.json), so a reused run is keyed by the data and
+    not only by its path; "" for a prepared dataset without one."""
+    generated = Path(path) / "GENERATED.json"
+    return generated.read_text() if generated.exists() else ""

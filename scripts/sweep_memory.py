@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchdoc import machine, reused_or_run, write_doc_section
+from benchdoc import data_identity, machine, reused_or_run, write_doc_section
 
 from recsys.eval.report import evaluate
 from recsys.train.cli import run
@@ -60,7 +60,7 @@ def fit_and_score(data: str, method: str, block: dict, seed: int, out: Path, ext
     """Test AUC of the base model with embedding ``block``; a finished run of the same config text,
     block, seed and options is reused (its fingerprint in ``result.json``)."""
     version = f"{method}_s{seed}"
-    parts = [Path("configs/movielens/base.yaml").read_text(), data, block, seed, extra]
+    parts = [Path("configs/movielens/base.yaml").read_text(), data, data_identity(data), block, seed, extra]
     return reused_or_run(out / version, parts, lambda: {"auc": _fit_and_score(data, version, block, seed, out, extra)})[
         "auc"
     ]
@@ -176,7 +176,8 @@ def main() -> None:
         f"Command: `python scripts/sweep_memory.py --datasets {' '.join(args.datasets)} --budgets "
         f"{' '.join(map(str, args.budgets))} --seeds {' '.join(map(str, args.seeds))}`  ",
         f"Machine: {machine()}, {args.threads} torch threads; base model (Embedding&MLP), width 16 per feature; "
-        f"{time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s. CSV: runs/sweep_memory/results.csv.",
+        f"{time.strftime('%Y-%m-%d')}, this invocation {time.time() - started:.0f} s (finished runs under "
+        f"{args.out} are reused when their fingerprint matches). CSV: {args.out}/results.csv.",
         "",
         "Hashing trick: `embedding: {kind: hashed, dim: 16, budget: b}`, the embedding layer's one allocation "
         "rule (max-min fair: a table smaller than the common row cap keeps every row, the larger ones share "

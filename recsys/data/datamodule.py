@@ -161,9 +161,8 @@ class CTRDataModule(L.LightningDataModule):
     def _eval_stream(self, split: str) -> ParquetStream:
         """``split`` for val/test under ``torch.distributed``: each rank scores an equal share of every
         batch (the module gathers the predictions, so metrics stay exact); otherwise the whole split."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:  # the trainer's ranks, not any process group around
             return self.stream(split)
         whole = self.stream(split)
         return ParquetStream(
@@ -174,7 +173,7 @@ class CTRDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             rank=0,
             world_size=1,
-            share=(dist.get_rank(), dist.get_world_size()),
+            share=(trainer.global_rank, trainer.world_size),
         )
 
     def _loader(self, split: str, shared: bool = False) -> DataLoader:

@@ -90,6 +90,8 @@ class ParquetStream(IterableDataset):
         super().__init__()
         if share is not None and not (0 <= share[0] < share[1]):
             raise ValueError(f"share must be (rank, world) with 0 <= rank < world, got {share}")
+        if share is not None and (rank, world_size) != (0, 1):
+            raise ValueError(f"share={share} splits every batch: read the whole split (rank=0, world_size=1)")
         self.share = share if share is not None and share[1] > 1 else None
         self.data_dir = Path(data_dir)
         self.split = split

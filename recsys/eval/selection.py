@@ -16,8 +16,10 @@ directly (``recsys.retrieval.evaluate.Retriever.alpha``, ``recsys.train.optembed
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from typing import Any, TypeVar
+
+import numpy as np
 
 K = TypeVar("K", bound=Hashable)
 
@@ -32,7 +34,12 @@ def val_score(metrics: Mapping[str, Any], metric: str, candidate: object = None)
     if not isinstance(val, Mapping) or metric not in val:
         raise SelectionError(f"candidate {candidate!r} has no val {metric!r} (has: {sorted(val or {})})")
     value = val[metric]
-    values = [float(v) for v in value] if isinstance(value, Sequence) else [float(value)]
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        values = [float(v) for v in np.asarray(value, dtype=np.float64).ravel()]
+    except (TypeError, ValueError):
+        raise SelectionError(f"candidate {candidate!r}: val {metric} is {value!r}, not a number per seed") from None
     if not values or not all(math.isfinite(v) for v in values):
         raise SelectionError(f"candidate {candidate!r}: val {metric} is {value!r}, not a finite number per seed")
     return sum(values) / len(values)

@@ -197,10 +197,10 @@ class Retriever:
         """The fusion weight α ∈ {0, 0.1, …, 1} with the best Recall@k on ``val`` (the val split's users)."""
         s_id, s_text = self.scores(val)
         recalls = {
-            float(a): {
-                "val": {"recall": recall_at_k(_rank(self.fused(s_id, s_text, a), val.seen, k), val.positives, k)}
+            a / 10: {
+                "val": {"recall": recall_at_k(_rank(self.fused(s_id, s_text, a / 10), val.seen, k), val.positives, k)}
             }
-            for a in np.linspace(0, 1, 11)
+            for a in range(11)
         }
         return best_on_val(recalls, "recall")
 

@@ -139,15 +139,17 @@ def test_evaluation_shares_cover_every_row_once_in_equal_steps(tmp_path: Path, w
             part = shares[rank][i]
             assert len(part) == size and part.shares == world  # equal shares: the sharded forward lines up
             real = len(part) - part.padded
-            rows += part.groups[:real].tolist()
-            assert part.groups[real:].tolist() == [batch.groups[0].item()] * part.padded
-        assert rows == batch.groups.tolist()
+            rows += part.positions[:real].tolist()  # positions: unique per row of the split
+            assert part.positions[real:].tolist() == [batch.positions[0].item()] * part.padded
+        assert rows == batch.positions.tolist()
         scored += len(rows)
     assert scored == 1000
     padding = sum(b.padded for s in shares for b in s)
     assert padding == sum(-(-len(b) // world) * world - len(b) for b in whole) > 0
     with pytest.raises(ValueError, match="share must be"):
-        ParquetStream(root, "val", vocab, share=(2, 2))
+        ParquetStream(root, "val", vocab, rank=0, world_size=1, share=(2, 2))
+    with pytest.raises(ValueError, match="read the whole split"):  # split by row groups and again by rows
+        ParquetStream(root, "val", vocab, rank=1, world_size=2, share=(1, 2))
 
 
 def test_shuffle_changes_with_epoch_and_is_seeded(tmp_path: Path) -> None:

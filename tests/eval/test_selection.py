@@ -55,6 +55,7 @@ def test_means_over_seeds_lower_is_better_and_ties_go_to_the_first() -> None:
     assert best_on_val(results, "auc") == "steady"
     assert best_on_val({"x": {"val": {"logloss": 0.5}}, "y": {"val": {"logloss": 0.4}}}, "logloss", False) == "y"
     assert best_on_val({"first": {"val": {"r": 0.3}}, "second": {"val": {"r": 0.3}}}, "r") == "first"
+    assert best_on_val({"x": {"val": {"r": np.array([0.1, 0.5])}}, "y": {"val": {"r": np.float32(0.2)}}}, "r") == "x"
 
 
 @pytest.mark.parametrize(
@@ -63,6 +64,7 @@ def test_means_over_seeds_lower_is_better_and_ties_go_to_the_first() -> None:
         ({}, "no candidates"),
         ({"a": {"test": {"auc": 0.9}}}, "candidate 'a' has no val 'auc'"),
         ({"a": {"val": {"auc": [0.7, float("nan")]}}}, "candidate 'a': val auc is"),
+        ({"a": {"val": {"auc": "0.7"}}}, "not a number per seed"),
     ],
 )
 def test_refuses_what_it_cannot_compare(results: dict, message: str) -> None:

@@ -23,6 +23,9 @@ def test_padded_rows_are_scored_but_never_counted(tiny_dataset: Path) -> None:
         expected = torch.sigmoid(model(batch))[:3].numpy()  # the plain reference: score all, keep the real rows
     kept = model._outputs["val"][-1]
     np.testing.assert_allclose(kept["prob"], expected, rtol=1e-6)
+    labels = batch.labels[:3].numpy()
+    cross_entropy = -(labels * np.log(expected) + (1 - labels) * np.log(1 - expected))  # by the formula
+    np.testing.assert_allclose(kept["loss"], cross_entropy, rtol=1e-5)
     assert kept["label"].tolist() == batch.labels[:3].tolist() and model._shares["val"] == 2
     # a share that is padding only (a last batch smaller than the ranks) adds no rows and no NaN loss
     empty = replace(batch, padded=len(batch))

@@ -421,6 +421,23 @@ def test_lightning_two_ranks_checkpoint_resume_and_load_at_one_rank(tiny: str, t
     tolerance = {"auc": 3 * pair, "gauc": 3 * max(users), "logloss": 1e-5}
     for name in ("auc", "gauc", "logloss"):
         assert logged[name][step] == pytest.approx(expected[name], abs=tolerance[name]), name
+    # one row per batch: every other share is padding only (a rank with nothing to score still takes part)
+    validated = _recsys(
+        "validate",
+        *_common(tiny, logs, 2, "validate"),
+        "--data.eval_batch_size",
+        "1",
+        "--ckpt_path",
+        str(best),
+        cwd=tmp_path,
+    )
+    assert "val: 600 rows scored by 2 ranks (600 + 0)" in validated.stdout + validated.stderr
+    events = EventAccumulator(str(logs / "movielens/din/validate"))
+    events.Reload()
+    for name in ("auc", "gauc", "logloss"):
+        assert events.Scalars(f"val/{name}")[-1].value == pytest.approx(expected[name], abs=tolerance[name]), name
+    bce = -np.mean(np.log(np.where(labels, val["prob"], 1 - val["prob"])))  # val/loss: the rows' mean cross-entropy
+    assert events.Scalars("val/loss")[-1].value == pytest.approx(bce, abs=1e-5)
 
 
 def test_checkpoints_move_from_one_rank_to_two(tiny: str, tmp_path: Path) -> None:
