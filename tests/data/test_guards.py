@@ -109,11 +109,13 @@ def test_a_one_class_split_reports_auc_as_undefined_not_zero(tmp_path: Path, cap
     assert "AUC is undefined: the test split has one class only" in capsys.readouterr().err
     assert "undefined (one class)" in (tmp_path / "r" / "report.md").read_text()
     model = EmbeddingMLP(dm.dataset_info, embedding={"dim": 8})
+    loss = np.full(8, -np.log(0.7), np.float32)  # label 0 at p = 0.3: −log(1 − 0.3) per row
     model._outputs["test"] = [
-        {"prob": np.full(8, 0.3, np.float32), "label": np.zeros(8, np.float32), "group": np.arange(8)}
+        {"prob": np.full(8, 0.3, np.float32), "label": np.zeros(8, np.float32), "group": np.arange(8), "loss": loss}
     ]
     logged = {}
     model.log = lambda name, value, **kwargs: logged.__setitem__(name, value)  # noqa: ARG005
     with pytest.warns(UserWarning, match=r"the test split has label\(s\) \[0.0\] only: auc, gauc undefined"):
         model.on_test_epoch_end()
     assert np.isnan(logged["test/auc"]) and torch.isfinite(torch.tensor(logged["test/logloss"]))
+    assert logged["test/loss"] == pytest.approx(-np.log(0.7))
