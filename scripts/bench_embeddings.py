@@ -234,7 +234,7 @@ def main() -> None:
             "",
             f"Base model, synthetic Criteo-shaped data ({args.train_rows:,} rows, 39 features), batch 4096 per rank, "
             "torchrec strategy (gloo), one epoch, rank threads = threads / world size. On one 2-core machine the two "
-            "ranks share the cores, so this measures the overhead of sharding (all-to-all, DDP), not a speed-up.",
+            "ranks share the cores (one thread each; one rank alone uses both).",
             "",
             "| world size | training samples/s (all ranks) |",
             "|---|---|",
