@@ -159,7 +159,7 @@ class CTRDataModule(L.LightningDataModule):
         return self._streams[split]
 
     def _eval_stream(self, split: str) -> ParquetStream:
-        """``split`` for val/test under ``torch.distributed``: each rank scores an equal share of every
+        """``split`` for val/test when the trainer has several ranks: each scores an equal share of every
         batch (the module gathers the predictions, so metrics stay exact); otherwise the whole split."""
         trainer = self.trainer
         if trainer is None or trainer.world_size == 1:  # the trainer's ranks, not any process group around
