@@ -155,9 +155,9 @@ def run_seed(name: str, seed: int, budgets: list[float]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], seeds: list[int], seconds: float) -> str:
+def markdown(rows: list[dict], command: str, seconds: float) -> str:
     lines = [
-        f"`python scripts/bench_optembed.py` — {machine()}, {torch.get_num_threads()} torch threads, seeds {seeds}, "
+        f"`{command}` — {machine()}, {torch.get_num_threads()} torch threads, "
         f"{seconds / 60:.0f} min. Test AUC mean ± std over seeds; sparsity = 1 − Σ kept_rows·dims / Σ rows·16 "
         "(docs/protocols.md), mean over seeds; Δ = vs the full tables "
         "of the same seeds. Supernet α = 1e-5, threshold lr 1e-2; "
@@ -250,7 +250,11 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    text = markdown(rows, args.seeds, time.perf_counter() - start)
+    command = "python scripts/bench_optembed.py " + " ".join(
+        f"--{k} {' '.join(map(str, v))}"
+        for k, v in (("datasets", args.datasets), ("budgets", args.budgets), ("seeds", args.seeds))
+    )
+    text = markdown(rows, command, time.perf_counter() - start)
     print(text)
     pareto = OUT / "ml100k" / f"s{args.seeds[0]}" / "budget_0.5" / "search" / "pareto.png"
     if not args.no_doc:

@@ -10,6 +10,7 @@ from pathlib import Path
 from recsys.commands.table import example
 from recsys.retrieval import evaluate
 from recsys.retrieval.evaluate import Retriever, markdown
+from recsys.retrieval.index import CODECS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +39,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--rerank-depth", type=int, default=100)
     parser.add_argument("--split", default="test", choices=["val", "test"])
+    parser.add_argument(
+        "--index",
+        default="fp32",
+        choices=CODECS,
+        help="how the item vectors are stored and searched (ID and text lists): fp32 exact, fp16/int8 "
+        "scalar quantization, pq product quantization, binary sign bits with Hamming search",
+    )
+    parser.add_argument(
+        "--binary-rerank",
+        type=int,
+        default=10,
+        metavar="R",
+        help="with --index binary: re-rank the top R×depth Hamming candidates by fp32 inner product (0: off)",
+    )
+    parser.add_argument("--save-index", metavar="DIR", help="write the ID and text indexes to DIR/id and DIR/text")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.save_index and Path(args.save_index).exists() and any(Path(args.save_index).iterdir()):
+        parser.error(f"--save-index {args.save_index}: exists and is not empty; choose a new directory")
+    if args.binary_rerank < 0:
+        parser.error(f"--binary-rerank {args.binary_rerank}: must be 0 (off) or a positive factor")
     from recsys.train.checkpoint import load_model
 
     tt = load_model(args.two_tower)
@@ -54,10 +74,24 @@ def main(argv: list[str] | None = None) -> int:
             )
         head = next(iter(text_model.embedding.item_text.values())).head
         pooling = text_model.embedding.text_spec.pooling
-    retriever = Retriever(tt, data, args.text_feature, pooling, head, text_with=args.text_with)
+    retriever = Retriever(
+        tt,
+        data,
+        args.text_feature,
+        pooling,
+        head,
+        text_with=args.text_with,
+        index=args.index,
+        binary_rerank=args.binary_rerank,
+    )
     report = retriever.evaluate(load_model(args.din) if args.din else None, args.k, args.rerank_depth, args.split)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.save_index:
+        source = {"two_tower": args.two_tower, "text_head": args.text_head, "pooling": pooling, "data": str(data)}
+        for name, index in (("id", retriever.index_id), ("text", retriever.index_text)):
+            index.save(Path(args.save_index) / name, source | {"vectors": name})
+        print(f"wrote the ID and text indexes ({args.index}) to {args.save_index}/id and {args.save_index}/text")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report) + "\n")
     print(markdown(report))

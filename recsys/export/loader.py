@@ -77,14 +77,27 @@ class ExportResources(Resources):
         return self._encoder
 
 
-def inside(directory: Path, name: str) -> Path:
+def inside(directory: Path, name: str, manifest: str = MANIFEST) -> Path:
     """``directory / name``, refusing a name that could leave the directory (absolute, ``..``, a symlink out)."""
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ExportError(f"{directory / MANIFEST}: file {name!r} is not a relative path inside the export")
+        raise ExportError(f"{directory / manifest}: file {name!r} is not a relative path inside {directory}")
     path = directory / name
     if not path.resolve().is_relative_to(directory.resolve()):
-        raise ExportError(f"{path}: resolves to {path.resolve()}, outside the export directory {directory}")
+        raise ExportError(f"{path}: resolves to {path.resolve()}, outside the directory {directory}")
     return path
+
+
+def check_files(directory: Path, files: dict[str, dict[str, Any]], manifest: str = MANIFEST) -> None:
+    """Every file the manifest lists is inside ``directory``, with the listed size and SHA-256."""
+    for name, info in files.items():
+        path = inside(directory, name, manifest)
+        if not path.is_file():
+            raise ExportError(f"{path}: missing from {directory}")
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise ExportError(f"{path}: {size} bytes, the manifest says {info['bytes']} (truncated or altered)")
+        if sha256(path) != info["sha256"]:
+            raise ExportError(f"{path}: SHA-256 does not match the manifest (altered)")
 
 
 def verify(directory: str | Path) -> dict[str, Any]:
@@ -96,15 +109,7 @@ def verify(directory: str | Path) -> dict[str, Any]:
     unlisted = [f for f in needed if f not in files]
     if unlisted:
         raise ExportError(f"{directory / MANIFEST}: {unlisted} have no checksum in the manifest")
-    for name, info in files.items():
-        path = inside(directory, name)
-        if not path.is_file():
-            raise ExportError(f"{path}: missing from the export")
-        size = path.stat().st_size
-        if size != info["bytes"]:
-            raise ExportError(f"{path}: {size} bytes, the manifest says {info['bytes']} (truncated or altered)")
-        if sha256(path) != info["sha256"]:
-            raise ExportError(f"{path}: SHA-256 does not match the manifest (altered)")
+    check_files(directory, files)
     return manifest
 
 

@@ -8,7 +8,8 @@ catalogue is every item of every split, so items absent from train (cold items) 
 too. Rankings:
 
 - **ID**: the two-tower model's user vector (user id + behavior sequence as of the user's first
-  row in the split) against its item vectors (a cold item reads the OOV row), faiss search;
+  row in the split) against its item vectors (a cold item reads the OOV row), faiss search in a
+  ``--index`` of fp32, fp16, int8, product-quantized or binary codes (``recsys.retrieval.index``);
 - **text**: content only — each item's text (``--text-feature``) through the local encoder and a
   pooling head (``--pooling``; a trained head can come from a DIN checkpoint with text features,
   ``--text-head``), the user's vector the mean of their train clicks' text vectors;
@@ -146,6 +147,8 @@ class Retriever:
         text_head: torch.nn.Module | None = None,
         model_path: str | None = None,
         text_with: list[str] | None = None,
+        index: str = "fp32",
+        binary_rerank: int = 10,
     ) -> None:
         from recsys.text.encoder import TextEncoder
         from recsys.text.pooling import make_pooling
@@ -166,8 +169,14 @@ class Retriever:
                 chunks.append(head(s if pooling == "multilayer" else s[-1], mask[start : start + 512]))
             self.text_items = F.normalize(torch.cat(chunks), dim=1).numpy()
             self.id_items = two_tower.item_vectors(torch.from_numpy(self.catalogue.rows)).numpy()
-        self.index_id = VectorIndex(self.id_items)
-        self.index_text = VectorIndex(self.text_items)
+        self.build_indexes(index, binary_rerank)
+
+    def build_indexes(self, codec: str = "fp32", binary_rerank: int = 10) -> None:
+        """The ID and text item vectors in a ``codec`` index (``recsys.retrieval.index``); binary
+        candidates re-ranked by fp32 from the top ``binary_rerank × depth`` (0: Hamming order only)."""
+        rerank = binary_rerank if codec == "binary" else 0
+        self.index_id = VectorIndex(self.id_items, codec=codec, rerank=rerank)
+        self.index_text = VectorIndex(self.text_items, codec=codec, rerank=rerank)
 
     def user_vectors(self, queries: Queries) -> tuple[np.ndarray, np.ndarray]:
         """``[U, E]`` two-tower user vectors and ``[U, D]`` content user vectors (mean of the user's
@@ -257,7 +266,12 @@ class Retriever:
             "catalogue": len(self.catalogue.items),
             "cold_items": int(self.catalogue.cold.sum()),
             "rerank_depth": rerank_depth,
-            "index": self.index_id.kind,
+            "index": {
+                "codec": self.index_id.codec,
+                "kind": self.index_id.kind,
+                "binary_rerank": self.index_id.rerank,
+                "bytes_per_item": {"id": self.index_id.bytes_per_item, "text": self.index_text.bytes_per_item},
+            },
             "results": results,
         }
 

@@ -355,7 +355,7 @@ def test_a_manifest_naming_other_code_or_paths_outside_is_refused(trained: dict,
     table = next((out / "tables").iterdir())
     table.unlink()
     table.symlink_to(tmp_path / "secret")  # a file that leads out of the export
-    with pytest.raises(ExportError, match="outside the export directory"):
+    with pytest.raises(ExportError, match="outside the directory"):
         load(out)
 
 
