@@ -284,7 +284,14 @@ class Retriever:
 
 def markdown(report: dict) -> str:
     k = report["k"]
-    lines = [f"| retrieval | Recall@{k} | NDCG@{k} | cold-item Recall@{k} |", "|---|---:|---:|---:|"]
+    lines = [
+        f"| retrieval ({report['index']['codec']} index) | Recall@{k} | NDCG@{k} | cold-item Recall@{k} | "
+        f"warm-item Recall@{k} |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, m in report["results"].items():
-        lines.append(f"| {name} | {m[f'recall@{k}']:.4f} | {m[f'ndcg@{k}']:.4f} | {m[f'cold_recall@{k}']:.4f} |")
+        lines.append(
+            f"| {name} | {m[f'recall@{k}']:.4f} | {m[f'ndcg@{k}']:.4f} | {m[f'cold_recall@{k}']:.4f} | "
+            f"{m[f'warm_recall@{k}']:.4f} |"
+        )
     return "\n".join(lines)

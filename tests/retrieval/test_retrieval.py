@@ -169,3 +169,20 @@ def test_item_text_can_carry_more_item_columns(tmp_path: Path) -> None:
     z = _standardize(np.array([[1.0, 2.0, 3.0], [10.0, 10.0, 40.0]]))
     np.testing.assert_allclose(z.mean(1), 0, atol=1e-12)
     np.testing.assert_allclose(z.std(1), 1, atol=1e-12)
+
+
+def test_the_catalogue_adds_the_datasets_item_file_and_warm_and_cold_positives_partition(tmp_path: Path) -> None:
+    from recsys.data.vocab import Vocabulary
+    from recsys.retrieval.evaluate import Catalogue, Queries
+
+    data = write_dataset(tmp_path / "d", schema=SCHEMA)
+    vocab = Vocabulary.load_or_build(data)
+    before = Catalogue(data, vocab, "item", "title")
+    pq.write_table(pa.table({"item": [5000], "title": ["an item nobody met"]}), data / "items.parquet")
+    after = Catalogue(data, vocab, "item", "title")
+    assert list(after.items) == list(before.items) + [5000]
+    assert after.cold[-1] and after.texts[-1] == "an item nobody met"
+    queries = Queries(after, "test", "user", "item", "click")
+    for every, cold, warm in zip(queries.positives, queries.cold_positives, queries.warm_positives, strict=True):
+        assert cold | warm == every and not cold & warm
+        assert all(after.cold[p] for p in cold) and not any(after.cold[p] for p in warm)
