@@ -29,7 +29,7 @@ from torchrec import EmbeddingCollection, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.embedding.tables import table_device
-from recsys.text.pooling import HEADS, make_pooling
+from recsys.text.pooling import HEADS, make_pooling, masked_mean
 
 COMBINES = ("concat", "sum", "init")
 FIXED_HEADS = ("mean", "cls", "last", "max")  # no parameters: pool every text once
@@ -52,6 +52,11 @@ class TextSpec:
             ``init`` (a plain item table starts from the texts' principal components, then trains as IDs).
         model_path: local transformer directory (default: all-MiniLM-L6-v2 from its wheel).
         max_length: tokens kept per text.
+        head_dim: item text with a trainable head: the cached token states are projected once, when
+            the model is built, onto their top ``head_dim`` principal components (of the item texts'
+            real tokens), and the head works at that width (``configs/text/latent.yaml``: 64 — the
+            latent head's per-token attention and MLP scale with the width squared). Default: the
+            encoder's width. Row-level text always pools at the encoder's width.
         encoder_dim, encoder_layers: the encoder's width and hidden states per text, filled from the
             encoder when the model is built with its dataset (so a checkpoint rebuilds without it).
     """
@@ -61,6 +66,7 @@ class TextSpec:
     combine: str = "concat"
     model_path: str | None = None
     max_length: int = 32
+    head_dim: int | None = None
     encoder_dim: int | None = None
     encoder_layers: int | None = None
 
@@ -88,6 +94,15 @@ class TextSpec:
             raise TextConfigError(
                 f"{WHERE}.dim: a positive multiple of 4 (item text exports as a table), got {spec.dim!r}"
             )
+        if spec.head_dim is not None and (not isinstance(spec.head_dim, int) or spec.head_dim < 4 or spec.head_dim % 4):
+            raise TextConfigError(
+                f"{WHERE}.head_dim: a positive multiple of 4 (the heads' widths), got {spec.head_dim!r}"
+            )
+        if spec.head_dim is not None and spec.pooling in FIXED_HEADS:
+            raise TextConfigError(
+                f"{WHERE}.head_dim: the {spec.pooling!r} head has no parameters (every text is pooled once); "
+                "head_dim is for trainable heads"
+            )
         return spec
 
     @property
@@ -95,16 +110,33 @@ class TextSpec:
         """Hidden states a head reads: all of them for ``multilayer``, else the last."""
         return int(self.encoder_layers) if self.pooling == "multilayer" else 1
 
-    def head(self) -> nn.Module:
+    def head(self, width: int) -> nn.Module:
+        """The pooling head at ``width`` (the encoder's, or ``head_dim`` for item text)."""
         return make_pooling(
             self.pooling,
-            int(self.encoder_dim),
+            width,
             num_layers=self.encoder_layers,
             **({"num_latents": 16} if self.pooling == "latent" else {}),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+LENGTH_BUCKETS = (4, 8, 16)  # a batch's texts are pooled in groups of similar length, each cut to its longest
+
+
+def _principal_components(states: Tensor, mask: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Mean ``[D]`` and top ``width`` principal directions ``[D, width]`` of the real tokens of the
+    last layer of ``states`` ``[L, N, T, D]``."""
+    tokens = states[-1][mask.bool()].float()
+    if len(tokens) < width:
+        raise TextConfigError(
+            f"{WHERE}.head_dim: {width} needs at least as many tokens; the item texts have {len(tokens)}"
+        )
+    mean = tokens.mean(0)
+    _, _, v = torch.linalg.svd(tokens - mean, full_matrices=False)
+    return mean, v[:width].T
 
 
 def _pad(states: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
@@ -133,21 +165,31 @@ class ItemText(nn.Module):
     ) -> None:
         super().__init__()
         self.spec, self.rows, self.dim = spec, rows, dim
-        self.head = spec.head()
-        self.proj = nn.Linear(int(spec.encoder_dim), dim)
         self.fixed = spec.pooling in FIXED_HEADS
-        width, length = int(spec.encoder_dim), spec.max_length
+        width, length = spec.head_dim or int(spec.encoder_dim), spec.max_length
+        self.head = spec.head(width)
+        self.proj = nn.Linear(width, dim)
         if states is not None:
             states, mask = _pad(states[-spec.layers :], mask, length)
+            if width != int(spec.encoder_dim):  # onto the item tokens' principal components, once
+                mean, directions = _principal_components(states, mask, width)
+                states = (states.float() - mean) @ directions
         if self.fixed:  # a parameter-free head: pool every row once
             pooled = torch.zeros(rows, width)
             if states is not None:
                 with torch.no_grad():
                     pooled = self._head(states.float(), mask)
             self.register_buffer("pooled", pooled)  # [rows, D]
-        else:
+        elif spec.pooling == "multilayer":  # its per-layer means have no parameters: take them once
+            means = torch.zeros(spec.layers, rows, width)
+            if states is not None:
+                means = masked_mean(states.float(), mask)
+            self.register_buffer("layer_means", means)  # [L, rows, D]
+        else:  # token states (GeM: their logs, see GeMPooling.from_logs), fp16
+            if states is not None and spec.pooling == "gem":
+                states = states.float().clamp(min=self.head.eps).log()
             self.register_buffer(
-                "states",
+                "log_states" if spec.pooling == "gem" else "states",
                 states.half()
                 if states is not None
                 else torch.zeros(spec.layers, rows, length, width, dtype=torch.float16),
@@ -159,11 +201,30 @@ class ItemText(nn.Module):
     def _head(self, states: Tensor, mask: Tensor) -> Tensor:
         return self.head(states if states.shape[0] > 1 else states[0], mask)
 
+    def _pooled(self, rows: Tensor) -> Tensor:
+        """``[n, width]``: the trainable head over distinct ``rows``, texts grouped by length (each group
+        cut to its longest text: the heads ignore padding, so this only skips work)."""
+        if self.spec.pooling == "multilayer":
+            return self.head.attend(self.layer_means[:, rows].transpose(0, 1))
+        lengths = self.mask[rows].sum(1)
+        groups, outputs = [], []
+        for low, high in zip((-1, *LENGTH_BUCKETS), (*LENGTH_BUCKETS, self.mask.shape[1]), strict=True):
+            group = ((lengths > low) & (lengths <= high)).nonzero().squeeze(1)
+            if len(group):
+                cut, chosen = int(lengths[group].max()), rows[group]
+                mask = self.mask[chosen, :cut]
+                if self.spec.pooling == "gem":
+                    outputs.append(self.head.from_logs(self.log_states[-1, chosen, :cut].float(), mask))
+                else:
+                    outputs.append(self._head(self.states[:, chosen, :cut].float(), mask))
+                groups.append(group)
+        return torch.cat(outputs)[torch.argsort(torch.cat(groups))]
+
     def forward(self, rows: Tensor) -> Tensor:
         if self.fixed:
             return self.proj(self.pooled[rows])
         unique, inverse = torch.unique(rows, return_inverse=True)
-        return self.proj(self._head(self.states[:, unique].float(), self.mask[unique]))[inverse]
+        return self.proj(self._pooled(unique))[inverse]
 
     @torch.no_grad()
     def all_vectors(self, chunk: int = 4096) -> Tensor:
@@ -174,7 +235,7 @@ class ItemText(nn.Module):
     def initial_rows(self, std: float) -> Tensor:
         """``[rows, dim]`` start values for an ID table (``combine: init``): the pooled texts on their top
         principal components, scaled to ``std``."""
-        vectors = self.pooled if self.fixed else self._head(self.states.float(), self.mask)
+        vectors = self.pooled if self.fixed else self._pooled(torch.arange(self.rows))
         centered = vectors - vectors.mean(0)
         _, _, v = torch.linalg.svd(centered, full_matrices=False)
         if v.shape[0] < self.dim:
@@ -218,7 +279,7 @@ class RowText(nn.Module):
         super().__init__()
         self.spec, self.dim, self.cache_bytes = spec, dim, cache_bytes
         self._held = 0  # bytes the cache holds: bounded, whatever texts arrive (a server sees any)
-        self.head = spec.head()
+        self.head = spec.head(int(spec.encoder_dim))
         self.proj = nn.Linear(int(spec.encoder_dim), dim)
         self.fixed = spec.pooling in FIXED_HEADS
         self.__dict__["encoder"] = encoder  # not a submodule: its weights are not this model's state

@@ -88,9 +88,13 @@ class GeMPooling(nn.Module):
 
     def forward(self, states: Tensor, mask: Tensor) -> Tensor:
         _check(states, mask)
+        return self.from_logs(_last_layer(states).clamp(min=self.eps).log(), mask)
+
+    def from_logs(self, logs: Tensor, mask: Tensor) -> Tensor:
+        """The head from ``log(max(x, eps))`` ``[B, T, D]``: ``x^p = exp(p·log x)`` (item text caches the
+        logs: they have no parameters, and the backward pass for ``p`` needs them)."""
         p = self.p.clamp(min=1.0)
-        powered = _last_layer(states).clamp(min=self.eps).pow(p)
-        return masked_mean(powered, mask).pow(1.0 / p)
+        return masked_mean(torch.exp(p * logs), mask).pow(1.0 / p)
 
 
 class AttentionPooling(nn.Module):
@@ -122,10 +126,24 @@ class LatentAttentionPooling(nn.Module):
 
     def forward(self, states: Tensor, mask: Tensor) -> Tensor:
         _check(states, mask)
-        states = _last_layer(states)
-        latents = self.latents.unsqueeze(0).expand(states.shape[0], -1, -1)
-        attended, _ = self.attention(states, latents, latents, need_weights=False)  # each token on its own
-        return masked_mean(self.mlp(attended), mask)
+        states, real = _last_layer(states), mask.bool()
+        tokens = self.mlp(self._attend(states[real]))  # each real token on its own: [n, D]
+        text = torch.arange(len(mask), device=mask.device).unsqueeze(1).expand_as(real)[real]
+        sums = torch.zeros(len(mask), tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
+        return sums.index_add(0, text, tokens) / real.sum(1, keepdim=True).to(tokens.dtype)
+
+    def _attend(self, tokens: Tensor) -> Tensor:
+        """``self.attention(tokens, latents, latents)`` for ``[n, D]`` tokens, the latents' keys and values
+        projected once instead of once per text (same weights, same result, no dropout)."""
+        heads, dim = self.attention.num_heads, tokens.shape[1]
+        w_q, w_k, w_v = self.attention.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.attention.in_proj_bias.chunk(3)
+        q = (tokens @ w_q.T + b_q).view(len(tokens), heads, -1)
+        k = (self.latents @ w_k.T + b_k).view(len(self.latents), heads, -1)
+        v = (self.latents @ w_v.T + b_v).view(len(self.latents), heads, -1)
+        weights = (torch.einsum("nhd,mhd->nhm", q, k) / math.sqrt(dim // heads)).softmax(-1)
+        attended = torch.einsum("nhm,mhd->nhd", weights, v).reshape(len(tokens), dim)
+        return self.attention.out_proj(attended)
 
 
 class MultiLayerPooling(nn.Module):
@@ -147,7 +165,11 @@ class MultiLayerPooling(nn.Module):
             raise ValueError(
                 f"multilayer pooling needs all {self.num_layers} layers [L, B, T, D], got {tuple(states.shape)}"
             )
-        layers = masked_mean(states, mask).transpose(0, 1) + self.layer_embedding  # [B, L, D]
+        return self.attend(masked_mean(states, mask).transpose(0, 1))
+
+    def attend(self, layers: Tensor) -> Tensor:
+        """``[B, L, D]`` per-layer means → ``[B, D]`` (what follows the means; item text caches them)."""
+        layers = layers + self.layer_embedding
         queries = self.latents.unsqueeze(0).expand(layers.shape[0], -1, -1)
         attended, _ = self.attention(queries, layers, layers, need_weights=False)  # [B, k, D]
         return attended.mean(1)

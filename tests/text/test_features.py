@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -29,7 +30,7 @@ def test_item_texts_follow_the_item_table_rows(dm: CTRDataModule) -> None:
     assert [texts[r] for r in rows] == ["item 3", "item 17", "item 42"]  # the tiny data's title is "item <id>"
 
 
-@pytest.mark.parametrize("pooling", ["mean", "attention"])
+@pytest.mark.parametrize("pooling", ["mean", "attention", "gem"])
 def test_item_text_vectors_match_a_reference_computed_from_the_encoder(dm: CTRDataModule, pooling: str) -> None:
     torch.manual_seed(0)
     layer = EmbeddingLayer(dm.resources.info, {"dim": 8}, {"pooling": pooling, "dim": 4}, resources=dm.resources)
@@ -43,6 +44,9 @@ def test_item_text_vectors_match_a_reference_computed_from_the_encoder(dm: CTRDa
         tokens = [states[-1, i, t].float() for t in range(mask.shape[1]) if mask[i, t]]
         if pooling == "mean":
             pooled = sum(tokens) / len(tokens)
+        elif pooling == "gem":  # (mean of max(x, eps)^p over the real tokens)^(1/p), per dimension
+            p = float(module.head.p.detach())
+            pooled = (sum(tok.clamp(min=1e-6) ** p for tok in tokens) / len(tokens)) ** (1 / p)
         else:  # softmax over the real tokens of q·k/√D, then the weighted sum (the head's formula, by hand)
             query = module.head.query.detach()
             scores = torch.stack([tok @ query for tok in tokens]) / 384**0.5
@@ -50,6 +54,51 @@ def test_item_text_vectors_match_a_reference_computed_from_the_encoder(dm: CTRDa
         expected = module.proj.weight.detach() @ pooled + module.proj.bias.detach()
         torch.testing.assert_close(out[i].detach(), expected, atol=2e-3, rtol=1e-3)  # states are cached in fp16
     assert not torch.allclose(out[1], out[0])  # different titles, different vectors
+
+
+@pytest.mark.parametrize("pooling", ["attention", "gem", "latent", "multilayer"])
+def test_length_groups_and_cached_pooling_give_the_heads_plain_output_and_gradients(pooling: str) -> None:
+    """ItemText pools a batch's texts in groups of similar length (GeM from cached logs, multilayer from
+    cached layer means); the head over the whole padded batch at once is the reference."""
+    from recsys.text.features import ItemText, TextSpec
+
+    torch.manual_seed(0)
+    layers, rows, length, width = 3, 12, 20, 16
+    states = torch.randn(layers, rows, length, width).half().float()  # what the module stores (fp16)
+    lengths = torch.tensor([9, 2, 20, 4, 16, 7, 1, 15, 3, 17, 5, 8])  # every length group, rows out of order
+    mask = (torch.arange(length) < lengths[:, None]).long()
+    spec = TextSpec(pooling=pooling, dim=4, max_length=length, encoder_dim=width, encoder_layers=layers)
+    module = ItemText(spec, rows, 4, states, mask)
+    batch = torch.tensor([11, 0, 5, 3, 5, 8, 1, 9, 2, 10, 4, 6, 7, 0])
+    out = module(batch)
+    full = states if pooling == "multilayer" else states[-1]
+    expected = module.proj(module.head(full, mask))[batch]
+    torch.testing.assert_close(out, expected, atol=3e-3, rtol=1e-3)  # GeM: logs cached in fp16
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    weights = torch.randn_like(out)
+    got = torch.autograd.grad((out * weights).sum(), parameters)
+    want = torch.autograd.grad((expected * weights).sum(), parameters)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=5e-3, rtol=1e-2)
+
+
+def test_head_dim_keeps_the_top_principal_components_of_the_item_tokens() -> None:
+    from recsys.text.features import ItemText, TextSpec
+
+    torch.manual_seed(0)
+    rows, length, width = 40, 10, 16
+    states = torch.randn(1, rows, length, width) * torch.linspace(3, 0.1, width)  # unequal variances
+    mask = (torch.arange(length) < torch.randint(1, length + 1, (rows, 1))).long()
+    spec = TextSpec(pooling="latent", dim=4, max_length=length, head_dim=8, encoder_dim=width, encoder_layers=1)
+    module = ItemText(spec, rows, 4, states, mask)
+    assert module.states.shape == (1, rows, length, 8) and module.head.latents.shape[1] == 8
+    tokens = states[0][mask.bool()].double()
+    projected = module.states[0][mask.bool()].double()
+    eigenvalues = np.linalg.eigvalsh(np.cov(tokens.numpy(), rowvar=False))  # ascending
+    # projection onto the top 8 principal directions: centred, and it keeps exactly their variance
+    assert projected.mean(0).abs().max() < 1e-2
+    np.testing.assert_allclose(projected.var(0).sum().item(), eigenvalues[-8:].sum(), rtol=1e-2)
+    assert module(torch.tensor([3, 1, 3])).shape == (3, 4)
 
 
 @pytest.mark.parametrize("cls", [EmbeddingMLP, DIN, DLRM, TwoTower])
@@ -100,6 +149,8 @@ def test_sum_and_init_combine(dm: CTRDataModule) -> None:
         ({"pooling": "median"}, r"text.pooling: one of"),
         ({"combine": "sum", "dim": 4}, r"text.dim: combine sum needs the 'item' table width 8, got 4"),
         ({"typo": 1}, r"text.typo: unknown key"),
+        ({"pooling": "latent", "head_dim": 30}, r"text.head_dim: a positive multiple of 4"),
+        ({"pooling": "mean", "head_dim": 64}, r"text.head_dim: the 'mean' head has no parameters"),
     ],
 )
 def test_bad_text_blocks_name_their_key(dm: CTRDataModule, text: dict, message: str) -> None:
