@@ -198,6 +198,18 @@ class ItemText(nn.Module):
                 "mask", mask.long() if mask is not None else torch.ones(rows, length, dtype=torch.long)
             )
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:  # noqa: ANN401
+        """Checkpoints written before GeM cached logs and multilayer cached layer means held the token
+        states: derive what this version keeps from them."""
+        old, mask = state_dict.get(prefix + "states"), state_dict.get(prefix + "mask")
+        if old is not None and self.spec.pooling == "gem":
+            state_dict[prefix + "log_states"] = old.float().clamp(min=self.head.eps).log().half()
+            del state_dict[prefix + "states"]
+        elif old is not None and self.spec.pooling == "multilayer":
+            state_dict[prefix + "layer_means"] = masked_mean(old.float(), mask)
+            del state_dict[prefix + "states"], state_dict[prefix + "mask"]
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def _head(self, states: Tensor, mask: Tensor) -> Tensor:
         return self.head(states if states.shape[0] > 1 else states[0], mask)
 

@@ -182,3 +182,21 @@ def test_row_level_text_learns_a_planted_word(tmp_path: Path) -> None:
             assert model.embedding.pooled_features == ["user", "query"] and model.embedding.output_dims()["query"] == 8
         aucs[name] = fit_and_auc(model, dm, epochs=6)
     assert aucs["text"] >= 0.9 and aucs["ids only"] <= 0.6, aucs
+
+
+@pytest.mark.parametrize("pooling", ["gem", "multilayer"])
+def test_a_checkpoint_that_held_token_states_still_loads(pooling: str) -> None:
+    """Before GeM cached logs and multilayer cached layer means, item text stored the token states."""
+    from recsys.text.features import ItemText, TextSpec
+
+    torch.manual_seed(0)
+    layers, rows, length, width = 3, 6, 8, 16
+    states = torch.randn(layers, rows, length, width).half()
+    mask = (torch.arange(length) < torch.tensor([1, 3, 8, 2, 5, 4])[:, None]).long()
+    spec = TextSpec(pooling=pooling, dim=4, max_length=length, encoder_dim=width, encoder_layers=layers)
+    current = ItemText(spec, rows, 4, states.float(), mask)
+    earlier = {k: v for k, v in current.state_dict().items() if k not in ("log_states", "layer_means")}
+    earlier |= {"states": states[-spec.layers :], "mask": mask}
+    loaded = ItemText(spec, rows, 4)
+    loaded.load_state_dict(earlier)
+    torch.testing.assert_close(loaded(torch.arange(rows)), current(torch.arange(rows)), atol=1e-3, rtol=1e-3)
