@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="item-level columns appended to the item text for content retrieval (e.g. genres)",
     )
-    parser.add_argument("--k", type=int, default=50)
+    parser.add_argument(
+        "--k", type=int, nargs="+", default=[50], help="cut-offs of Recall/NDCG@K (α is chosen at the largest)"
+    )
     parser.add_argument("--rerank-depth", type=int, default=100)
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument(

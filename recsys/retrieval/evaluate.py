@@ -130,7 +130,12 @@ def _standardize(scores: np.ndarray) -> np.ndarray:
     return (scores - scores.mean(1, keepdims=True)) / scores.std(1, keepdims=True).clip(min=1e-8)
 
 
-def _metrics(ranked: list[list[int]], queries: Queries, k: int) -> dict[str, float]:
+def _metrics(ranked: list[list[int]], queries: Queries, ks: list[int]) -> dict[str, float]:
+    """``_metrics_at`` for every K of ``ks``, in one dict (keys carry their K)."""
+    return {key: value for k in ks for key, value in _metrics_at(ranked, queries, k).items()}
+
+
+def _metrics_at(ranked: list[list[int]], queries: Queries, k: int) -> dict[str, float]:
     """Recall/NDCG@k overall, Recall@k on cold and on warm positives, and each user's Recall@k (for
     paired bootstraps)."""
     return {
@@ -236,7 +241,16 @@ class Retriever:
             out.append([ranked[u][i] for i in np.argsort(-probs, kind="stable")])
         return out
 
-    def evaluate(self, din=None, k: int = 50, rerank_depth: int = 100, split: str = "test") -> dict:  # noqa: ANN001
+    def evaluate(
+        self,
+        din=None,  # noqa: ANN001
+        k: int | list[int] = 50,
+        rerank_depth: int = 100,
+        split: str = "test",
+    ) -> dict:
+        """Every ranking's metrics at each K of ``k`` on ``split``; α chosen on val at the largest K."""
+        ks = sorted({k} if isinstance(k, int) else set(k))
+        k = ks[-1]
         queries = Queries(self.catalogue, split, self.user, self.item, self.label)
         val = Queries(self.catalogue, "val", self.user, self.item, self.label)
         alpha = self.alpha(val, k)
@@ -256,17 +270,18 @@ class Retriever:
             fused.append(sorted(score, key=lambda i: -score[i])[:depth])
         learned = _rank(self.fused(s_id, s_text, alpha), queries.seen, depth)
         results = {
-            "id": _metrics(id_ranked, queries, k),
-            "text": _metrics(text_ranked, queries, k),
-            "hybrid_rrf": _metrics(fused, queries, k),
-            "hybrid_learned": _metrics(learned, queries, k),
+            "id": _metrics(id_ranked, queries, ks),
+            "text": _metrics(text_ranked, queries, ks),
+            "hybrid_rrf": _metrics(fused, queries, ks),
+            "hybrid_learned": _metrics(learned, queries, ks),
         }
         if din is not None:
             reranked = self.rerank(din, queries, [r[:rerank_depth] for r in learned])
-            results["hybrid_learned+din"] = _metrics(reranked, queries, k)
+            results["hybrid_learned+din"] = _metrics(reranked, queries, ks)
         return {
             "split": split,
             "k": k,
+            "ks": ks,
             "alpha": alpha,
             "users": len(queries.users),
             "catalogue": len(self.catalogue.items),
@@ -283,15 +298,13 @@ class Retriever:
 
 
 def markdown(report: dict) -> str:
-    k = report["k"]
+    ks = report.get("ks", [report["k"]])
+    columns = [f"{what}@{k}" for k in ks for what in ("Recall", "NDCG", "cold-item Recall", "warm-item Recall")]
+    keys = [f"{what}@{k}" for k in ks for what in ("recall", "ndcg", "cold_recall", "warm_recall")]
     lines = [
-        f"| retrieval ({report['index']['codec']} index) | Recall@{k} | NDCG@{k} | cold-item Recall@{k} | "
-        f"warm-item Recall@{k} |",
-        "|---|---:|---:|---:|---:|",
+        f"| retrieval ({report['index']['codec']} index) | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
     ]
     for name, m in report["results"].items():
-        lines.append(
-            f"| {name} | {m[f'recall@{k}']:.4f} | {m[f'ndcg@{k}']:.4f} | {m[f'cold_recall@{k}']:.4f} | "
-            f"{m[f'warm_recall@{k}']:.4f} |"
-        )
+        lines.append(f"| {name} | " + " | ".join(f"{m[key]:.4f}" for key in keys) + " |")
     return "\n".join(lines)

@@ -118,6 +118,11 @@ def test_retrieve_end_to_end_excludes_seen_items_and_scores_cold_items(
     assert retriever.catalogue.cold.sum() == 5
     report = retriever.evaluate(din=None, k=10, rerank_depth=20)
     queries = Queries(retriever.catalogue, "test", "user", "item", "click")
+    both = retriever.evaluate(din=None, k=[5, 10], rerank_depth=20)  # several cut-offs: the same lists, cut
+    assert both["ks"] == [5, 10] and both["alpha"] == report["alpha"]
+    for name, metrics in both["results"].items():
+        assert metrics["recall@10"] == report["results"][name]["recall@10"]
+        assert metrics["recall@5"] <= metrics["recall@10"]
     assert report["cold_items"] == 5 and report["users"] == len(queries.users) > 0
     for name, metrics in report["results"].items():
         assert 0 <= metrics["recall@10"] <= 1 and 0 <= metrics["ndcg@10"] <= 1, name
