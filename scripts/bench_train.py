@@ -22,10 +22,12 @@ from recsys.train.callbacks import Throughput
 from recsys.train.cli import run
 
 
-def measure(config: str, epochs: int, batch_size: int | None) -> dict:
+def measure(config: str | list[str], epochs: int, batch_size: int | None, end_to_end_only: bool = False) -> dict:
+    """Samples/s of ``config`` (one file or several, merged in order); ``end_to_end_only``: the fit loop's
+    rate alone (``loader`` and ``model`` are then left out)."""
+    configs = [config] if isinstance(config, str) else config
     args = [
-        "--config",
-        config,
+        *(a for c in configs for a in ("--config", c)),
         "--trainer.max_epochs",
         str(epochs),
         "--trainer.logger",
@@ -47,6 +49,8 @@ def measure(config: str, epochs: int, batch_size: int | None) -> dict:
     meter = next(cb for cb in cli.trainer.callbacks if isinstance(cb, Throughput))  # every recsys run has one
     cli.trainer.fit(cli.model, cli.datamodule)
     end_to_end = sum(meter.rates[1:]) / len(meter.rates[1:])
+    if end_to_end_only:
+        return {"end_to_end": end_to_end, "batch_size": cli.datamodule.batch_size}
 
     stream = cli.datamodule.stream("train")
     start = time.perf_counter()
