@@ -103,6 +103,11 @@ class TextSpec:
                 f"{WHERE}.head_dim: the {spec.pooling!r} head has no parameters (every text is pooled once); "
                 "head_dim is for trainable heads"
             )
+        if spec.head_dim is not None and spec.pooling == "gem":
+            raise TextConfigError(
+                f"{WHERE}.head_dim: GeM pools positive values (it clamps at eps) and principal components are "
+                "signed; GeM keeps the encoder's width"
+            )
         return spec
 
     @property

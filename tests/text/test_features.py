@@ -151,6 +151,7 @@ def test_sum_and_init_combine(dm: CTRDataModule) -> None:
         ({"typo": 1}, r"text.typo: unknown key"),
         ({"pooling": "latent", "head_dim": 30}, r"text.head_dim: a positive multiple of 4"),
         ({"pooling": "mean", "head_dim": 64}, r"text.head_dim: the 'mean' head has no parameters"),
+        ({"pooling": "gem", "head_dim": 64}, r"text.head_dim: GeM pools positive values"),
     ],
 )
 def test_bad_text_blocks_name_their_key(dm: CTRDataModule, text: dict, message: str) -> None:
