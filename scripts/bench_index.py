@@ -4,11 +4,12 @@
     python scripts/bench_index.py --seeds 1 --synthetic-items 0
 
 ml100k-ctr: one two-tower per seed (``configs/movielens/two_tower.yaml``, trained by
-``scripts/bench_text.py``'s runner, reused from runs/bench_text when its fingerprint matches) gives the
-ID vectors; the content vectors are the items' titles through all-MiniLM-L6-v2 with mean pooling. For
-each codec of ``recsys retrieve --index`` both lists are searched for every test user (items seen in
-train excluded): Recall@50 (mean ± std over seeds), the same relative to the fp32 index of that seed
-and a paired bootstrap interval over users of the difference, bytes per item and latency per user.
+``scripts/bench_text.py``'s runner: the same runs as ``bench_text.py --data data/ml100k-ctr``, reused
+from runs/bench_text when their fingerprint matches) gives the ID vectors; the content vectors are the
+items' titles through all-MiniLM-L6-v2 with mean pooling. For each codec of ``recsys retrieve
+--index`` both lists are searched for every test user (items seen in train excluded): Recall@50
+(mean ± std over seeds), the same relative to the fp32 index of that seed and a paired bootstrap
+interval over users of the difference, bytes per item and latency per user.
 Synthetic: a catalogue of ``--synthetic-items`` unit vectors (64 dims, 1,000 Gaussian clusters) and
 1,000 queries near them; Recall@50 of each codec against the exact fp32 top 50.
 Writes runs/bench_index/results.json, docs/index_recall_bytes.png and the ``bench_index`` block.
@@ -54,7 +55,7 @@ def ml100k(seeds: list[int]) -> dict:
     """Per codec and list (id, text): per-seed recall, per-user recall (seed mean), bytes, latency."""
     results: dict = {}
     for seed in seeds:
-        tower = fit(f"two_tower_s{seed}", seed, ["configs/movielens/two_tower.yaml"])
+        tower = fit(f"ml100k-ctr/two_tower_s{seed}", seed, ["configs/movielens/two_tower.yaml"])
         retriever = Retriever(load_model(tower["ckpt"]), Path("data/ml100k-ctr"), "movie_title", "mean")
         queries = Queries(retriever.catalogue, "test", retriever.user, retriever.item, retriever.label)
         users = dict(zip(("id", "text"), retriever.user_vectors(queries), strict=True))
@@ -137,8 +138,10 @@ def markdown(args: argparse.Namespace, ml: dict, synth: dict, seconds: float) ->
             fp32 = ml["fp32"][name]
             relative = np.mean(np.array(cell["recall"]) / np.array(fp32["recall"]))
             a, b = np.mean(cell["users"], axis=0), np.mean(fp32["users"], axis=0)
-            delta = "—" if codec == "fp32" else "{:+.4f} [{:+.4f}, {:+.4f}]".format(
-                (a - b).mean(), *paired_bootstrap_interval(a, b)
+            delta = (
+                "—"
+                if codec == "fp32"
+                else "{:+.4f} [{:+.4f}, {:+.4f}]".format((a - b).mean(), *paired_bootstrap_interval(a, b))
             )
             extra = f" (+{cell['rerank_bytes']})" if cell["rerank_bytes"] else ""
             lines.append(

@@ -1,18 +1,23 @@
-"""Text features and hybrid retrieval on ml100k-ctr: pooling heads compared, ID vs content vs hybrid.
+"""Text features and hybrid retrieval where content should pay off: items without train clicks.
 
-    python scripts/bench_text.py                          # six heads, seeds 1 2 3
-    python scripts/bench_text.py --heads mean gem --seeds 1 2
+    python scripts/bench_text.py                                   # ml100k-cold, eight heads, seeds 1 2 3
+    python scripts/bench_text.py --data data/ml100k-ctr --heads mean gem --seeds 1 2
 
-1. DIN without text and DIN with movie-title vectors (all-MiniLM-L6-v2, frozen, pooled by each
-   head, concatenated to the item ID embedding of target and behaviors): val and test AUC per seed.
-2. A two-tower model per seed (``configs/movielens/two_tower.yaml``), then ``recsys retrieve``:
-   ID-only, text-only (a trainable head as its DIN run of that seed learned it), hybrid (RRF,
-   learned weight α) and hybrid + DIN re-ranking, Recall/NDCG@50 overall and on cold items.
+Data: ml100k-cold (docs/datasets.md; ``datasets/movielens/prepare.py --cold-items 0.2``, prepared when
+missing): 20% of the items have no train row, val and test are ml100k-ctr's.
+1. DIN without text and with each head (``--config configs/text/<head>.yaml``: movie-title vectors
+   from all-MiniLM-L6-v2, frozen, pooled by the head, joined to the item ID embedding of target and
+   behaviors): val/test AUC and GAUC per seed, and its training samples/s (the run's own meter,
+   epochs after the first).
+2. One two-tower per seed (``configs/movielens/two_tower.yaml``), then ``recsys retrieve`` at K = 10
+   and 50: ID, content (each head as its DIN run of that seed learned it), RRF, the learned hybrid,
+   hybrid + DIN re-rank; overall, on cold and on warm positives.
 Every choice is made on val through ``recsys.eval.selection.best_on_val``: the DIN re-ranker (mean
-val AUC over seeds), the content head and text columns (mean val text Recall@50 over seeds), α
-(inside ``recsys retrieve``). Test is read once per reported number. Per-user Recall@50 averaged
-over seeds gives paired bootstrap intervals over users. Finished runs under runs/bench_text are
-reused when their fingerprint (config text, seed, options) is the same.
+val AUC over seeds, "none" included), the content head with its text columns (mean val content
+Recall@50), the re-rank depth (mean val Recall@50 of hybrid + DIN), α (inside ``recsys retrieve``,
+per seed). Test is read once per reported number. Per-user Recall@50 averaged over seeds gives the
+paired bootstrap intervals over users. Finished runs under runs/bench_text are reused when their
+fingerprint (config text, seed, data, options) is the same.
 Writes runs/bench_text/results.json and the ``bench_text`` block of docs/benchmarks.md.
 """
 
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,50 +37,52 @@ from recsys.eval.metrics import paired_bootstrap_interval
 from recsys.eval.report import evaluate
 from recsys.eval.selection import best_on_val
 from recsys.text.pooling import HEADS
+from recsys.train.callbacks import Throughput
 from recsys.train.cli import run
 
 OUT = Path("runs/bench_text")
-DEFAULT_HEADS = ["mean", "cls", "last", "max", "gem", "attention"]  # latent, multilayer: --heads
 TEXT_COLUMNS = {"title": [], "title + genres": ["genres"]}  # what the content text of an item reads
-K = 50
+KS = [10, 50]
+K = KS[-1]
+DEPTHS = [50, 100, 200]  # DIN re-ranks this many of the hybrid's candidates: chosen on val
 
 
-def fit(version: str, seed: int, configs: list[str]) -> dict:
-    """Trains once per fingerprint; ``{"ckpt", "val", "test", "fingerprint"}`` (val/test: CTR metrics)."""
+def prepared(data: str) -> str:
+    """The dataset's PREPARED.json (what a reused run is keyed by); ml100k-cold is prepared if missing."""
+    marker = Path(data) / "PREPARED.json"
+    if not marker.exists() and Path(data).name == "ml100k-cold":
+        prepare = [sys.executable, "datasets/movielens/prepare.py", "--out", data, "--cold-items", "0.2"]
+        subprocess.run(prepare, check=True)
+    return marker.read_text()
+
+
+def fit(version: str, seed: int, configs: list[str], data: str = "data/ml100k-ctr") -> dict:
+    """Trains once per fingerprint; ``{"ckpt", "val", "test", "samples_per_s", "fingerprint"}``."""
 
     def train() -> dict:
         args = ["fit"] + [a for c in configs for a in ("--config", c)]
-        cli = run(
-            args
-            + [
-                "--seed_everything",
-                str(seed),
-                "--trainer.enable_progress_bar",
-                "false",
-                "--trainer.logger.init_args.save_dir",
-                str(OUT),
-                "--trainer.logger.init_args.name",
-                "",
-                "--trainer.logger.init_args.version",
-                version,
-            ]
-        )
+        args += ["--data.path", data, "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false"]
+        args += ["--trainer.logger.init_args.save_dir", str(OUT), "--trainer.logger.init_args.name", ""]
+        cli = run(args + ["--trainer.logger.init_args.version", version])
+        meter = next(cb for cb in cli.trainer.callbacks if isinstance(cb, Throughput))
         ckpt = Path(cli.trainer.checkpoint_callback.best_model_path)
         scores = {}
         for split in ("val", "test"):
             report = evaluate(ckpt, split=split, out=OUT / version / f"eval_{split}", bootstrap=0)
             scores[split] = {m: float(report[m]) for m in ("auc", "gauc")}
-        return {"ckpt": str(ckpt), **scores}
+        rates = meter.rates[1:] or meter.rates
+        return {"ckpt": str(ckpt), "samples_per_s": float(np.mean(rates)), **scores}
 
-    return reused_or_run(OUT / version, [[Path(c).read_text() for c in configs], seed], train)
+    return reused_or_run(OUT / version, [[Path(c).read_text() for c in configs], seed, prepared(data)], train)
 
 
-def retrieve(name: str, runs: dict[str, dict], split: str, columns: list[str]) -> dict:
-    """``recsys retrieve`` with the two-tower (and text head / DIN) of ``runs``; reused by fingerprint."""
+def retrieve(name: str, runs: dict[str, dict], split: str, columns: list[str], depth: int = 100) -> dict:
+    """``recsys retrieve`` at ``KS`` with the two-tower (and text head / DIN) of ``runs``; reused by fingerprint."""
     from recsys.commands.retrieve import main as retrieve_main
 
     out = OUT / "retrieval" / name
-    args = ["--two-tower", runs["two_tower"]["ckpt"], "--split", split, "--k", str(K), "--out", str(out)]
+    args = ["--two-tower", runs["two_tower"]["ckpt"], "--split", split, "--k", *map(str, KS), "--out", str(out)]
+    args += ["--rerank-depth", str(depth)]
     if "head" in runs:
         args += ["--text-head", runs["head"]["ckpt"]]
     if "din" in runs:
@@ -90,56 +99,66 @@ def retrieve(name: str, runs: dict[str, dict], split: str, columns: list[str]) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heads", nargs="+", default=DEFAULT_HEADS, choices=list(HEADS))
+    parser.add_argument("--data", default="data/ml100k-cold")
+    parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
     start = time.perf_counter()
-    din = "configs/movielens/din.yaml"
-    seeds = args.seeds
-    dins = {"none": [fit(f"din_s{s}", s, [din]) for s in seeds]}
+    din, seeds, tag = "configs/movielens/din.yaml", args.seeds, Path(args.data).name
+    dins = {"none": [fit(f"{tag}/din_s{s}", s, [din], args.data) for s in seeds]}
     for head in args.heads:
-        dins[head] = [fit(f"din_text_{head}_s{s}", s, [din, f"configs/text/{head}.yaml"]) for s in seeds]
-    towers = [fit(f"two_tower_s{s}", s, ["configs/movielens/two_tower.yaml"]) for s in seeds]
+        text = f"configs/text/{head}.yaml"
+        dins[head] = [fit(f"{tag}/din_text_{head}_s{s}", s, [din, text], args.data) for s in seeds]
+    towers = [fit(f"{tag}/two_tower_s{s}", s, ["configs/movielens/two_tower.yaml"], args.data) for s in seeds]
 
-    def per_seed(runs: list[dict], split: str, metric: str) -> list[float]:
-        return [r[split][metric] for r in runs]
+    ctr = {
+        h: {sp: {m: [r[sp][m] for r in runs] for m in ("auc", "gauc")} for sp in ("val", "test")}
+        for h, runs in dins.items()
+    }
+    reranker = best_on_val(ctr, "auc")
 
-    ctr = {h: {sp: {"auc": per_seed(r, sp, "auc")} for sp in ("val", "test")} for h, r in dins.items()}
-    reranker = best_on_val({h: ctr[h] for h in args.heads}, "auc")
-    # content head and text columns together, on val text Recall@K (mean over seeds)
-    content = {}
+    content = {}  # content head and text columns together, on val content Recall@K (mean over seeds)
     for head in args.heads:
         for label, columns in TEXT_COLUMNS.items():
-            recalls = [
-                retrieve(f"val_{head}_{label}_s{s}", {"two_tower": t, "head": d}, "val", columns)["results"]["text"]
+            reports = [
+                retrieve(f"{tag}/val_{head}_{label}_s{s}", {"two_tower": t, "head": d}, "val", columns)
                 for s, t, d in zip(seeds, towers, dins[head], strict=True)
             ]
-            content[(head, label)] = {"val": {"recall": [r[f"recall@{K}"] for r in recalls]}}
+            content[(head, label)] = {"val": {"recall": [r["results"]["text"][f"recall@{K}"] for r in reports]}}
     head, label = best_on_val(content, "recall")
     columns = TEXT_COLUMNS[label]
-    text_test = {
+    depths = {}
+    for depth in DEPTHS:
+        reports = [
+            retrieve(f"{tag}/val_depth{depth}_s{s}", {"two_tower": t, "head": d, "din": r}, "val", columns, depth)
+            for s, t, d, r in zip(seeds, towers, dins[head], dins[reranker], strict=True)
+        ]
+        depths[depth] = {"val": {"recall": [r["results"]["hybrid_learned+din"][f"recall@{K}"] for r in reports]}}
+    depth = best_on_val(depths, "recall")
+    content_test = {
         h: [
-            retrieve(f"test_{h}_{label}_s{s}", {"two_tower": t, "head": d}, "test", columns)["results"]["text"]
+            retrieve(f"{tag}/test_{h}_{label}_s{s}", {"two_tower": t, "head": d}, "test", columns)["results"]["text"]
             for s, t, d in zip(seeds, towers, dins[h], strict=True)
         ]
         for h in args.heads
     }
     hybrid = [
-        retrieve(f"hybrid_s{s}", {"two_tower": t, "head": d, "din": r}, "test", columns)
+        retrieve(f"{tag}/hybrid_s{s}", {"two_tower": t, "head": d, "din": r}, "test", columns, depth)
         for s, t, d, r in zip(seeds, towers, dins[head], dins[reranker], strict=True)
     ]
     results = {
+        "data": args.data,
         "ctr": ctr,
-        "reranker": reranker,
-        "content_head": head,
-        "text_columns": label,
+        "samples_per_s": {h: [r["samples_per_s"] for r in runs] for h, runs in dins.items()},
+        "chosen": {"reranker": reranker, "content_head": head, "text_columns": label, "rerank_depth": depth},
         "content_val": {f"{h} / {c}": v for (h, c), v in content.items()},
+        "depth_val": depths,
         "retrieval": hybrid,
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
-    text_md = markdown(args, results, text_test, time.perf_counter() - start)
+    text_md = markdown(args, results, content_test, time.perf_counter() - start)
     print(text_md)
     if not args.no_doc:
         write_doc_section("docs/benchmarks.md", "bench_text", text_md)
@@ -149,58 +168,72 @@ def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
 
-def markdown(args: argparse.Namespace, results: dict, text_test: dict, seconds: float) -> str:
-    ctr, hybrid = results["ctr"], results["retrieval"]
+def _paired(hybrid: list[dict], a: str, b: str, key: str) -> str:
+    """``a − b`` of per-user ``key`` averaged over seeds: the mean and its paired bootstrap 95% interval."""
+    x = np.mean([np.array(r["results"][a][key]) for r in hybrid], axis=0)
+    y = np.mean([np.array(r["results"][b][key]) for r in hybrid], axis=0)
+    low, high = paired_bootstrap_interval(x, y)
+    return f"{(x - y).mean():+.4f} [{low:+.4f}, {high:+.4f}] ({len(x)} users)"
+
+
+def markdown(args: argparse.Namespace, results: dict, content_test: dict, seconds: float) -> str:
+    ctr, hybrid, chosen = results["ctr"], results["retrieval"], results["chosen"]
     none = np.array(ctr["none"]["test"]["auc"])
     first = hybrid[0]
     lines = [
-        f"`python scripts/bench_text.py --heads {' '.join(args.heads)} --seeds {' '.join(map(str, args.seeds))}` — "
-        f"{machine()}; ml100k-ctr, item text = movie title through all-MiniLM-L6-v2 (frozen, offline); "
-        f"{seconds / 60:.0f} min (runs under runs/bench_text are reused when their fingerprint matches). "
-        "DIN = `configs/movielens/din.yaml`, with text `--config configs/text/<head>.yaml` (title vector "
-        "projected to 4 and concatenated to the item ID embedding of the target and of every behavior). "
-        f"Mean ± std over seeds {args.seeds}; every choice made on val (`recsys.eval.selection`). Content "
-        f"retrieval: the head's vector of each item's text (`{results['text_columns']}`, chosen on val), the "
-        "head as that seed's DIN run learned it; user = mean of their train clicks' vectors, cosine, items "
-        f"seen in train excluded; Recall/NDCG@{K} over {first['users']} test users.",
+        f"`python scripts/bench_text.py --data {args.data} --heads {' '.join(args.heads)} --seeds "
+        f"{' '.join(map(str, args.seeds))}` — {machine()}; {seconds / 60:.0f} min (runs under runs/bench_text are "
+        f"reused when their fingerprint matches). Data `{args.data}`; item text = movie title through "
+        "all-MiniLM-L6-v2 (frozen, offline). DIN = `configs/movielens/din.yaml`, with text `--config "
+        "configs/text/<head>.yaml` (title vector projected to 4 and joined to the item ID embedding of the target "
+        f"and every behavior). Mean ± std over seeds {args.seeds}; every choice made on val (`recsys.eval.selection`). "
+        "Content retrieval: each item's text through the head as that seed's DIN run learned it; user = mean of their "
+        f"train clicks' vectors, cosine, items seen in train excluded; {first['users']} test users.",
         "",
-        f"| item text in DIN | DIN val AUC | DIN test AUC | Δ test vs no text | content Recall@{K} (test) | NDCG@{K} |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| none | {mean_std(ctr['none']['val']['auc'])} | {mean_std(none)} | — | — | — |",
+        "| item text in DIN | DIN val AUC | DIN test AUC | test GAUC | Δ test AUC vs none | DIN samples/s | "
+        f"content Recall@{K} | content cold-item Recall@{K} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for head, runs in text_test.items():
-        aucs = np.array(ctr[head]["test"]["auc"])
-        lines.append(
-            f"| {head} | {mean_std(ctr[head]['val']['auc'])} | {mean_std(aucs)} | {aucs.mean() - none.mean():+.4f} | "
-            f"{mean_std([r[f'recall@{K}'] for r in runs])} | {mean_std([r[f'ndcg@{K}'] for r in runs])} |"
+    for name in ["none", *args.heads]:
+        aucs, rate = np.array(ctr[name]["test"]["auc"]), np.median(results["samples_per_s"][name])
+        runs = content_test.get(name, [])
+        retrieval = (
+            f"{mean_std([r[f'recall@{K}'] for r in runs])} | {mean_std([r[f'cold_recall@{K}'] for r in runs])}"
+            if runs
+            else "— | —"
         )
-    per_user = {
-        name: np.mean([np.array(r["results"][name][f"user_recall@{K}"]) for r in hybrid], axis=0)
-        for name in first["results"]
-    }
+        lines.append(
+            f"| {name} | {mean_std(ctr[name]['val']['auc'])} | {mean_std(aucs)} | "
+            f"{mean_std(ctr[name]['test']['gauc'])} | {aucs.mean() - none.mean():+.4f} | {rate:,.0f} | {retrieval} |"
+        )
     lines += [
         "",
         f"Retrieval on the test split ({first['catalogue']} items, {first['cold_items']} cold; "
-        f"{first['results']['id']['cold_users']} users with a cold positive), one two-tower per seed; chosen on "
-        f"val: content head `{results['content_head']}`, text `{results['text_columns']}`, DIN re-ranker with "
-        f"`{results['reranker']}` text (best mean val AUC), α per seed {[r['alpha'] for r in hybrid]}; DIN "
-        f"re-ranks the top {first['rerank_depth']}. Δ vs id: per-user Recall@{K} averaged over seeds, paired "
-        "bootstrap over users (2,000 draws), 95% interval.",
+        f"{first['results']['id']['cold_users']} users with a cold positive), one two-tower per seed. Chosen on val: "
+        f"content head `{chosen['content_head']}` with text `{chosen['text_columns']}`, DIN re-ranker `"
+        f"{chosen['reranker']}` (best mean val AUC), re-rank depth {chosen['rerank_depth']} (of {DEPTHS}), α per seed "
+        f"{[r['alpha'] for r in hybrid]}.",
         "",
-        f"| retrieval | Recall@{K} | NDCG@{K} | cold-item Recall@{K} | Δ Recall@{K} vs id [95% CI] |",
-        "|---|---:|---:|---:|---:|",
+        "| retrieval | " + " | ".join(f"Recall@{k} | NDCG@{k}" for k in KS) + f" | cold Recall@{K} | warm Recall@{K} |",
+        "|---|" + "---:|" * (2 * len(KS) + 2),
     ]
     for name in first["results"]:
         runs = [r["results"][name] for r in hybrid]
-        if name == "id":
-            delta = "—"
-        else:
-            low, high = paired_bootstrap_interval(per_user[name], per_user["id"])
-            delta = f"{per_user[name].mean() - per_user['id'].mean():+.4f} [{low:+.4f}, {high:+.4f}]"
-        lines.append(
-            f"| {name} | {mean_std([m[f'recall@{K}'] for m in runs])} | {mean_std([m[f'ndcg@{K}'] for m in runs])} | "
-            f"{mean_std([m[f'cold_recall@{K}'] for m in runs])} | {delta} |"
-        )
+        cells = [mean_std([m[f"{what}@{k}"] for m in runs]) for k in KS for what in ("recall", "ndcg")]
+        cells += [mean_std([m[f"{where}_recall@{K}"] for m in runs]) for where in ("cold", "warm")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Paired differences of per-user Recall@{K} (averaged over seeds), bootstrap over users (2,000 draws), 95%:",
+        "",
+        f"- learned hybrid − ID, all users: {_paired(hybrid, 'hybrid_learned', 'id', f'user_recall@{K}')}",
+        f"- learned hybrid − content, all users: {_paired(hybrid, 'hybrid_learned', 'text', f'user_recall@{K}')}",
+        f"- learned hybrid − content, cold positives: "
+        f"{_paired(hybrid, 'hybrid_learned', 'text', f'user_cold_recall@{K}')}",
+        f"- learned hybrid − ID, warm positives: {_paired(hybrid, 'hybrid_learned', 'id', f'user_warm_recall@{K}')}",
+        f"- hybrid + DIN − learned hybrid, all users: "
+        f"{_paired(hybrid, 'hybrid_learned+din', 'hybrid_learned', f'user_recall@{K}')}",
+    ]
     missing = [h for h in HEADS if h not in args.heads]
     if missing:
         lines += ["", f"Not run in this invocation (no number here): {', '.join(f'`{h}`' for h in missing)}."]

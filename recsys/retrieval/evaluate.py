@@ -144,6 +144,8 @@ def _metrics_at(ranked: list[list[int]], queries: Queries, k: int) -> dict[str, 
         f"ndcg@{k}": ndcg_at_k(ranked, queries.positives, k),
         f"cold_recall@{k}": recall_at_k(ranked, queries.cold_positives, k),
         f"warm_recall@{k}": recall_at_k(ranked, queries.warm_positives, k),
+        f"user_cold_recall@{k}": recall_per_user(ranked, queries.cold_positives, k),  # users with a cold positive
+        f"user_warm_recall@{k}": recall_per_user(ranked, queries.warm_positives, k),
         "cold_users": int(sum(1 for c in queries.cold_positives if c)),
     }
 
