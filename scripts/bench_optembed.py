@@ -158,7 +158,8 @@ def run_seed(name: str, seed: int, budgets: list[float]) -> list[dict]:
 def markdown(rows: list[dict], command: str, seconds: float) -> str:
     lines = [
         f"`{command}` — {machine()}, {torch.get_num_threads()} torch threads, "
-        f"{seconds / 60:.0f} min. Test AUC mean ± std over seeds; sparsity = 1 − Σ kept_rows·dims / Σ rows·16 "
+        f"{seconds / 60:.0f} min (finished runs under runs/optembed are reused when their fingerprint matches). "
+        "Test AUC mean ± std over seeds; sparsity = 1 − Σ kept_rows·dims / Σ rows·16 "
         "(docs/protocols.md), mean over seeds; Δ = vs the full tables "
         "of the same seeds. Supernet α = 1e-5, threshold lr 1e-2; "
         "search: dims in multiples of 4, population 50, 30 generations × "
