@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--text-head {args.text_head}: the model has no item "
                 "text (train it with --config configs/text/<head>.yaml)"
             )
-        head = next(iter(text_model.embedding.item_text.values())).head
+        head = next(iter(text_model.embedding.item_text.values()))  # ItemText: projection + head
         pooling = text_model.embedding.text_spec.pooling
     retriever = Retriever(
         tt,

@@ -174,12 +174,16 @@ class Retriever:
         self.catalogue = Catalogue(data_dir, self.vocab, self.item, text_feature, text_with)
         encoder = TextEncoder(model_path)
         states, mask = encoder.encode_cached(self.catalogue.texts, cache_dir=data_dir / "text_cache")
-        head = text_head or make_pooling(pooling, encoder.dim, num_layers=encoder.num_layers)
+        fixed = make_pooling(pooling, encoder.dim, num_layers=encoder.num_layers) if text_head is None else None
         with torch.no_grad():
             chunks = []
             for start in range(0, states.shape[1], 512):  # bounded memory for big catalogues
                 s = states[:, start : start + 512].float()
-                chunks.append(head(s if pooling == "multilayer" else s[-1], mask[start : start + 512]))
+                m = mask[start : start + 512]
+                if text_head is not None:  # a trained ItemText: its projection (head_dim) and head
+                    chunks.append(text_head.pool_states(s, m))
+                else:
+                    chunks.append(fixed(s if pooling == "multilayer" else s[-1], m))
             self.text_items = F.normalize(torch.cat(chunks), dim=1).numpy()
             self.id_items = two_tower.item_vectors(torch.from_numpy(self.catalogue.rows)).numpy()
         self.build_indexes(index, binary_rerank)

@@ -176,9 +176,14 @@ class ItemText(nn.Module):
         self.proj = nn.Linear(width, dim)
         if states is not None:
             states, mask = _pad(states[-spec.layers :], mask, length)
-            if width != int(spec.encoder_dim):  # onto the item tokens' principal components, once
-                mean, directions = _principal_components(states, mask, width)
-                states = (states.float() - mean) @ directions
+        encoder_width = int(spec.encoder_dim)
+        projection = (torch.zeros(encoder_width), torch.zeros(encoder_width, width))
+        if states is not None and width != encoder_width:  # onto the item tokens' principal components, once
+            projection = _principal_components(states, mask, width)
+            states = (states.float() - projection[0]) @ projection[1]
+        if width != encoder_width:  # kept so that other texts (retrieval's catalogue) are projected alike
+            self.register_buffer("token_mean", projection[0])  # [D]
+            self.register_buffer("token_directions", projection[1])  # [D, head_dim]
         if self.fixed:  # a parameter-free head: pool every row once
             pooled = torch.zeros(rows, width)
             if states is not None:
@@ -217,6 +222,14 @@ class ItemText(nn.Module):
 
     def _head(self, states: Tensor, mask: Tensor) -> Tensor:
         return self.head(states if states.shape[0] > 1 else states[0], mask)
+
+    def pool_states(self, states: Tensor, mask: Tensor) -> Tensor:
+        """``[n, width]`` for any texts' encoder states ``[L, n, T, D]`` (all layers the encoder gives) and
+        mask ``[n, T]``: the projection (``head_dim``) and the head, as this module's rows are pooled."""
+        states = states[-self.spec.layers :].float()
+        if hasattr(self, "token_directions"):
+            states = (states - self.token_mean) @ self.token_directions
+        return self._head(states, mask)
 
     def _pooled(self, rows: Tensor) -> Tensor:
         """``[n, width]``: the trainable head over distinct ``rows``, texts grouped by length (each group

@@ -201,3 +201,23 @@ def test_a_checkpoint_that_held_token_states_still_loads(pooling: str) -> None:
     loaded = ItemText(spec, rows, 4)
     loaded.load_state_dict(earlier)
     torch.testing.assert_close(loaded(torch.arange(rows)), current(torch.arange(rows)), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("pooling, head_dim", [("latent", 8), ("multilayer", 8), ("gem", None), ("attention", None)])
+def test_other_texts_are_pooled_as_the_items_are(pooling: str, head_dim: int | None) -> None:
+    """Retrieval pools catalogue texts with a trained item-text module: projection (head_dim) then head."""
+    from recsys.text.features import ItemText, TextSpec
+
+    torch.manual_seed(0)
+    layers, rows, length, width = 3, 12, 10, 16
+    states = torch.randn(layers, rows, length, width).half().float()
+    mask = (torch.arange(length) < torch.randint(1, length + 1, (rows, 1))).long()
+    spec = TextSpec(
+        pooling=pooling, dim=4, max_length=length, head_dim=head_dim, encoder_dim=width, encoder_layers=layers
+    )
+    module = ItemText(spec, rows, 4, states, mask)
+    rows_ = torch.tensor([3, 0, 7, 11])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            module.pool_states(states[:, rows_], mask[rows_]), module._pooled(rows_), atol=3e-3, rtol=1e-3
+        )
