@@ -1,15 +1,15 @@
 """Compressed retrieval indexes: bytes per item, Recall@50 against exact fp32 search, query latency.
 
-    python scripts/bench_index.py                        # ml100k-ctr seeds 1 2 3 + 200k synthetic items
-    python scripts/bench_index.py --seeds 1 --synthetic-items 0
+    python scripts/bench_index.py                        # ml100k-cold seeds 1 2 3 + 200k synthetic items
+    python scripts/bench_index.py --data data/ml100k-ctr --seeds 1 --synthetic-items 0
 
-ml100k-ctr: one two-tower per seed (``configs/movielens/two_tower.yaml``, trained by
-``scripts/bench_text.py``'s runner: the same runs as ``bench_text.py --data data/ml100k-ctr``, reused
-from runs/bench_text when their fingerprint matches) gives the ID vectors; the content vectors are the
-items' titles through all-MiniLM-L6-v2 with mean pooling. For each codec of ``recsys retrieve
---index`` both lists are searched for every test user (items seen in train excluded): Recall@50
-(mean ± std over seeds), the same relative to the fp32 index of that seed and a paired bootstrap
-interval over users of the difference, bytes per item and latency per user.
+``--data`` (ml100k-cold by default, the protocol of ``bench_text``): one two-tower per seed
+(``configs/movielens/two_tower.yaml``, trained by ``scripts/bench_text.py``'s runner: the same runs as
+``bench_text.py --data <data>``, reused from runs/bench_text when their fingerprint matches) gives
+the ID vectors; the content vectors are the items' titles through all-MiniLM-L6-v2 with mean pooling.
+For each codec of ``recsys retrieve --index`` both lists are searched for every test user (items seen
+in train excluded): Recall@50 (mean ± std over seeds), the same relative to the fp32 index of that
+seed and a paired bootstrap interval over users of the difference, bytes per item and latency per user.
 Synthetic: a catalogue of ``--synthetic-items`` unit vectors (64 dims, 1,000 Gaussian clusters) and
 1,000 queries near them; Recall@50 of each codec against the exact fp32 top 50.
 Writes runs/bench_index/results.json, docs/index_recall_bytes.png and the ``bench_index`` block.
@@ -51,12 +51,12 @@ def timed_search(index: VectorIndex, users: np.ndarray, exclude: list[set] | Non
     return [[int(i) for i in row if i >= 0] for row in ids], float(np.median(seconds))
 
 
-def ml100k(seeds: list[int]) -> dict:
+def ml100k(seeds: list[int], data: str) -> dict:
     """Per codec and list (id, text): per-seed recall, per-user recall (seed mean), bytes, latency."""
     results: dict = {}
     for seed in seeds:
-        tower = fit(f"ml100k-ctr/two_tower_s{seed}", seed, ["configs/movielens/two_tower.yaml"])
-        retriever = Retriever(load_model(tower["ckpt"]), Path("data/ml100k-ctr"), "movie_title", "mean")
+        tower = fit(f"{Path(data).name}/two_tower_s{seed}", seed, ["configs/movielens/two_tower.yaml"], data)
+        retriever = Retriever(load_model(tower["ckpt"]), Path(data), "movie_title", "mean")
         queries = Queries(retriever.catalogue, "test", retriever.user, retriever.item, retriever.label)
         users = dict(zip(("id", "text"), retriever.user_vectors(queries), strict=True))
         for codec, rerank in CODECS:
@@ -95,7 +95,7 @@ def synthetic(items: int, dim: int = 64, clusters: int = 1000, queries: int = 10
     return results
 
 
-def plot(ml: dict, synth: dict, path: Path) -> None:
+def plot(ml: dict, synth: dict, path: Path, data: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +107,9 @@ def plot(ml: dict, synth: dict, path: Path) -> None:
         for codec, cells in ml.items():
             x, y = cells[name]["bytes"], np.mean(cells[name]["recall"]) / fp32
             axes[0, 0].scatter(x, y, marker=marker, label=f"{name}: {codec}")
-    axes[0, 0].set(xscale="log", xlabel="bytes per item (code)", ylabel="Recall@50 / fp32's", title="ml100k-ctr test")
+    axes[0, 0].set(
+        xscale="log", xlabel="bytes per item (code)", ylabel="Recall@50 / fp32's", title=f"{Path(data).name} test"
+    )
     axes[0, 0].legend(fontsize=6)
     if synth:
         for codec, cell in synth.items():
@@ -120,10 +122,10 @@ def plot(ml: dict, synth: dict, path: Path) -> None:
 
 
 def markdown(args: argparse.Namespace, ml: dict, synth: dict, seconds: float) -> str:
-    command = f"python scripts/bench_index.py --seeds {' '.join(map(str, args.seeds))}"
+    command = f"python scripts/bench_index.py --data {args.data} --seeds {' '.join(map(str, args.seeds))}"
     lines = [
         f"`{command} --synthetic-items {args.synthetic_items}` — {machine()}, {torch.get_num_threads()} "
-        f"threads, {seconds / 60:.0f} min. ml100k-ctr test users, items seen in train excluded, Recall@{K} "
+        f"threads, {seconds / 60:.0f} min. {Path(args.data).name} test users, items seen in train excluded, Recall@{K} "
         f"mean ± std over seeds {args.seeds} (one two-tower per seed; text = titles, MiniLM, mean pooling). "
         f"Relative = Recall@{K} / the fp32 index's of the same seed, mean over seeds; Δ = per-user Recall@{K} "
         "minus fp32's (seed mean), paired bootstrap over users, 95%. Bytes = one item's code (the fp32 "
@@ -169,19 +171,20 @@ def markdown(args: argparse.Namespace, ml: dict, synth: dict, seconds: float) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data/ml100k-cold")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--synthetic-items", type=int, default=200_000, help="0: skip the synthetic catalogue")
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
     start = time.perf_counter()
-    ml = ml100k(args.seeds)
+    ml = ml100k(args.seeds, args.data)
     synth = synthetic(args.synthetic_items) if args.synthetic_items else {}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps({"ml100k": ml, "synthetic": synth}))
     text = markdown(args, ml, synth, time.perf_counter() - start)
     print(text)
     if not args.no_doc:
-        plot(ml, synth, Path("docs/index_recall_bytes.png"))
+        plot(ml, synth, Path("docs/index_recall_bytes.png"), args.data)
         write_doc_section("docs/benchmarks.md", "bench_index", text)
 
 
