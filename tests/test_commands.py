@@ -6,6 +6,9 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import os
+import subprocess
+import sys
 from importlib import import_module
 from pathlib import Path
 
@@ -48,3 +51,32 @@ def test_no_library_module_builds_an_argument_parser() -> None:
             if isinstance(node, ast.Attribute) and node.attr == "ArgumentParser":
                 parsers.append(str(file.relative_to(PACKAGE)))
     assert parsers == []
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "100"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_torchmetrics_is_told_transformers_is_absent_and_everyone_else_gets_it() -> None:
+    # torchmetrics 1.0.3 imports transformers' model classes whenever lightning imports it (~1 s a command)
+    done = _python(
+        "import sys; from recsys.cli import TorchmetricsWithoutTransformers as T; sys.meta_path.insert(0, T()); "
+        "import lightning.pytorch; print('transformers' in sys.modules); "
+        "from transformers import AutoTokenizer; print(AutoTokenizer.__name__)"
+    )
+    assert done.stdout.split() == ["False", "AutoTokenizer"], done.stderr[-2000:]
+
+
+def test_a_lightning_commands_help_from_the_command_line_is_whole_and_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the console script's path leaves the process right after the help (no teardown): the same text as
+    # the help printed in this process, and no warning about argv
+    done = _python("import sys; from recsys.cli import main; sys.argv = ['recsys', 'fit', '--help']; main()")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "args parameter" not in done.stderr
+    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.setattr(sys, "argv", ["recsys", "fit", "--help"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert done.stdout == out.getvalue() and "--trainer.max_epochs" in done.stdout
