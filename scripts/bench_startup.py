@@ -6,7 +6,8 @@
 Each checkout (this one, and ``--baseline`` checked out by ``git worktree`` under
 runs/bench_startup/<commit>) runs with the same virtual environment, the package imported from the
 checkout; the runs of the two alternate. Per checkout, set up once: ``configs/movielens/base.yaml``
-trained for one epoch on data/ml100k-ctr and exported at fp32 by that checkout's own code. Timed, as
+trained for one epoch on ml100k-ctr and exported at fp32, data preparation included, by that
+checkout's own code. Timed, as
 wall time of a fresh process:
 
 - ``recsys --help`` and ``recsys fit --help``: until the process exits;
@@ -66,10 +67,19 @@ def prepare(checkout: Path, name: str) -> tuple[Path, Path]:
     if not Path(package.stdout.strip()).resolve().is_relative_to(checkout.resolve()):
         raise RuntimeError(f"{checkout}: the package imported is {package.stdout.strip()}, not the checkout's")
     work = OUT / "models" / name
-    ckpt, export = work / "base" / "checkpoints" / "last.ckpt", work / "export"
+    ckpt, export, data = work / "base" / "checkpoints" / "last.ckpt", work / "export", work / "ml100k-ctr"
     if not export.exists():
         shutil.rmtree(work, ignore_errors=True)
-        fit = ["fit", "--config", "configs/movielens/base.yaml", "--data.path", str(DATA)]
+        prepare = [
+            sys.executable,
+            "datasets/movielens/prepare.py",
+            "--out",
+            str(data),
+            "--cache",
+            str(DATA.parent / "raw"),
+        ]
+        subprocess.run(prepare, cwd=checkout, env=environment(), check=True, capture_output=True)  # its own schema
+        fit = ["fit", "--config", "configs/movielens/base.yaml", "--data.path", str(data)]
         fit += ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--seed_everything", "1"]
         fit += ["--trainer.logger.init_args.save_dir", str(work), "--trainer.logger.init_args.name", ""]
         fit += ["--trainer.logger.init_args.version", "base"]
