@@ -59,6 +59,32 @@ def test_bootstrap_interval_brackets_the_estimate(scored) -> None:
     assert ci == metrics.bootstrap_intervals(labels, scores, groups, num_samples=300, seed=1)
 
 
+def test_bootstrap_intervals_equal_resampling_rows_by_hand(scored) -> None:
+    # the plain procedure: per resample, draw users with replacement, stack their rows, score them
+    labels, scores, groups = scored
+    labels, scores, groups = labels[:1500], scores[:1500], groups[:1500]
+    rng = np.random.default_rng(4)
+    users = np.unique(groups)
+    by_user = {u: np.flatnonzero(groups == u) for u in users}
+    user_auc = {u: roc_auc_score(labels[m], scores[m]) for u, m in by_user.items() if 0 < labels[m].sum() < len(m)}
+    draws = {"auc": [], "gauc": [], "logloss": []}
+    for _ in range(60):
+        drawn = users[rng.integers(0, len(users), len(users))]
+        rows = np.concatenate([by_user[u] for u in drawn])
+        y, p = labels[rows], scores[rows]
+        draws["auc"].append(roc_auc_score(y, p))
+        draws["logloss"].append(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
+        total = weight = 0.0
+        for u in drawn:  # a user drawn twice counts twice; users with one class are left out
+            if u in user_auc:
+                total += len(by_user[u]) * user_auc[u]
+                weight += len(by_user[u])
+        draws["gauc"].append(total / weight)
+    got = metrics.bootstrap_intervals(labels, scores, groups, num_samples=60, seed=4)
+    for key, values in draws.items():
+        assert got[key] == pytest.approx((np.quantile(values, 0.025), np.quantile(values, 0.975)), abs=1e-9), key
+
+
 def test_paired_bootstrap_detects_a_better_model(scored) -> None:
     labels, scores, groups = scored
     noisy = np.clip(scores + np.random.default_rng(5).normal(0, 0.4, len(scores)), 0, 1)
