@@ -270,7 +270,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--loader-batches", type=int, default=300)
     parser.add_argument("--no-doc", action="store_true")
-    parser.add_argument("--replot", action="store_true", help="re-render the block from runs/bench_scale/results.json")
+    replot = "re-render the block from runs/bench_scale/results.json (give the run's own arguments)"
+    parser.add_argument("--replot", action="store_true", help=replot)
     args = parser.parse_args()
     if args.replot:
         results = json.loads((OUT / "results.json").read_text())

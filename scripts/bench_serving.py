@@ -3,7 +3,8 @@
     python scripts/bench_serving.py                       # base + DIN on ml100k-ctr, fp32/fp16/int8/int4
     python scripts/bench_serving.py --models base --requests 100 --clients 2 --batch 128
 
-For each model (trained with its config into runs/bench_serving/<model> unless there already):
+For each model (trained with its config into runs/bench_serving/<model>, reused while its configs,
+seed and prepared data are unchanged):
 export at each dtype; score the ml100k-ctr test split with the export (max |Δp| vs the trained
 model, test AUC); table bytes on disk and held by the FBGEMM kernels; then start
 ``recsys serve`` in its own process on 127.0.0.1 and send ``--requests`` POST /score requests of

@@ -66,19 +66,13 @@ def prepare(checkout: Path, name: str) -> tuple[Path, Path]:
     package = subprocess.run(where, cwd=checkout, env=environment(), capture_output=True, text=True, check=True)
     if not Path(package.stdout.strip()).resolve().is_relative_to(checkout.resolve()):
         raise RuntimeError(f"{checkout}: the package imported is {package.stdout.strip()}, not the checkout's")
-    work = OUT / "models" / name
+    work = OUT / "models" / name  # made once per checkout name (commit): delete it after editing the code
     ckpt, export, data = work / "base" / "checkpoints" / "last.ckpt", work / "export", work / "ml100k-ctr"
     if not export.exists():
         shutil.rmtree(work, ignore_errors=True)
-        prepare = [
-            sys.executable,
-            "datasets/movielens/prepare.py",
-            "--out",
-            str(data),
-            "--cache",
-            str(DATA.parent / "raw"),
-        ]
-        subprocess.run(prepare, cwd=checkout, env=environment(), check=True, capture_output=True)  # its own schema
+        dataset = [sys.executable, "datasets/movielens/prepare.py", "--out", str(data)]
+        dataset += ["--cache", str(DATA.parent / "raw")]
+        subprocess.run(dataset, cwd=checkout, env=environment(), check=True, capture_output=True)  # its own schema
         fit = ["fit", "--config", "configs/movielens/base.yaml", "--data.path", str(data)]
         fit += ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--seed_everything", "1"]
         fit += ["--trainer.logger.init_args.save_dir", str(work), "--trainer.logger.init_args.name", ""]
@@ -88,8 +82,9 @@ def prepare(checkout: Path, name: str) -> tuple[Path, Path]:
             ckpt = next((work / "base" / "checkpoints").glob("*.ckpt"))
         exported = ["export", "--ckpt", str(ckpt), "--out", str(export), "--dtype", "fp32"]
         subprocess.run(recsys(*exported), cwd=checkout, env=environment(), check=True, capture_output=True)
-    ckpt = next((work / "base" / "checkpoints").glob("*.ckpt"))
-    return ckpt, export
+    if not ckpt.exists():
+        ckpt = next((work / "base" / "checkpoints").glob("*.ckpt"))
+    return ckpt, export  # eval times the checkpoint that was exported
 
 
 def timed_exit(checkout: Path, args: list[str]) -> float:

@@ -203,6 +203,8 @@ def _arrow_exact(values: list[Any], target: pa.DataType) -> pa.Array | None:
         array = pa.array(values)
     except (pa.ArrowException, OverflowError, UnicodeEncodeError, TypeError, ValueError):
         return None
+    if pa.types.is_list(target) and array.null_count:
+        return None  # a null where a list goes: refused (row by row), never read as an empty list
     found = array.type
     if found == target or pa.types.is_null(found):
         return array.cast(target)

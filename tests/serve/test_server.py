@@ -80,6 +80,7 @@ def test_every_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_servin
         (json.dumps([row | {"user": 2**63 + 1}]).encode(), 400, "does not fit a signed 64-bit integer", "user"),
         (json.dumps([row | {"tags": ["a", 1]}]).encode(), 400, "'tags' takes str ids, got int 1", "tags"),
         (json.dumps([row | {"city": 7}]).encode(), 400, "'city' takes str ids, got int 7", "city"),
+        (json.dumps([row, row | {"tags": None}]).encode(), 400, "row 1: feature 'tags' .*must be a list", "tags"),
         (json.dumps([row] * 65).encode(), 413, "65 rows exceed the limit of 64", None),
         (json.dumps([row | {"title": "x" * 300_000}]).encode(), 413, "exceeds the limit of 200000", None),
         (json.dumps(["a row"]).encode(), 400, "row 0: expected an object", None),
