@@ -20,7 +20,9 @@ class TorchmetricsWithoutTransformers(importlib.abc.MetaPathFinder):
     other importer, recsys' text encoder included, gets transformers as usual."""
 
     def find_spec(self, name: str, path: object = None, target: object = None) -> None:
-        if name.partition(".")[0] == "transformers":
+        # once transformers is loaded (imported first by someone else) there is nothing to save, and
+        # torchmetrics, told it is there, then needs its submodules
+        if name.partition(".")[0] == "transformers" and "transformers" not in sys.modules:
             frame = sys._getframe(1)
             while frame is not None:
                 if frame.f_globals.get("__name__", "").partition(".")[0] == "torchmetrics":

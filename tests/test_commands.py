@@ -66,6 +66,12 @@ def test_torchmetrics_is_told_transformers_is_absent_and_everyone_else_gets_it()
         "from transformers import AutoTokenizer; print(AutoTokenizer.__name__)"
     )
     assert done.stdout.split() == ["False", "AutoTokenizer"], done.stderr[-2000:]
+    # transformers imported before lightning: torchmetrics is told it is there and gets its submodules
+    done = _python(
+        "import sys; from recsys.cli import TorchmetricsWithoutTransformers as T; sys.meta_path.insert(0, T()); "
+        "import transformers; import lightning.pytorch; print('ok')"
+    )
+    assert done.stdout.split() == ["ok"], done.stderr[-2000:]
 
 
 def test_a_lightning_commands_help_from_the_command_line_is_whole_and_quiet() -> None:
