@@ -23,6 +23,7 @@ Limits: ``--max-bytes`` per request body and ``--max-rows`` per request (413 bey
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import socket
@@ -76,10 +77,14 @@ class ScoringServer(HTTPServer):
         self.counter = threading.Lock()
         if scorer is None:
             threading.Thread(target=self._load, args=(directory,), daemon=True).start()
+        else:
+            _leave_out_of_collection()
 
     def _load(self, directory: str) -> None:
         try:
-            self.scorer = load(directory)
+            scorer = load(directory)
+            _leave_out_of_collection()
+            self.scorer = scorer
             log.info("loaded %s", directory)
         except Exception as err:  # /healthz and /score say so until the server stops
             self.load_error = f"{type(err).__name__}: {err}"
@@ -129,6 +134,14 @@ class ScoringServer(HTTPServer):
         super().server_close()
         if hasattr(self, "pool"):  # (a bind that failed closes the server before the pool exists)
             self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _leave_out_of_collection() -> None:
+    """Moves every object alive now (torch, Lightning, the loaded model: millions) out of the garbage
+    collector's reach. Requests allocate many small objects, and each full collection used to walk all
+    of them: 4 of 300 requests took ~320 ms instead of ~100 (4 clients, base model, 256 rows)."""
+    gc.collect()
+    gc.freeze()
 
 
 class Handler(BaseHTTPRequestHandler):

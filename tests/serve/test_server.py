@@ -240,3 +240,19 @@ def test_replies_are_not_held_back_by_nagles_algorithm(server, monkeypatch: pyte
     monkeypatch.setattr(Handler, "setup", recording)
     assert request(server, "GET", "/healthz")[0] == 200
     assert seen and all(seen)
+
+
+def test_the_loaded_export_is_left_out_of_garbage_collection(trained: dict, tmp_path: Path) -> None:
+    # a full collection walked every torch/Lightning object: a 300 ms pause every few hundred requests
+    import gc
+
+    from recsys.serve.server import ScoringServer
+
+    scorer = load(export(trained["base"], tmp_path / "export", "fp32", progress=False))
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    server = ScoringServer(("127.0.0.1", 0), scorer)
+    try:
+        assert gc.get_freeze_count() > 100_000  # torch alone brings more objects than that
+    finally:
+        server.server_close()
