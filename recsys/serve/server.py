@@ -16,9 +16,9 @@ connections and at most ``--queue`` more wait for one, beyond which a connection
 (``Retry-After: 1``) at once; a client idle or slow for ``--timeout`` seconds is dropped (a slow
 client cannot hold a worker forever); a worker serving a keep-alive connection hands it back after
 each response when others are waiting; a whole request must arrive and be answered within 3 ×
-``--timeout``. Validation, encoding and scoring run one batch at a time (``torch`` uses
-``--threads`` threads inside it; with 4 clients this cut p99 from ~130 to ~95 ms at the same
-throughput); JSON parsing runs on the workers.
+``--timeout``. JSON parsing runs on the workers; validation and encoding (Python, under the GIL)
+run one batch at a time, and so does scoring (``torch``, ``--threads`` threads, the GIL released),
+so one batch is encoded while the previous one is scored.
 Limits: ``--max-bytes`` per request body and ``--max-rows`` per request (413 beyond).
 """
 
@@ -71,7 +71,8 @@ class ScoringServer(HTTPServer):
         super().__init__(address, Handler)
         self.scorer, self.max_bytes, self.max_rows, self.timeout_s = scorer, max_bytes, max_rows, timeout
         self.load_error: str | None = None
-        self.lock = threading.Lock()  # one batch validated, encoded and scored at a time
+        self.encoding = threading.Lock()  # one batch validated and encoded at a time
+        self.lock = threading.Lock()  # one batch scored at a time
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="recsys-serve")
         self.slots = threading.BoundedSemaphore(workers + queue)
         self.waiting = 0  # connections accepted but not yet picked up by a worker
@@ -253,8 +254,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         scorer = self.server.scorer
         try:
-            with self.server.lock:  # validation is Python under the GIL: in parallel it only interleaves
+            with self.server.encoding:  # Python under the GIL: in parallel it would only interleave
                 batch = scorer.encode(rows)
+            with self.server.lock:  # torch releases the GIL: the next batch is encoded meanwhile
                 scores = scorer.score_encoded(batch)
         except RowError as err:
             self._error(HTTPStatus.BAD_REQUEST, str(err), err.field)
