@@ -180,10 +180,11 @@ class ItemText(nn.Module):
         projection = (torch.zeros(encoder_width), torch.zeros(encoder_width, width))
         if states is not None and width != encoder_width:  # onto the item tokens' principal components, once
             projection = _principal_components(states, mask, width)
-            states = (states.float() - projection[0]) @ projection[1]
         if width != encoder_width:  # kept so that other texts (retrieval's catalogue) are projected alike
             self.register_buffer("token_mean", projection[0])  # [D]
             self.register_buffer("token_directions", projection[1])  # [D, head_dim]
+            if states is not None:
+                states = self._project(states)
         if self.fixed:  # a parameter-free head: pool every row once
             pooled = torch.zeros(rows, width)
             if states is not None:
@@ -226,10 +227,15 @@ class ItemText(nn.Module):
     def pool_states(self, states: Tensor, mask: Tensor) -> Tensor:
         """``[n, width]`` for any texts' encoder states ``[L, n, T, D]`` (all layers the encoder gives) and
         mask ``[n, T]``: the projection (``head_dim``) and the head, as this module's rows are pooled."""
-        states = states[-self.spec.layers :].float()
+        return self._head(self._project(states[-self.spec.layers :]), mask)
+
+    def _project(self, states: Tensor) -> Tensor:
+        """``[..., D]`` → ``[..., head_dim]`` on the item tokens' principal components (float as is
+        without ``head_dim``)."""
+        states = states.float()
         if hasattr(self, "token_directions"):
             states = (states - self.token_mean) @ self.token_directions
-        return self._head(states, mask)
+        return states
 
     def _pooled(self, rows: Tensor) -> Tensor:
         """``[n, width]``: the trainable head over distinct ``rows``, texts grouped by length (each group
@@ -252,8 +258,8 @@ class ItemText(nn.Module):
 
     def forward(self, rows: Tensor) -> Tensor:
         """``[*rows.shape, dim]``; each distinct row is pooled and projected once (a DIN batch reads
-        ~50,000 behavior rows of ~1,500 items: gathering 384-wide vectors per read cost more than the
-        model without text)."""
+        ~50,000 behavior rows of ~1,500 items: with mean pooling, gathering and projecting 384-wide
+        vectors per read took 33 of an 83 ms training step)."""
         unique, inverse = torch.unique(rows, return_inverse=True)
         pooled = self.pooled[unique] if self.fixed else self._pooled(unique)
         return self.proj(pooled)[inverse]
