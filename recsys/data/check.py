@@ -130,7 +130,7 @@ def _check_batch(
                 "note",
                 file,
                 spec.name,
-                "null id (reads the OOV row)",
+                "null id (reads the null id's row)" if spec.raw else "null id (reads the OOV row)",
                 column.is_null().to_numpy(zero_copy_only=False),
                 first,
             )

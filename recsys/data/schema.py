@@ -33,7 +33,19 @@ class FeatureType(StrEnum):
 
 
 ID_TYPES = (FeatureType.CATEGORICAL, FeatureType.CATEGORICAL_LIST, FeatureType.SEQUENCE)
-_KNOWN_KEYS = {"name", "type", "target", "max_len", "min_count", "num_buckets", "embedding_dim", "missing", "item"}
+_KNOWN_KEYS = {
+    "name",
+    "type",
+    "target",
+    "max_len",
+    "min_count",
+    "num_buckets",
+    "embedding_dim",
+    "missing",
+    "item",
+    "vocabulary",
+}
+RAW_VOCABULARY = "none"  # `vocabulary: none`: raw ids straight to the table, no vocabulary (see FeatureSpec.raw)
 MISSING_POLICIES = ("error", "mean", "zero")
 
 
@@ -50,6 +62,14 @@ class FeatureSpec:
     embedding_dim: int | None = None  # overrides the model's default dimension
     missing: str = "error"  # numeric only: a null/NaN/inf value stops the run ("error") or becomes the train mean or 0
     item: str | None = None  # text only: the categorical feature the text describes (item text); none: row-level text
+    vocabulary: str | None = None  # "none": raw ids (see ``raw``); unset: a vocabulary built from train
+
+    @property
+    def raw(self) -> bool:
+        """``vocabulary: none``: the column's ids go to the table as int64 with no vocabulary and no pass
+        over the data (integers as they are; strings and uint64 through a stable 64-bit hash, see
+        ``recsys.data.vocab.raw_ids``); only table kinds that hash or manage ids take them."""
+        return self.vocabulary == RAW_VOCABULARY
 
     @property
     def table(self) -> str:
@@ -207,6 +227,28 @@ def parse_schema(raw: Any, source: str = "<schema>") -> Schema:
             if item["missing"] not in MISSING_POLICIES:
                 raise SchemaError(f"{where}: missing must be one of {list(MISSING_POLICIES)}, got {item['missing']!r}")
             kwargs["missing"] = item["missing"]
+        if "vocabulary" in item:
+            if item["vocabulary"] != RAW_VOCABULARY:
+                raise SchemaError(
+                    f"{where}: vocabulary: {item['vocabulary']!r} is not understood; the key takes exactly "
+                    f"`vocabulary: none` (raw ids, no vocabulary); leave it out to build a vocabulary from train"
+                )
+            if ftype not in (FeatureType.CATEGORICAL, FeatureType.CATEGORICAL_LIST):
+                raise SchemaError(
+                    f"{where}: `vocabulary: none` goes on a categorical or categorical_list feature"
+                    + (
+                        f" (a sequence reads its target's table: set it on {item.get('target')!r})"
+                        if ftype is FeatureType.SEQUENCE
+                        else ""
+                    )
+                )
+            clash = sorted({"min_count", "num_buckets"} & set(kwargs))
+            if clash:
+                raise SchemaError(
+                    f"{where}: {clash[0]!r} needs a vocabulary (it is applied while one is built from train); "
+                    f"`vocabulary: none` has none: drop one of them"
+                )
+            kwargs["vocabulary"] = RAW_VOCABULARY
         if ftype in (FeatureType.NUMERIC, FeatureType.TEXT):
             extra = {"min_count", "num_buckets", "embedding_dim"} & set(kwargs)
             if extra:
@@ -226,6 +268,11 @@ def parse_schema(raw: Any, source: str = "<schema>") -> Schema:
             if described is None or described.type is not FeatureType.CATEGORICAL:
                 raise SchemaError(
                     f"{source}: feature {f.name!r}: item {f.item!r} must be a declared categorical feature"
+                )
+            if described.raw:
+                raise SchemaError(
+                    f"{source}: feature {f.name!r}: item text is joined to its item's vocabulary rows, and "
+                    f"{f.item!r} has `vocabulary: none`; give {f.item!r} a vocabulary or make the text row-level"
                 )
     label = str(raw["label"])
     if label in by_name:

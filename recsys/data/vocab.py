@@ -71,6 +71,31 @@ def hash_bucket(values: pa.Array, num_buckets: int) -> np.ndarray:
     return rows
 
 
+NULL_RAW_ID = -(2**63)  # a null raw id (`vocabulary: none`): int64's minimum, one id like any other
+
+
+def raw_ids(values: pa.Array) -> np.ndarray:
+    """The int64 ids of a ``vocabulary: none`` column: integers as they are (uint64 hashed, it does not fit),
+    strings through pandas' SipHash with its fixed key (stable across processes and platforms), nulls
+    ``NULL_RAW_ID``. No vocabulary, no pass over the data: the table kind hashes or manages these ids."""
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    nulls = values.is_null().to_numpy(zero_copy_only=False)
+    if pa.types.is_integer(values.type) and values.type != pa.uint64():
+        ids = pc.fill_null(values, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    else:
+        array = values.to_numpy(zero_copy_only=False)
+        if pa.types.is_integer(values.type):
+            array = np.where(nulls, 0, array).astype(np.uint64)
+        else:
+            array = np.where(nulls, "", array).astype(object)
+        ids = pd.util.hash_array(array).view(np.int64)
+    if nulls.any():
+        ids = ids.copy()
+        ids[nulls] = NULL_RAW_ID
+    return ids
+
+
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Writes via a temporary file and a rename, so concurrent builders (ranks) never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -90,7 +115,7 @@ def content_fingerprints(
     schema: Schema, values: dict[str, pd.Index], buckets: dict[str, int], numeric: dict[str, tuple[float, float]]
 ) -> dict[str, str]:
     """What a trained model depends on, by part: ``schema``, ``numeric`` statistics, and each table's
-    vocabulary in row order (or its bucket count)."""
+    vocabulary in row order (or its bucket count; a raw-id table, the way its ids are made)."""
     out = {
         "schema": _digest(json.dumps(schema.to_dict(), sort_keys=True)),
         "numeric": _digest(json.dumps({k: [round(m, 12), round(s, 12)] for k, (m, s) in sorted(numeric.items())})),
@@ -104,6 +129,9 @@ def content_fingerprints(
         )
     for table, n in buckets.items():
         out[table] = _digest(f"hash buckets: {n}")
+    for f in schema.tables:
+        if f.raw:
+            out[f.name] = _digest("raw ids: int64 as is; str and uint64: pandas hash_array")
     return out
 
 
@@ -185,7 +213,7 @@ class DatasetInfo:
 
     path: str
     schema: dict
-    num_embeddings: dict[str, int]  # table (owning feature) -> rows, OOV row included
+    num_embeddings: dict[str, int]  # table (owning feature) -> rows, OOV row included; 0: raw ids, no vocabulary
     fingerprint: str = ""  # of the content (all of fingerprints)
     fingerprints: dict[str, str] = field(default_factory=dict)  # part -> content fingerprint (check_same_content)
 
@@ -221,6 +249,9 @@ class Vocabulary:
 
     # -- lookups ---------------------------------------------------------------------------
     def num_embeddings(self, table: str) -> int:
+        """Rows of ``table``'s vocabulary (OOV row included); 0 for a ``vocabulary: none`` table."""
+        if self.schema[table].raw:
+            return 0
         if table in self.buckets:
             return self.buckets[table] + 1
         return len(self.values[table]) + 1
@@ -229,18 +260,22 @@ class Vocabulary:
         return {f.name: self.num_embeddings(f.name) for f in self.schema.tables}
 
     def lookup(self, table: str, values: pa.Array) -> np.ndarray:
-        """Table rows (int64) for raw ids; unseen ids and nulls map to 0, the OOV row.
+        """Table rows (int64) for raw ids; unseen ids and nulls map to 0, the OOV row (a ``vocabulary: none``
+        table: the ids themselves, see ``raw_ids``).
 
         Only the distinct values of ``values`` are looked up (a batch of sequences repeats
         the same few thousand items hundreds of thousands of times).
         """
         encoded = values if pa.types.is_dictionary(values.type) else pc.dictionary_encode(values)
         distinct = encoded.dictionary
-        rows = np.append(self._rows_of_distinct(table, distinct), 0)  # last slot: null -> OOV
+        null = NULL_RAW_ID if self.schema[table].raw else 0
+        rows = np.append(self._rows_of_distinct(table, distinct), null)  # last slot: null -> OOV (raw: NULL_RAW_ID)
         indices = pc.fill_null(encoded.indices, len(distinct)).to_numpy(zero_copy_only=False)
         return rows[indices]
 
     def _rows_of_distinct(self, table: str, distinct: pa.Array) -> np.ndarray:
+        if self.schema[table].raw:
+            return raw_ids(distinct)
         if table in self.buckets:
             return hash_bucket(distinct, self.buckets[table])
         array, nulls = _values_numpy(distinct)
@@ -346,7 +381,7 @@ class Vocabulary:
     def _build(cls, data_dir: Path, schema: Schema, files: list[Path], fingerprint: str) -> Vocabulary:
         owners = schema.tables
         hashed = {f.name: f.num_buckets for f in owners if f.num_buckets}
-        counted = [f for f in owners if not f.num_buckets]
+        counted = [f for f in owners if not f.num_buckets and not f.raw]  # raw ids: nothing to count
         partial: dict[str, list[pd.Series]] = {f.name: [] for f in counted}
         sums = {f.name: np.zeros(3) for f in schema.numeric}  # n, sum, sum of squares
         column_types: dict[str, str] = {}
@@ -437,7 +472,8 @@ class Vocabulary:
             "vocab_tables": [f.name for f in counted],
             "buckets": hashed,
             "num_embeddings": {
-                f.name: (hashed[f.name] + 1 if f.name in hashed else len(values[f.name]) + 1) for f in owners
+                f.name: (0 if f.raw else hashed[f.name] + 1 if f.name in hashed else len(values[f.name]) + 1)
+                for f in owners
             },
             "numeric": numeric,
             "column_types": column_types,

@@ -109,7 +109,8 @@ class EmbeddingLayer(nn.Module):
         self._vocab_rows = dict(info.num_embeddings)
         self._resolve_compact(owners, resources)
         self.plans = {o: p for o, p in self.spec.plans(schema, info.num_embeddings).items() if o in owners}
-        self.vocab_rows = {f: info.num_embeddings[o] for f, o in self.owner.items()}
+        # the id guard's bounds; raw ids (`vocabulary: none`) are any int64, hashed before any table sees them
+        self.vocab_rows = {f: info.num_embeddings[o] for f, o in self.owner.items() if not schema[o].raw}
         self.pooling = self.spec.pooling
         self.mba_lambda = mba_lambda
         self.text_spec = TextSpec.parse(text)
@@ -375,7 +376,7 @@ class EmbeddingLayer(nn.Module):
     ) -> Embedded:
         """Embeds ``{feature: ids}`` (vocabulary rows); features left out read nothing."""
         features = {f: features[f] for f in self.id_features if f in features}
-        check_ids(features, self.vocab_rows)
+        check_ids({f: ids for f, ids in features.items() if f in self.vocab_rows}, self.vocab_rows)
         rows = transform_ids(features, self.all_lookups, self._remaps())
         looked: dict[str, Tensor] = {}
         if self.bags is not None:

@@ -101,7 +101,7 @@ class TablePlan:
 
     owner: str
     kind: str
-    vocab_rows: int
+    vocab_rows: int  # 0: raw ids (`vocabulary: none`), no vocabulary
     dim: int
     probes: int
     rows: int
@@ -277,7 +277,30 @@ class EmbeddingSpec:
                     f"parameters) or rows"
                 )
         spec._check_entries()
+        spec._check_raw(schema)
         return spec
+
+    def _check_raw(self, schema: Schema) -> None:
+        """Features with ``vocabulary: none`` (raw int64 ids) need a kind that hashes them into rows it
+        knows the size of; refused here, when the config is parsed, with the reason."""
+        for owner in schema.tables:
+            if not owner.raw:
+                continue
+            kind, entry = self.kind_of(owner.name), self.features.get(owner.name, FeatureEntry())
+            key = f"features.{owner.name}.kind" if entry.kind else "kind"
+            if kind in ("plain", "optembed"):
+                raise EmbeddingConfigError(
+                    f"{WHERE}.{key}: feature {owner.name!r} has `vocabulary: none` in {schema.source} (raw "
+                    f"ids, no vocabulary), and kind {kind!r} has one row per vocabulary row; use kind hashed or "
+                    f"unified for it (embedding.features.{owner.name}: {{kind: hashed, rows: N}})"
+                )
+            sized = entry.rows is not None or self.rows is not None
+            if not sized:
+                where = f"features.{owner.name}.rows" if kind == "hashed" else "rows"
+                raise EmbeddingConfigError(
+                    f"{WHERE}.{where}: feature {owner.name!r} has `vocabulary: none` in {schema.source}, so "
+                    f"there are no full tables for a budget to be a fraction of; give kind {kind!r} its rows"
+                )
 
     @staticmethod
     def _kind(value: Any, key: str) -> str:
@@ -396,7 +419,8 @@ class EmbeddingSpec:
 
 
 def _hashed(plan: TablePlan, rows: int) -> TablePlan:
-    direct = rows >= plan.vocab_rows and plan.probes == 1  # the table holds every row: no collisions to accept
+    # the table holds every row: no collisions to accept (raw ids, vocab_rows 0, are always hashed)
+    direct = plan.vocab_rows > 0 and rows >= plan.vocab_rows and plan.probes == 1
     rows = plan.vocab_rows if direct else rows
     return TablePlan(plan.owner, "hashed", plan.vocab_rows, plan.dim, plan.probes, rows, None if direct else rows)
 

@@ -104,7 +104,9 @@ def feature_entries(model: torch.nn.Module, vocab_meta: dict) -> dict[str, dict[
         if spec.name in {f.name for f in schema.sparse} | {f.name for f in schema.sequences}:
             table = spec.table
             entry["table_feature"] = table
-            if table in vocab_meta.get("buckets", {}):
+            if schema[table].raw:
+                entry["vocabulary"] = "none"  # raw ids: int64 as is, str/uint64 hashed (docs/export_format.md)
+            elif table in vocab_meta.get("buckets", {}):
                 entry["hash_buckets"] = int(vocab_meta["buckets"][table])
             else:
                 entry["vocabulary"] = f"vocab/{table}.parquet"

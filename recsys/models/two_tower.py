@@ -50,6 +50,11 @@ class TwoTower(CTRModule):
         super().__init__(features, **kwargs)
         if self.schema[history].target != item:
             raise ValueError(f"{self.schema.source}: {history!r} must be a sequence of {item!r}")
+        if self.schema[item].raw:
+            raise ValueError(
+                f"{self.schema.source}: {item!r} has `vocabulary: none`, and TwoTower retrieves over the item "
+                f"vocabulary (its catalogue and the in-batch softmax's frequency correction); give it a vocabulary"
+            )
         self.user, self.item, self.history, self.temperature = user, item, history, temperature
         self.embedding = self.embedding_layer(features=[user, item, history])
         widths = self.embedding.output_dims()
