@@ -42,6 +42,7 @@ from recsys.data.batch import Batch
 from recsys.data.schema import FeatureType
 from recsys.data.vocab import DatasetInfo
 from recsys.embedding.hashing import feature_salt
+from recsys.embedding.managed import ManagedIds
 from recsys.embedding.optembed import Supernet, compact_remap
 from recsys.embedding.regularization import inverse_counts, mba_penalty_from_lookups, table_counts
 from recsys.embedding.spec import WHERE, EmbeddingConfigError, EmbeddingSpec, TablePlan
@@ -65,7 +66,7 @@ class Embedded:
 def _table_name(plan: TablePlan, probe: int, num_tables: int) -> str:
     if plan.kind == "unified":
         return f"unified_{probe % num_tables}"
-    return f"h_{plan.owner}" if plan.kind == "hashed" else f"t_{plan.owner}"
+    return {"hashed": "h_", "managed": "m_"}.get(plan.kind, "t_") + plan.owner
 
 
 class EmbeddingLayer(nn.Module):
@@ -118,6 +119,7 @@ class EmbeddingLayer(nn.Module):
         self._build_lookups()
         self._build_tables()
         self._build_optembed(resources)
+        self._build_managed()
         if mba_lambda > 0:
             self._build_counts(resources)
         self._mba_terms: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
@@ -225,6 +227,8 @@ class EmbeddingLayer(nn.Module):
                     transform = Transform("hash", feature_salt(plan.owner, i), plan.hash_rows)
                 elif plan.kind == "optembed" and self.spec.stage == "compact":
                     transform = Transform("remap")
+                elif plan.kind == "managed":
+                    transform = Transform("managed")
                 else:
                     transform = Transform("identity")
                 key = f"{f}@{i}" if plan.kind in ("hashed", "unified") else f
@@ -326,6 +330,64 @@ class EmbeddingLayer(nn.Module):
                     weight.copy_(module.initial_rows(float(weight.std())))
         self._init_text = {}
 
+    def _build_managed(self) -> None:
+        """One ``ManagedIds`` per managed table; evicted rows are re-initialised by ``_reset_evicted``."""
+        self.managed = nn.ModuleDict(
+            {o: ManagedIds(o, **self.spec.managed(o)) for o, p in self.plans.items() if p.kind == "managed"}
+        )
+        self.reset_rows: dict[str, Tensor] = {}  # table -> rows re-initialised since the last optimizer step
+
+    def _managed_ids(self, features: dict[str, JaggedTensor]) -> dict[str, JaggedTensor]:
+        """Raw ids → slots for every managed table (all its readers in one call: one step of its
+        statistics), re-initialising the rows of the slots it just handed to new ids."""
+        out: dict[str, JaggedTensor] = {}
+        for owner, module in self.managed.items():
+            readers = {lk.key: features[lk.feature] for lk in self.all_lookups if lk.owner == owner}
+            readers = {k: v for k, v in readers.items() if v is not None}
+            if not readers:
+                continue
+            out |= module(readers)
+            evicted = module.take_evicted()
+            if evicted is not None:
+                self._reset_evicted(f"m_{owner}", evicted)
+        return out
+
+    @torch.no_grad()
+    def _reset_evicted(self, table: str, rows: Tensor) -> None:
+        """A new id gets a freshly initialised row (the table's own initializer), never the evicted id's;
+        the optimizer's state of those rows is cleared before the next step (``reset_optimizer_rows``)."""
+        weight = self.table_weight(table)
+        config = next(c for c in self._table_configs() if c.name == table)
+        fresh = torch.empty(len(rows), weight.shape[1], dtype=weight.dtype, device=weight.device)
+        config.init_fn(fresh)
+        weight[rows] = fresh
+        pending = self.reset_rows.get(table)
+        self.reset_rows[table] = rows if pending is None else torch.unique(torch.cat([pending, rows]))
+
+    def _table_configs(self) -> list:
+        configs = list(self.bags.embedding_bag_configs()) if self.bags is not None else []
+        return configs + [c for collection in self.rows.values() for c in collection.embedding_configs()]
+
+    @torch.no_grad()
+    def reset_optimizer_rows(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zeroes, in every optimizer state tensor shaped like a table (Adam's moments, Adagrad's sums,
+        SGD's momentum), the rows re-initialised for new ids since the last step."""
+        for table, rows in self.reset_rows.items():
+            weight = self.table_weight(table)
+            for value in optimizer.state.get(weight, {}).values():
+                if isinstance(value, Tensor) and value.shape == weight.shape:
+                    value[rows] = 0
+        self.reset_rows = {}
+
+    def training_only_state(self) -> tuple[str, ...]:
+        """State-dict key prefixes (under this layer) only training reads: MBA's counts, managed tables'
+        pending ids and interval history (an export serves the slots as they are)."""
+        return ("inverse_counts.", *(f"managed.{o}._extra_state" for o in self.managed))
+
+    def managed_statistics(self) -> dict[str, float]:
+        """``managed/<table>/<occupancy|admissions|evictions|pending>``, for TensorBoard and ``recsys``."""
+        return {f"managed/{o}/{k}": v for o, m in self.managed.items() for k, v in m.statistics().items()}
+
     def _build_counts(self, resources) -> None:  # noqa: ANN001
         """Per table row, its train occurrences mapped through the transforms (MBA's ``n_j``)."""
         self.inverse_counts = nn.Module()
@@ -336,7 +398,7 @@ class EmbeddingLayer(nn.Module):
                 continue  # a sequence's ids are its target's: counted once, through the target
             vocab = resources.train_counts(lookup.owner) if resources is not None else None
             rows = self.table_rows[lookup.table]
-            if vocab is None:
+            if vocab is None or lookup.transform.kind == "managed":  # a slot's id changes: no static count
                 counts.setdefault(lookup.table, torch.ones(rows))
                 continue
             mapped = table_counts(torch.as_tensor(vocab), lookup.transform, remaps.get(lookup.owner), rows)
@@ -377,7 +439,10 @@ class EmbeddingLayer(nn.Module):
         """Embeds ``{feature: ids}`` (vocabulary rows); features left out read nothing."""
         features = {f: features[f] for f in self.id_features if f in features}
         check_ids({f: ids for f, ids in features.items() if f in self.vocab_rows}, self.vocab_rows)
-        rows = transform_ids(features, self.all_lookups, self._remaps())
+        managed = [lk for lk in self.all_lookups if lk.transform.kind == "managed"]
+        rows = transform_ids(features, [lk for lk in self.all_lookups if lk not in managed], self._remaps())
+        if managed:
+            rows |= self._managed_ids(features)
         looked: dict[str, Tensor] = {}
         if self.bags is not None:
             looked |= self.bags(self._kjt(rows, self.bag_keys, batch_size)).to_dict()
@@ -514,10 +579,11 @@ class EmbeddingLayer(nn.Module):
 
     def epoch_metrics(self) -> dict[str, float]:
         """Scalars worth logging once per epoch (OptEmbed: share of rows kept, mean threshold)."""
+        out = self.managed_statistics()
         if self.optembed is None or not all(isinstance(c, EmbeddingCollection) for c in self.rows.values()):
-            return {}  # a sharded table's rows live on several ranks
+            return out  # a sharded table's rows live on several ranks
         masks = self.row_masks()
-        return {
+        return out | {
             "optembed/rows_kept": sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()),
             "optembed/threshold_mean": float(self.optembed.threshold.detach().mean()),
         }
@@ -596,4 +662,6 @@ def _describe(lookup: Lookup) -> dict:
         return {"kind": "hash", "hash": "splitmix64", "salt": t.salt, "rows": t.rows}
     if t.kind == "remap":
         return {"kind": "remap", "tensor": f"embedding.remaps.{lookup.owner}"}
+    if t.kind == "managed":  # the slot of each id: docs/export_format.md
+        return {"kind": "managed", "module": f"embedding.managed.{lookup.owner}"}
     return {"kind": "identity"}

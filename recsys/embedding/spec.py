@@ -3,7 +3,7 @@
 YAML, under ``model.init_args`` of any model::
 
     embedding:
-      kind: unified        # default kind of every id feature: plain | hashed | unified | optembed
+      kind: unified        # default kind of every id feature: plain | hashed | unified | optembed | managed
       dim: 16              # width of a table (of one probe); multiples of 4
       pooling: mean        # multi-hot lists and pooled sequences: mean | sum
       budget: 0.4          # hashed / unified: a fraction of the full tables' parameters (or ``rows``)
@@ -17,6 +17,9 @@ trick, each feature its own table of ``rows`` rows, ``probes`` salted hashes per
 (feature multiplexing): every feature's probes hash into ``num_tables`` shared tables of ``rows``
 rows. ``optembed``: OptEmbed's supernet (``stage: supernet``: learned row pruning + sampled dims)
 or its retrained compact tables (``stage: compact``, from ``artifact``, the search's output).
+``managed``: ``capacity`` slots that admit an id once seen ``admit_after`` times and evict by
+``eviction`` (``lru``, ``lfu``, ``decayed_lfu``) every ``interval`` steps; ids without a slot read the
+last row (``recsys.embedding.managed``). It takes raw ids (``vocabulary: none``) or vocabulary rows.
 
 A sequence reads its target's table, so it follows its target's entry. Width precedence: the
 feature's entry > the schema's ``embedding_dim`` > ``dim``; unified features read the shared
@@ -39,7 +42,8 @@ import yaml
 
 from recsys.data.schema import FeatureType, Schema
 
-KINDS = ("plain", "hashed", "unified", "optembed")
+KINDS = ("plain", "hashed", "unified", "optembed", "managed")
+EVICTIONS = ("lru", "lfu", "decayed_lfu")  # recsys.embedding.managed.eviction_policy
 STAGES = ("supernet", "compact")
 TABLE_POOLINGS = ("mean", "sum")
 WHERE = "model.init_args.embedding"
@@ -62,12 +66,14 @@ KIND_KEYS = {
         "dims",
         "kept_rows",
     },
+    "managed": {"capacity", "admit_after", "eviction", "interval"},
 }
 FEATURE_KEYS = {
     "plain": {"kind", "dim"},
     "hashed": {"kind", "dim", "rows", "probes"},
     "unified": {"kind", "probes"},
     "optembed": {"kind", "dim"},
+    "managed": {"kind", "dim", "capacity", "admit_after", "eviction", "interval"},
 }
 
 # keys of recsys < 0.2 and their new spelling (a config or checkpoint that uses one stops with this message)
@@ -162,6 +168,10 @@ class FeatureEntry:
     dim: int | None = None
     rows: int | None = None
     probes: int | None = None
+    capacity: int | None = None  # managed: slots, the default row included
+    admit_after: int | None = None
+    eviction: str | None = None
+    interval: int | None = None
 
 
 @dataclass
@@ -186,6 +196,10 @@ class EmbeddingSpec:
     artifact: str | None = None
     dims: dict[str, int] = field(default_factory=dict)
     kept_rows: dict[str, int] = field(default_factory=dict)
+    capacity: int | None = None
+    admit_after: int = 1
+    eviction: str = "lru"
+    interval: int = 1
     features: dict[str, FeatureEntry] = field(default_factory=dict)
 
     # -- parsing ---------------------------------------------------------------------------------
@@ -233,6 +247,8 @@ class EmbeddingSpec:
         for key in ("probes", "num_tables"):
             if key in block:
                 setattr(spec, key, _number(block[key], key, int, 1))
+        for key, value in _managed_settings(block, "").items():
+            setattr(spec, key, value)
         if "stage" in block:
             if block["stage"] not in STAGES:
                 raise EmbeddingConfigError(f"{WHERE}.stage: one of {list(STAGES)}, got {block['stage']!r}")
@@ -278,7 +294,19 @@ class EmbeddingSpec:
                 )
         spec._check_entries()
         spec._check_raw(schema)
+        for owner in owners:
+            if spec.kind_of(owner) == "managed" and spec.managed(owner)["capacity"] is None:
+                raise EmbeddingConfigError(
+                    f"{WHERE}.features.{owner}.capacity: kind 'managed' needs a capacity (slots, the shared "
+                    f"default row included), here or as embedding.capacity"
+                )
         return spec
+
+    def managed(self, owner: str) -> dict[str, Any]:
+        """``capacity``, ``admit_after``, ``eviction``, ``interval`` of a managed table (entry, else block)."""
+        entry = self.features.get(owner, FeatureEntry())
+        keys = ("capacity", "admit_after", "eviction", "interval")
+        return {k: getattr(entry, k) if getattr(entry, k) is not None else getattr(self, k) for k in keys}
 
     def _check_raw(self, schema: Schema) -> None:
         """Features with ``vocabulary: none`` (raw int64 ids) need a kind that hashes them into rows it
@@ -295,7 +323,7 @@ class EmbeddingSpec:
                     f"unified for it (embedding.features.{owner.name}: {{kind: hashed, rows: N}})"
                 )
             sized = entry.rows is not None or self.rows is not None
-            if not sized:
+            if kind in ("hashed", "unified") and not sized:
                 where = f"features.{owner.name}.rows" if kind == "hashed" else "rows"
                 raise EmbeddingConfigError(
                     f"{WHERE}.{where}: feature {owner.name!r} has `vocabulary: none` in {schema.source}, so "
@@ -337,6 +365,8 @@ class EmbeddingSpec:
         for key in ("rows", "probes"):
             if key in entry:
                 setattr(out, key, _number(entry[key], f"{where}.{key}", int, 1))
+        for key, value in _managed_settings(entry, f"{where}.").items():
+            setattr(out, key, value)
         return out
 
     def kind_of(self, owner: str) -> str:
@@ -379,6 +409,8 @@ class EmbeddingSpec:
             rows = vocab
             if kind == "optembed" and self.stage == "compact" and name in self.dims:
                 dim, rows = self.dims[name], self.kept_rows[name] + 1  # the searched width, kept rows + the zero row
+            if kind == "managed":
+                rows = self.managed(name)["capacity"]
             plans[name] = TablePlan(name, kind, vocab, dim, probes, rows)
             if kind == "hashed":
                 if entry.rows is not None:
@@ -416,6 +448,22 @@ class EmbeddingSpec:
             if value != getattr(default, key) and value not in ({}, None):
                 out[key] = value
         return out
+
+
+def _managed_settings(block: dict, where: str) -> dict[str, Any]:
+    """The managed kind's keys present in ``block`` (the embedding block or a feature's entry), validated."""
+    out: dict[str, Any] = {}
+    if "capacity" in block:
+        out["capacity"] = _number(block["capacity"], f"{where}capacity", int, 2)
+    if "admit_after" in block:
+        out["admit_after"] = _number(block["admit_after"], f"{where}admit_after", int, 1)
+    if "interval" in block:
+        out["interval"] = _number(block["interval"], f"{where}interval", int, 1)
+    if "eviction" in block:
+        if block["eviction"] not in EVICTIONS:
+            raise EmbeddingConfigError(f"{WHERE}.{where}eviction: one of {list(EVICTIONS)}, got {block['eviction']!r}")
+        out["eviction"] = block["eviction"]
+    return out
 
 
 def _hashed(plan: TablePlan, rows: int) -> TablePlan:

@@ -21,7 +21,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from recsys.embedding.hashing import hash_to_rows
 
-TRANSFORMS = ("identity", "hash", "remap")
+TRANSFORMS = ("identity", "hash", "remap", "managed")  # managed: the layer's ManagedIds remaps (stateful)
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class Transform:
             return hash_to_rows(ids, self.salt, self.rows)
         if self.kind == "remap":
             return remap[ids]
+        if self.kind == "managed":
+            raise ValueError("managed ids are remapped by the embedding layer's ManagedIds, not a pure transform")
         return ids
 
 

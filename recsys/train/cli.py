@@ -110,6 +110,14 @@ class RecsysCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         strategy = config.get("trainer", {}).get("strategy")
         init_args = strategy.get("init_args", {}) if hasattr(strategy, "get") else {}
+        if _names_torchrec(strategy) and _uses_managed(config):
+            self.parser.error(
+                "model.init_args.embedding: kind 'managed' runs in one process for now; under "
+                "--trainer.strategy torchrec the managed tables would need torchrec's sharded managed "
+                "collections (row-wise EmbeddingCollection on CPU, with recsys' admission, re-initialisation "
+                "and statistics on every shard), which recsys does not wire yet. Train it without the "
+                "torchrec strategy"
+            )
         try:
             with tables_on("meta") if init_args.get("init_tables_on_meta") else nullcontext():
                 super().instantiate_classes()
@@ -118,6 +126,24 @@ class RecsysCLI(LightningCLI):
             if cause is None:
                 raise
             self.parser.error(str(cause))
+
+
+def _names_torchrec(strategy: Any) -> bool:
+    """``--trainer.strategy torchrec`` or a class_path naming recsys' TorchrecStrategy."""
+    name = strategy.get("class_path", "") if hasattr(strategy, "get") else strategy
+    return isinstance(name, str) and (name == "torchrec" or name.endswith("TorchrecStrategy"))
+
+
+def _uses_managed(config: Any) -> bool:
+    """Whether the model's embedding block gives any feature the ``managed`` kind."""
+    model = config.get("model") if hasattr(config, "get") else None
+    init_args = model.get("init_args") if hasattr(model, "get") else None
+    block = init_args.get("embedding") if hasattr(init_args, "get") else None
+    if not hasattr(block, "get"):
+        return False
+    entries = block.get("features") or {}
+    kinds = [block.get("kind")] + [e.get("kind") for e in entries.values() if hasattr(e, "get")]
+    return "managed" in kinds
 
 
 def _first_process() -> bool:

@@ -95,7 +95,9 @@ class CTRModule(L.LightningModule):
 
     def training_only_state(self) -> tuple[str, ...]:
         """State-dict key prefixes only training reads (mini-batch aware L2's counts): left out of exports."""
-        return ("embedding.inverse_counts.",)
+        layer = getattr(self, "embedding", None)
+        own = layer.training_only_state() if isinstance(layer, EmbeddingLayer) else ("inverse_counts.",)
+        return tuple(f"embedding.{prefix}" for prefix in own)
 
     # -- to implement ----------------------------------------------------------------------
     def head(self, embedded: Embedded, dense: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -158,6 +160,8 @@ class CTRModule(L.LightningModule):
                 self._nonfinite("embedding gradient", getattr(self, "_current_batch", None), batch_idx)
             optimizer.zero_grad()
             return
+        if isinstance(layer, EmbeddingLayer) and layer.reset_rows:
+            layer.reset_optimizer_rows(optimizer)  # rows handed to new ids by a managed table
         optimizer.step()
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
