@@ -7,7 +7,8 @@ import math
 import sys
 
 from recsys.commands.table import example
-from recsys.data.arrow import SPLITS, DataError
+from recsys.data.arrow import DataError
+from recsys.data.days import is_split
 from recsys.data.schema import SchemaError
 from recsys.eval.report import evaluate
 
@@ -22,13 +23,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by `recsys fit`")
     parser.add_argument("--data", help="dataset directory (default: the one the model was trained on)")
-    parser.add_argument("--split", default="test", choices=SPLITS, help="split to score (default: test)")
+    parser.add_argument(
+        "--split",
+        default="test",
+        type=_split,
+        help="split to score: train, val, test, or one day of a day-partitioned dataset, train/day=YYYY-MM-DD "
+        "(default: test)",
+    )
     parser.add_argument("--out", help="output directory (default: <run dir>/eval_<split>)")
     parser.add_argument("--baseline", help="another report.json; adds RelaImpr against it")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
     parser.add_argument("--batch-size", type=int, default=8192, help="rows per scoring batch")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     return parser
+
+
+def _split(name: str) -> str:
+    if not is_split(name):
+        raise argparse.ArgumentTypeError(f"{name!r}: one of train, val, test or train/day=YYYY-MM-DD")
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from recsys.data.arrow import SPLITS, DataError
+from recsys.data.days import check_days, day_split, next_day, parse_days
 from recsys.data.parquet import ParquetStream, release_freed_memory
 from recsys.data.resources import DatasetResources
 from recsys.data.vocab import Vocabulary
@@ -102,6 +103,8 @@ class CTRDataModule(L.LightningDataModule):
         shuffle_buffer: rows held to shuffle training data (bounds memory).
         seed: shuffle seed; defaults to the run's ``--seed_everything``.
         predict_split: split that ``predict`` scores.
+        days: ``FIRST:LAST`` of a dataset partitioned by day (``recsys.data.days``): epoch k trains day k,
+            validation is the next day, test the day after the range; the run has one epoch per day.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class CTRDataModule(L.LightningDataModule):
         shuffle_buffer: int = 200_000,
         seed: int | None = None,
         predict_split: str = "test",
+        days: str | None = None,
     ) -> None:
         super().__init__()
         if predict_split not in SPLITS:
@@ -133,19 +137,43 @@ class CTRDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.predict_split = predict_split
+        self.days = parse_days(days) if days else None
+        if self.days:
+            check_days(self.path, self.days)
         self.vocab = Vocabulary.load_or_build(self.path)
         self.dataset_info = self.vocab.info().to_dict()
         # train counts, item texts, encoders: what models build from beyond the dataset info
         self.resources = DatasetResources(self.vocab)
-        self._streams: dict[str, ParquetStream] = {}
+        self._streams: dict[tuple[str, bool], ParquetStream] = {}
+
+    def split_path(self, split: str) -> str:
+        """The folder ``split`` reads: itself, or under ``days`` the day of the current epoch (train), the
+        day after it (val) or the day after the range (test)."""
+        if not self.days or split not in SPLITS:
+            return split
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        day = self.days[min(epoch, len(self.days) - 1)]
+        return {"train": day_split(day), "val": day_split(next_day(day))}.get(split, day_split(next_day(self.days[-1])))
+
+    def setup(self, stage: str) -> None:
+        """Under ``days``: one epoch per day, and fresh loaders every epoch (each reads its day)."""
+        trainer = self.trainer
+        if not self.days or trainer is None:
+            return
+        trainer.reload_dataloaders_every_n_epochs = 1
+        if trainer.fit_loop.max_epochs != len(self.days):
+            log.info("--data.days %s:%s: %d epochs, one per day", self.days[0], self.days[-1], len(self.days))
+            trainer.fit_loop.max_epochs = len(self.days)
 
     def stream(self, split: str) -> ParquetStream:
-        if split not in self._streams:
-            train = split == "train"
+        train = split == "train"
+        path = self.split_path(split)
+        key = (path, train)  # under days, a day is read for training one epoch and validated on the one before
+        if key not in self._streams:
             seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-            self._streams[split] = ParquetStream(
+            self._streams[key] = ParquetStream(
                 self.path,
-                split,
+                path,
                 self.vocab,
                 batch_size=self.batch_size if train else self.eval_batch_size,
                 shuffle=train,
@@ -156,7 +184,7 @@ class CTRDataModule(L.LightningDataModule):
                 # forward is collective); val/test loaders take each rank's share (_eval_stream)
                 **({} if train else {"rank": 0, "world_size": 1}),
             )
-        return self._streams[split]
+        return self._streams[key]
 
     def _eval_stream(self, split: str) -> ParquetStream:
         """``split`` for val/test when the trainer has several ranks: each scores an equal share of every
@@ -167,7 +195,7 @@ class CTRDataModule(L.LightningDataModule):
         whole = self.stream(split)
         return ParquetStream(
             self.path,
-            split,
+            whole.split,
             self.vocab,
             batch_size=whole.batch_size,
             num_workers=self.num_workers,

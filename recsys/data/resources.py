@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from recsys.data.arrow import open_parquet, split_files
-from recsys.data.vocab import DatasetInfo, Vocabulary
+from recsys.data.arrow import open_parquet
+from recsys.data.vocab import DatasetInfo, Vocabulary, vocabulary_files
 
 
 class Resources:
@@ -67,7 +67,7 @@ class DatasetResources(Resources):
     def item_texts(self, text_feature: str, item: str) -> list[str]:
         """One text per row of ``item``'s table, from the train split (the first seen per row; "" if none)."""
         texts = [""] * self.vocab.num_embeddings(item)
-        for file in split_files(self.data_dir, "train"):
+        for file in vocabulary_files(self.data_dir):
             table = open_parquet(file).read(columns=[item, text_feature])
             rows = self.vocab.lookup(item, table.column(item).combine_chunks())
             values = pc.fill_null(table.column(text_feature), "").to_numpy(zero_copy_only=False)

@@ -48,6 +48,7 @@ from recsys.data.arrow import (
     open_parquet,
     split_files,
 )
+from recsys.data.days import day_split, partitions
 from recsys.data.schema import ID_TYPES, Schema, load_schema, parse_schema
 
 log = logging.getLogger(__name__)
@@ -184,11 +185,22 @@ def _batches(reader, file: Path, columns: list[str]):  # noqa: ANN001, ANN202
             ) from err
 
 
+def vocabulary_files(data_dir: str | Path) -> list[Path]:
+    """The files vocabularies (and train counts, item texts, numeric statistics) are built from: the
+    train split, or for a dataset partitioned by day (``recsys.data.days``) its first day."""
+    days = partitions(data_dir)
+    plain = Path(data_dir) / "train"
+    if days and not (plain.is_dir() and any(plain.glob("*.parquet"))):
+        return split_files(data_dir, day_split(days[0]))
+    return split_files(data_dir, "train")
+
+
 def _fingerprint(schema: Schema, files: list[Path]) -> str:
     h = hashlib.sha256(json.dumps(schema.to_dict(), sort_keys=True).encode())
     for f in files:
         st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        name = f.name if f.parent.name == "train" else f"{f.parent.name}/{f.name}"  # a day's folder counts
+        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
@@ -320,7 +332,7 @@ class Vocabulary:
         if not data_dir.is_dir():
             raise DataError(f"{data_dir}: dataset directory not found")
         schema = schema or load_schema(data_dir)
-        files = split_files(data_dir, "train")
+        files = vocabulary_files(data_dir)
         fingerprint = _fingerprint(schema, files)
         meta_file = data_dir / "vocab" / "meta.json"
         if meta_file.exists():

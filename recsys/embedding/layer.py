@@ -349,18 +349,20 @@ class EmbeddingLayer(nn.Module):
             out |= module(readers)
             evicted = module.take_evicted()
             if evicted is not None:
-                self._reset_evicted(f"m_{owner}", evicted)
+                self._reset_evicted(f"m_{owner}", evicted, int(module.step))
         return out
 
     @torch.no_grad()
-    def _reset_evicted(self, table: str, rows: Tensor) -> None:
+    def _reset_evicted(self, table: str, rows: Tensor, step: int) -> None:
         """A new id gets a freshly initialised row (the table's own initializer), never the evicted id's;
-        the optimizer's state of those rows is cleared before the next step (``reset_optimizer_rows``)."""
+        the optimizer's state of those rows is cleared before the next step (``reset_optimizer_rows``).
+        The draw is seeded by table and step, so a run resumed from a checkpoint draws the same rows."""
         weight = self.table_weight(table)
         config = next(c for c in self._table_configs() if c.name == table)
-        fresh = torch.empty(len(rows), weight.shape[1], dtype=weight.dtype, device=weight.device)
-        config.init_fn(fresh)
-        weight[rows] = fresh
+        generator = torch.Generator().manual_seed(feature_salt(table, step))
+        low, high = config.get_weight_init_min(), config.get_weight_init_max()
+        fresh = torch.rand(len(rows), weight.shape[1], generator=generator) * (high - low) + low
+        weight[rows] = fresh.to(weight.dtype)
         pending = self.reset_rows.get(table)
         self.reset_rows[table] = rows if pending is None else torch.unique(torch.cat([pending, rows]))
 

@@ -66,7 +66,7 @@ def evaluate(
     vocab = Vocabulary.load_or_build(data_dir)
     check_same_content(model.info, vocab.info(), data_dir)
     stream = ParquetStream(data_dir, split, vocab, batch_size=batch_size)
-    out_dir = Path(out) if out else ckpt.resolve().parent.parent / f"eval_{split}"
+    out_dir = Path(out) if out else ckpt.resolve().parent.parent / f"eval_{split.replace('/', '_')}"
     out_dir.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()

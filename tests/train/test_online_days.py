@@ -1,0 +1,148 @@
+"""Day-by-day training on the drifting stream: one day per epoch, next-day validation, the test split
+after the range, missing days refused, and a SIGKILL mid-day resumed without losing or repeating a
+row (with managed tables, whose pending ids and interval history ride in the checkpoint)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import signal
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from recsys.data.arrow import DataError
+from recsys.data.datamodule import CTRDataModule
+from recsys.data.days import parse_days
+from recsys.train.callbacks import read_ledger
+from tests.conftest import ROOT
+from tests.train.test_reliability import _fit, _state
+
+spec = importlib.util.spec_from_file_location("stream_generator", ROOT / "datasets" / "synthetic" / "stream.py")
+stream_generator = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(stream_generator)
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 days × 600 rows; C1 and C2 drift and have `vocabulary: none`."""
+    out = tmp_path_factory.mktemp("stream") / "stream"
+    stream_generator.generate(
+        out, days=4, rows_per_day=600, num_dense=2, num_sparse=4, drifting=2, catalogue=300, static_cardinality=50
+    )
+    schema = yaml.safe_load((out / "schema.yaml").read_text())
+    for feature in schema["features"]:
+        if feature["name"] in ("C1", "C2"):
+            feature["vocabulary"] = "none"
+    (out / "schema.yaml").write_text(yaml.safe_dump(schema))
+    return out
+
+
+def test_the_generator_renews_a_share_of_the_drifting_ids_each_day(stream: Path) -> None:
+    info = json.loads((stream / "STREAM.json").read_text())
+    assert [d["day"] for d in info["days"]] == ["2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04"]
+    assert all(share == 1.0 for share in info["days"][0]["new_id_share"])
+    later = [s for d in info["days"][1:] for s in d["new_id_share"]]
+    assert all(0.05 < s < 0.8 for s in later)  # new ids every day, old ones still around
+    rows = pq.read_table(stream / "train" / "day=2024-01-02").num_rows
+    assert rows == 600
+
+
+def test_each_epoch_reads_its_day_and_validates_on_the_next(stream: Path) -> None:
+    dm = CTRDataModule(str(stream), batch_size=100, days="2024-01-01:2024-01-03")
+    assert dm.split_path("train") == "train/day=2024-01-01" and dm.split_path("val") == "train/day=2024-01-02"
+    assert dm.split_path("test") == "train/day=2024-01-04"
+    # the vocabularies (C3, C4) come from the first day only; the raw features have none
+    assert dm.vocab.num_embeddings("C1") == 0 and dm.vocab.num_embeddings("C3") > 1
+    assert parse_days("2024-02-28:2024-03-01") == ["2024-02-28", "2024-02-29", "2024-03-01"]
+
+
+@pytest.mark.parametrize(
+    ("days", "message"),
+    [
+        ("2024-01-01:2024-01-04", "day=2024-01-05: the day after the range (last validation and the test split)"),
+        ("2023-12-31:2024-01-02", "day=2023-12-31: a day of --data.days 2023-12-31:2024-01-02 is missing"),
+        ("2024-01-03:2024-01-01", "the last day 2024-01-01 comes before the first 2024-01-03"),
+        ("2024-01-01", "expected FIRST:LAST"),
+        ("2024-01-01:2024-13-01", "'2024-13-01' is not a date"),
+    ],
+)
+def test_a_missing_or_malformed_day_is_refused_naming_it(stream: Path, days: str, message: str) -> None:
+    with pytest.raises((DataError, ValueError), match=re.escape(message)):
+        CTRDataModule(str(stream), days=days)
+
+
+def _config(path: Path, data: Path, runs: Path, version: str, kill_at: int | None) -> Path:
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"every_n_train_steps": 4, "save_top_k": 0, "save_last": True},
+        },
+        {"class_path": "recsys.train.callbacks.RowLedger", "init_args": {"dirpath": str(runs / version / "ledger")}},
+        {"class_path": "tests.train.faults.SaveFinal", "init_args": {"path": str(runs / version / "final.ckpt")}},
+    ]
+    if kill_at is not None:
+        callbacks.append({"class_path": "tests.train.faults.KillAt", "init_args": {"step": kill_at}})
+    managed = {"kind": "managed", "capacity": 160, "admit_after": 2, "interval": 3}
+    config = {
+        "seed_everything": 42,
+        "ckpt_path": "last",
+        "model": {
+            "class_path": "recsys.models.base.EmbeddingMLP",
+            "init_args": {
+                "embedding": {"dim": 8, "features": {"C1": managed, "C2": managed}},
+                "dnn_hidden_units": [16],
+                "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
+            },
+        },
+        "data": {"path": str(data), "batch_size": 60, "days": "2024-01-01:2024-01-03"},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(runs), "name": "", "version": version},
+            },
+            "callbacks": callbacks,
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_sigkill_mid_day_then_the_same_command_resumes_the_day_exactly(stream: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    full = _fit(_config(tmp_path / "full.yaml", stream, runs, "full", None))
+    assert full.returncode == 0, full.stderr[-3000:]
+    reference = read_ledger(runs / "full" / "ledger" / "ledger.rank0.tsv")
+    assert [sum(1 for line in reference if line[1] == e) for e in range(3)] == [10, 10, 10]  # 600 rows / 60
+    for epoch in range(3):  # every row of the epoch's day, once
+        positions = sorted(p for _, e, _, ps in reference if e == epoch for p in ps)
+        assert positions == list(range(600))
+
+    config = _config(tmp_path / "job.yaml", stream, runs, "job", kill_at=15)  # mid-day 2, after a checkpoint at 12
+    killed = _fit(config)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    ledger = runs / "job" / "ledger" / "ledger.rank0.tsv"
+    kept = [line for line in read_ledger(ledger) if line[0] <= 12]
+    ledger.rename(ledger.with_suffix(".killed"))
+    resumed = _fit(config)  # the same command
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = read_ledger(ledger)
+    assert after[0][:3] == (13, 1, 2)  # step 13: day 2 (epoch 1), its third batch
+    assert kept + after == reference
+    a, b = _state(runs / "full" / "final.ckpt"), _state(runs / "job" / "final.ckpt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+    slots = "model.embedding.managed.C1.mch._mch_sorted_raw_ids"
+    full_state = torch.load(runs / "full" / "final.ckpt", weights_only=True)["state_dict"]
+    job_state = torch.load(runs / "job" / "final.ckpt", weights_only=True)["state_dict"]
+    key = slots.removeprefix("model.")
+    assert torch.equal(full_state[key], job_state[key])  # the same ids hold the same slots
