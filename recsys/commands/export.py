@@ -28,18 +28,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", help="dataset directory holding vocab/ (default: the one the model was trained on)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--since",
+        help="the previous export of a chain (full or delta): write only the rows that changed since it, "
+        "beside it (recsys serve --watch DIR applies the chain while serving)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        out = export(args.ckpt, args.out, args.dtype, data=args.data, force=args.force)
+        out = export(args.ckpt, args.out, args.dtype, data=args.data, force=args.force, since=args.since)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
         print(f"recsys export: {err}", file=sys.stderr)
         return 1
     manifest = json.loads((out / MANIFEST).read_text())
     table_bytes = sum(manifest["files"][e["file"]]["bytes"] for e in manifest["tables"])
+    if manifest["kind"] == "delta":
+        changed = sum(e["changed_rows"] for e in manifest["tables"])
+        print(
+            f"wrote {out}: delta {manifest['sequence']} on {manifest['previous']}, {changed:,} changed row(s), "
+            f"{table_bytes:,} table bytes; a server watching {out.parent} applies it"
+        )
+        return 0
     print(
         f"wrote {out}: {len(manifest['tables'])} table(s), {table_bytes:,} table bytes ({args.dtype}), "
         f"{len(manifest['files'])} files; serve with: recsys serve {out}"

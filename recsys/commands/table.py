@@ -69,15 +69,16 @@ COMMANDS = [
     Command(
         "export",
         "Serving",
-        "a checkpoint → a self-describing directory (manifest, tables fp32/fp16/int8/int4)",
-        "recsys export --ckpt CKPT --out exports/base --dtype int8",
+        "a checkpoint → a self-describing directory (manifest, tables fp32/fp16/int8/int4), or a delta",
+        "recsys export --ckpt CKPT --out exports/base --dtype int8\n"
+        "  recsys export --ckpt DAY2.ckpt --since exports/day1 --out exports/day2 --dtype int8",
         "export",
     ),
     Command(
         "serve",
         "Serving",
-        "HTTP JSON scoring of an export (POST /score, GET /healthz, GET /metadata)",
-        "recsys serve exports/base --port 8080",
+        "HTTP JSON scoring of an export (POST /score, GET /healthz, GET /metadata); --watch follows deltas",
+        "recsys serve exports/base --port 8080\n  recsys serve --watch exports/ --port 8080",
         "serve",
     ),
     Command(

@@ -211,8 +211,10 @@ def export(
     data: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    since: str | Path | None = None,
 ) -> Path:
-    """Writes the export directory ``out``; returns it."""
+    """Writes the export directory ``out``; returns it. ``since``: the previous export of a chain
+    (``recsys.export.delta``): ``out`` is then a delta holding only the rows that changed since it."""
     from recsys.export.loader import ExportResources
 
     check_dtype(dtype)
@@ -236,6 +238,7 @@ def export(
     check_same_content(served.info, Vocabulary.load_saved(data_dir, served.schema).info(), data_dir)
     text_tables = _item_text_tables(trained, source)
     zero_rows = {f"t_{o}" for o in served.embedding.compact}
+    chain = _chain(Path(since), out, meta["model_class"], hparams, tables, dtype) if since else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -256,7 +259,16 @@ def export(
             entry.update(
                 dtype=dtype, row_bytes=row_bytes(entry["dim"], dtype), file=f"tables/{entry['key']}.safetensors"
             )
-            save_file({"rows": rows}, work / entry["file"])
+            if chain is None:
+                save_file({"rows": rows}, work / entry["file"])
+                continue
+            from recsys.export.delta import applied_rows, changed_rows
+            from recsys.export.loader import stored_rows
+
+            base = applied_rows(stored_rows(chain["full"], entry), entry, chain["deltas"])
+            index = changed_rows(rows, base)
+            entry["changed_rows"] = len(index)
+            save_file({"index": index, "rows": rows[index].contiguous()}, work / entry["file"])
         table_keys = {e["key"] for e in tables}
         dense_like = {
             k: v
@@ -277,8 +289,9 @@ def export(
                 ],
                 "output": "logits [B]",
             }
-        encoder = _copy_encoder(served, work)
-        shutil.copytree(data_dir / "vocab", work / "vocab")
+        encoder = _copy_encoder(served, work) if chain is None else None  # a delta reads its chain's
+        if chain is None:
+            shutil.copytree(data_dir / "vocab", work / "vocab")
         config = ckpt.resolve().parent.parent / "config.yaml"
         if config.exists():
             shutil.copy(config, work / "training_config.yaml")
@@ -286,6 +299,9 @@ def export(
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "kind": "full" if chain is None else "delta",
+            "sequence": 0 if chain is None else chain["sequence"],
+            **({} if chain is None else {"base_manifest_sha256": chain["base"], "previous": chain["previous"]}),
             "dtype": dtype,
             "model": {"class": meta["model_class"], "hparams": hparams},
             "label": served.schema.label,
@@ -309,6 +325,35 @@ def export(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return out
+
+
+def _chain(since: Path, out: Path, model_class: str, hparams: dict, tables: list[dict], dtype: str) -> dict:
+    """The chain a delta ``out`` extends: its full export, deltas, base SHA-256 and sequence; refused
+    for another model or dtype, or when ``out`` would not sit beside ``since`` (``previous`` is a name)."""
+    from recsys.export.delta import chain_of, check_chain, same_model
+    from recsys.export.loader import verify
+
+    if out.resolve().parent != since.resolve().parent:
+        raise ValueError(
+            f"--out {out} must sit beside --since {since} (a delta names its previous export by directory name)"
+        )
+    full, deltas = chain_of(since)
+    full_manifest = verify(full)
+    verified = [(d, verify(d)) for d in deltas]
+    check_chain(full, full_manifest, verified)
+    candidate = {"model": {"class": model_class, "hparams": json.loads(json.dumps(hparams, default=jsonable))}}
+    candidate["tables"] = [{**t, "dtype": dtype} for t in tables]
+    reason = same_model(full_manifest, candidate)
+    if reason:
+        raise ValueError(f"--since {since}: this checkpoint is another model: {reason}")
+    last = verified[-1][1] if verified else full_manifest
+    return {
+        "full": full,
+        "deltas": verified,
+        "base": sha256(since / MANIFEST),
+        "sequence": int(last.get("sequence", 0)) + 1,
+        "previous": since.name,
+    }
 
 
 def _umask() -> int:

@@ -136,6 +136,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             f"{manifest_file}: format version {manifest.get('format_version')!r}; "
             f"this recsys reads version {FORMAT_VERSION}"
         )
+    if manifest.get("kind", "full") not in ("full", "delta"):
+        raise ExportError(f"{manifest_file}: kind {manifest.get('kind')!r} is neither 'full' nor 'delta'")
     return manifest
 
 
@@ -146,18 +148,24 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ExportError(f"{path}: cannot read ({err})") from err
 
 
-def _quantized_collection(entries: list[dict[str, Any]], directory: Path) -> torch.nn.Module:
-    """A torchrec quantized collection (FBGEMM inference TBE) over one module's stored tables."""
+def stored_rows(directory: Path, entry: dict[str, Any]) -> torch.Tensor:
+    """A full export's table ``[rows, row_bytes]`` uint8, its shape checked against the manifest."""
+    rows = _read_tensors(inside(directory, entry["file"]))["rows"]
+    if tuple(rows.shape) != (entry["rows"], row_bytes(entry["dim"], entry["dtype"])) or rows.dtype != torch.uint8:
+        raise ExportError(
+            f"{directory / entry['file']}: rows {tuple(rows.shape)} {rows.dtype}, expected "
+            f"({entry['rows']}, {row_bytes(entry['dim'], entry['dtype'])}) uint8"
+        )
+    return rows
+
+
+def _quantized_collection(entries: list[dict[str, Any]], rows_of: Any) -> torch.nn.Module:
+    """A torchrec quantized collection (FBGEMM inference TBE) over one module's stored tables;
+    ``rows_of(entry)`` gives each table's stored rows (a full export's, with any deltas applied)."""
     weights, configs = {}, []
     for entry in entries:
         dtype = entry["dtype"]
-        rows = _read_tensors(inside(directory, entry["file"]))["rows"]
-        if tuple(rows.shape) != (entry["rows"], row_bytes(entry["dim"], dtype)) or rows.dtype != torch.uint8:
-            raise ExportError(
-                f"{directory / entry['file']}: rows {tuple(rows.shape)} {rows.dtype}, expected "
-                f"({entry['rows']}, {row_bytes(entry['dim'], dtype)}) uint8"
-            )
-        weights[entry["name"]] = split_scale_bias(rows, dtype)
+        weights[entry["name"]] = split_scale_bias(rows_of(entry), dtype)
         common = {
             "name": entry["name"],
             "embedding_dim": entry["dim"],
@@ -217,11 +225,24 @@ _ARROW = {"int": pa.int64(), "str": pa.string(), "list<int>": pa.list_(pa.int64(
 
 
 class Scorer:
-    """A loaded export. ``score(rows)`` → probabilities; ``features`` says what a row holds."""
+    """A loaded export. ``score(rows)`` → probabilities; ``features`` says what a row holds.
 
-    def __init__(self, directory: str | Path) -> None:
+    ``deltas``: delta exports (``recsys export --since``) applied in order over the full export
+    ``directory``; each must be the next in sequence on the one before it (``recsys.export.delta``).
+    """
+
+    def __init__(self, directory: str | Path, deltas: list[str | Path] = ()) -> None:
+        from recsys.export.delta import applied_rows, check_chain
+
         self.directory = Path(directory)
         self.manifest = verify(self.directory)
+        if self.manifest.get("kind", "full") != "full":
+            raise ExportError(f"{self.directory}: a delta export; serve its chain (recsys serve --watch DIR)")
+        self.deltas = [(Path(d), verify(Path(d))) for d in deltas]
+        check_chain(self.directory, self.manifest, self.deltas)
+        last = self.deltas[-1] if self.deltas else (self.directory, self.manifest)
+        self.sequence = int(last[1].get("sequence", 0))
+        self.manifest_sha256 = sha256(last[0] / MANIFEST)
         try:
             model = build_model(
                 self.manifest["model"]["class"],
@@ -233,7 +254,7 @@ class Scorer:
             raise ExportError(str(err)) from err
         tables = self.manifest["tables"]
         table_keys = {t["key"] for t in tables}
-        dense = _read_tensors(inside(self.directory, self.manifest["dense"]["file"]))
+        dense = _read_tensors(inside(last[0], last[1]["dense"]["file"]))  # the newest dense network
         expected = {
             k for k in model.state_dict() if k not in table_keys and not k.startswith(model.training_only_state())
         }
@@ -249,7 +270,11 @@ class Scorer:
         for path, entries in by_module.items():
             parent_path, _, name = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
-            setattr(parent, name, _quantized_collection(entries, self.directory))
+            setattr(
+                parent,
+                name,
+                _quantized_collection(entries, lambda e: applied_rows(stored_rows(self.directory, e), e, self.deltas)),
+            )
         self.model = model.eval()
         self.schema = model.schema
         self.vocab = Vocabulary.load_saved(self.directory, self.schema)
@@ -402,6 +427,8 @@ class Scorer:
         return {
             "format": m["format"],
             "format_version": m["format_version"],
+            "sequence": self.sequence,  # of the last delta applied (0: the full export alone)
+            "manifest_sha256": self.manifest_sha256,
             "dtype": m["dtype"],
             "model_class": m["model"]["class"],
             "features": self.features,
@@ -409,6 +436,6 @@ class Scorer:
         }
 
 
-def load(directory: str | Path) -> Scorer:
-    """Verifies and loads an export directory (see ``Scorer``)."""
-    return Scorer(directory)
+def load(directory: str | Path, deltas: list[str | Path] = ()) -> Scorer:
+    """Verifies and loads an export directory, with ``deltas`` applied in order (see ``Scorer``)."""
+    return Scorer(directory, deltas)

@@ -1,7 +1,7 @@
 """``recsys serve DIR``: HTTP JSON scoring of an export directory.
 
     recsys serve exports/base-int8 --port 8080
-    curl -s localhost:8080/healthz          # 200 {"status": "ok"} once the export is loaded; 503 before
+    curl -s localhost:8080/healthz          # 200 {"status": "ok", "sequence": 0} once loaded; 503 before
     curl -s localhost:8080/metadata
     curl -s -X POST localhost:8080/score -d '[{"user_id": 196, "item_id": 242, ...}]'
       → {"scores": [0.71], "rows": 1, "ignored_fields": []}
@@ -20,6 +20,10 @@ each response when others are waiting; a whole request must arrive and be answer
 run one batch at a time, and so does scoring (``torch``, ``--threads`` threads, the GIL released),
 so one batch is encoded while the previous one is scored.
 Limits: ``--max-bytes`` per request body and ``--max-rows`` per request (413 beyond).
+
+``recsys serve --watch DIR`` serves a chain of exports instead (a full export, then the deltas of
+``recsys export --since``), applying each new delta while serving (``recsys.serve.watch``); ``/healthz``
+and ``/metadata`` say the ``sequence`` being served.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class ScoringServer(HTTPServer):
         queue: int = 64,
         timeout: float = 10.0,
         backlog: int = 1024,
+        watch: str | None = None,
+        poll: float = 1.0,
     ) -> None:
         self.request_queue_size = backlog  # the listen() backlog (the stdlib's default is 5)
         super().__init__(address, Handler)
@@ -77,7 +83,13 @@ class ScoringServer(HTTPServer):
         self.slots = threading.BoundedSemaphore(workers + queue)
         self.waiting = 0  # connections accepted but not yet picked up by a worker
         self.counter = threading.Lock()
-        if scorer is None:
+        self.watcher = None
+        if watch is not None:  # the watcher loads the chain's full export, then follows its deltas
+            from recsys.serve.watch import ExportWatcher
+
+            self.watcher = ExportWatcher(self, watch, poll)
+            self.watcher.start()
+        elif scorer is None:
             threading.Thread(target=self._load, args=(directory,), daemon=True).start()
         else:
             _leave_out_of_collection()
@@ -133,6 +145,8 @@ class ScoringServer(HTTPServer):
             self.shutdown_request(request)
 
     def server_close(self) -> None:
+        if getattr(self, "watcher", None) is not None:
+            self.watcher.stop()
         super().server_close()
         if hasattr(self, "pool"):  # (a bind that failed closes the server before the pool exists)
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -203,7 +217,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         if self.path == "/healthz":
             if not self._unavailable():
-                self._reply(HTTPStatus.OK, {"status": "ok"})
+                self._reply(HTTPStatus.OK, {"status": "ok", "sequence": self.server.scorer.sequence})
         elif self.path == "/metadata":
             if not self._unavailable():
                 self._reply(HTTPStatus.OK, self.server.scorer.metadata())
@@ -288,7 +302,7 @@ def _no_constant(name: str) -> None:
 
 
 def serve(
-    directory: str,
+    directory: str | None,
     host: str = "127.0.0.1",
     port: int = 8080,
     max_bytes: int = 8 << 20,
@@ -297,11 +311,15 @@ def serve(
     queue: int = 64,
     timeout: float = 10.0,
     wait: bool = True,
+    watch: str | None = None,
+    poll: float = 1.0,
 ) -> ScoringServer:
     """A started server (its thread is a daemon); ``server.shutdown()`` stops it. ``wait``: return once
-    the export is loaded (else it loads in the background and ``/healthz`` answers 503 until then)."""
+    the export is loaded (else it loads in the background and ``/healthz`` answers 503 until then).
+    ``watch``: serve the chain of exports in that directory instead, following new deltas."""
+    scorer = load(directory) if wait and watch is None else None
     server = ScoringServer(
-        (host, port), load(directory) if wait else None, directory, max_bytes, max_rows, workers, queue, timeout
+        (host, port), scorer, directory, max_bytes, max_rows, workers, queue, timeout, watch=watch, poll=poll
     )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

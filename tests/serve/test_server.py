@@ -38,7 +38,7 @@ def score(server, payload) -> tuple[int, dict]:  # noqa: ANN001
 
 
 def test_health_metadata_and_scores(server, trained: dict) -> None:  # noqa: ANN001
-    assert request(server, "GET", "/healthz") == (200, {"status": "ok"})
+    assert request(server, "GET", "/healthz") == (200, {"status": "ok", "sequence": 0})
     status, meta = request(server, "GET", "/metadata")
     assert status == 200 and meta["dtype"] == "int8" and "item" in meta["features"] and meta["format_version"] == 2
     rows = raw_rows(trained["data"], n=20)
@@ -126,7 +126,7 @@ def test_busy_server_answers_503_and_drops_idle_clients(trained: dict, tmp_path:
         status, body = request(busy, "GET", "/healthz")
         assert status == 503 and "server busy" in body["error"]
         time.sleep(1.5)  # the idle clients are dropped after the 0.5 s timeout; the worker is free again
-        assert request(busy, "GET", "/healthz") == (200, {"status": "ok"})
+        assert request(busy, "GET", "/healthz") == (200, {"status": "ok", "sequence": 0})
         for sock in idle:
             sock.close()
         # a client trickling one byte just inside the read timeout is cut at the request deadline (3 × 0.5 s)
@@ -140,7 +140,7 @@ def test_busy_server_answers_503_and_drops_idle_clients(trained: dict, tmp_path:
             pass  # the server closed it
         assert time.perf_counter() - started < 5  # (the whole request would take 11 s)
         trickle.close()
-        assert request(busy, "GET", "/healthz") == (200, {"status": "ok"})
+        assert request(busy, "GET", "/healthz") == (200, {"status": "ok", "sequence": 0})
     finally:
         busy.shutdown()
         busy.server_close()
@@ -176,7 +176,7 @@ def test_healthz_says_ready_only_once_the_export_can_score(
             import time
 
             time.sleep(0.05)
-        assert request(loading, "GET", "/healthz") == (200, {"status": "ok"})
+        assert request(loading, "GET", "/healthz") == (200, {"status": "ok", "sequence": 0})
         assert score(loading, raw_rows(trained["data"], n=1))[0] == 200
     finally:
         loading.shutdown()
