@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import yaml
 from benchdoc import machine, reused_or_run, write_doc_section
@@ -40,13 +43,16 @@ SLOT_STATS_BYTES = 40  # per managed slot: torchrec's sorted id, slot and last a
 
 
 class DayStats(L.Callback):
-    """Appends each day's resident memory (now and peak so far, MiB) to $BENCH_ONLINE_STATS."""
+    """Appends each day's resident memory (now and peak so far, MiB) to $BENCH_ONLINE_STATS; with
+    $BENCH_ONLINE_DAYS, saves each day's checkpoint there (day-<epoch>.ckpt) for the delta chain."""
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
         mib = {k: int(status[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}
         with open(os.environ["BENCH_ONLINE_STATS"], "a") as out:
             out.write(json.dumps({"epoch": trainer.current_epoch, **mib}) + "\n")
+        if os.environ.get("BENCH_ONLINE_DAYS"):
+            trainer.save_checkpoint(Path(os.environ["BENCH_ONLINE_DAYS"]) / f"day-{trainer.current_epoch}.ckpt")
 
 
 def ensure_data(data: Path, rows_per_day: int, days: int) -> dict:
@@ -101,7 +107,7 @@ def scalars(log_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def fit(kind: str, block: dict, data: Path, days: str, seed: int, out: Path) -> dict:
+def fit(kind: str, block: dict, data: Path, days: str, seed: int, out: Path, keep_days: bool = False) -> dict:
     stats_file = out / "days.jsonl"
     stats_file.unlink(missing_ok=True)
     command = [
@@ -128,6 +134,9 @@ def fit(kind: str, block: dict, data: Path, days: str, seed: int, out: Path) -> 
         "--trainer.callbacks+=bench_online.DayStats",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "scripts"), "BENCH_ONLINE_STATS": str(stats_file)}
+    if keep_days:  # the day checkpoints a delta chain is exported from
+        (out / "days").mkdir(parents=True, exist_ok=True)
+        env["BENCH_ONLINE_DAYS"] = str(out / "days")
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode:
@@ -143,6 +152,128 @@ def fit(kind: str, block: dict, data: Path, days: str, seed: int, out: Path) -> 
         "admissions": [sum(v) for v in zip(*(v for k, v in managed.items() if k.endswith("/admissions")), strict=True)],
         "evictions": [sum(v) for v in zip(*(v for k, v in managed.items() if k.endswith("/evictions")), strict=True)],
         "seconds": time.perf_counter() - start,
+    }
+
+
+def delta_chain(days: Path, chain: Path, dtype: str) -> list[dict]:
+    """Day 1's checkpoint exported in full, every later day as a delta on the day before: their sizes."""
+    from recsys.export.exporter import export
+
+    shutil.rmtree(chain, ignore_errors=True)
+    chain.mkdir(parents=True)
+    previous, sizes = None, []
+    for i, ckpt in enumerate(sorted(days.glob("day-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))):
+        previous = export(ckpt, chain / f"day{i + 1}", dtype, progress=False, since=previous)
+        manifest = json.loads((previous / "manifest.json").read_text())
+        sizes.append(
+            {
+                "name": previous.name,
+                "kind": manifest["kind"],
+                "bytes": sum(f["bytes"] for f in manifest["files"].values()),
+                "changed_rows": sum(t.get("changed_rows", t["rows"]) for t in manifest["tables"]),
+                "rows": sum(t["rows"] for t in manifest["tables"]),
+            }
+        )
+    return sizes
+
+
+def swap_latency(chain: Path, day_file: Path, clients: int = 4, batch: int = 256, gap: float = 5.0) -> dict:
+    """``recsys serve --watch`` over the chain's full export, ``clients`` keep-alive clients scoring
+    ``batch`` raw rows of ``day_file`` without pause, the deltas dropped in one every ``gap`` seconds:
+    latency of the requests that overlap a swap (from a delta's arrival to its sequence going live,
+    + 0.5 s) and of the others."""
+    import http.client
+    import threading
+
+    import pyarrow.parquet as pq
+
+    watch = chain.with_name("watch")
+    shutil.rmtree(watch, ignore_errors=True)
+    watch.mkdir()
+    exports = sorted((p for p in chain.iterdir() if p.is_dir()), key=lambda p: int(p.name[3:]))
+    shutil.copytree(exports[0], watch / exports[0].name)
+    table = pq.read_table(day_file)
+    bodies = [
+        json.dumps(table.slice(i * batch, batch).to_pylist()).encode() for i in range(min(20, table.num_rows // batch))
+    ]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(Path(sys.executable).parent / "recsys"), "serve", "--watch", str(watch), "--port", str(port)]
+    server = subprocess.Popen(
+        [*command, "--poll", "0.2", "--threads", "1", "--max-rows", str(batch)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def health() -> dict:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/healthz")
+            response = conn.getresponse()
+            return json.loads(response.read()) if response.status == 200 else {}
+        except OSError:
+            return {}
+
+    try:
+        while not health():
+            time.sleep(0.1)
+        records, stop, lock = [], threading.Event(), threading.Lock()
+
+        def client(k: int) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            i = k
+            while not stop.is_set():
+                start = time.perf_counter()
+                try:
+                    conn.request("POST", "/score", body=bodies[i % len(bodies)])
+                    response = conn.getresponse()
+                    response.read()
+                    status = response.status
+                except (OSError, http.client.HTTPException):
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                    status = 0
+                with lock:
+                    records.append((start, time.perf_counter(), status))
+                i += clients
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        for t in threads:
+            t.start()
+        windows = []
+        for sequence, delta in enumerate(exports[1:], start=1):
+            time.sleep(gap)
+            arrived = time.perf_counter()
+            shutil.copytree(delta, watch / f".{delta.name}")
+            (watch / f".{delta.name}").rename(watch / delta.name)
+            while health().get("sequence") != sequence:
+                time.sleep(0.02)
+            windows.append((arrived, time.perf_counter()))
+        time.sleep(gap)
+        stop.set()
+        for t in threads:
+            t.join()
+    finally:
+        server.terminate()
+        server.wait()
+
+    def overlaps(start: float, end: float) -> bool:
+        return any(start < live + 0.5 and end > arrived for arrived, live in windows)
+
+    def summary(values: list[float]) -> dict:
+        ms = np.array(values) * 1000 if values else np.array([np.nan])
+        return {"requests": len(values), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+    ok = [(a, b) for a, b, status in records if status == 200]
+    return {
+        "failed": sum(1 for *_, status in records if status != 200),
+        "swaps": len(windows),
+        "apply_s": [live - arrived for arrived, live in windows],
+        "during": summary([b - a for a, b in ok if overlaps(a, b)]),
+        "outside": summary([b - a for a, b in ok if not overlaps(a, b)]),
+        "clients": clients,
+        "batch": batch,
     }
 
 
@@ -179,6 +310,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--out", type=Path, default=ROOT / "runs/bench_online")
+    parser.add_argument("--dtype", default="int8", help="table dtype of the delta chain's exports")
     parser.add_argument("--doc", default=str(ROOT / "docs/benchmarks.md"))
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -197,8 +329,10 @@ def main() -> None:
         data = args.data if kind == "vocab" else raw
         for seed in args.seeds:
             run_dir = args.out / f"{kind}-seed{seed}"
-            parts = [kind, kinds[kind], str(data), args.days, seed, (ROOT / "configs/stream/base.yaml").read_text()]
-            job = (kind, kinds[kind], data, args.days, seed, run_dir)
+            config = (ROOT / "configs/stream/base.yaml").read_text()
+            parts = [kind, kinds[kind], str(data), args.days, seed, config, kind == "managed" and seed == args.seeds[0]]
+            chained = kind == "managed" and seed == args.seeds[0]  # its days become a delta chain
+            job = (kind, kinds[kind], data, args.days, seed, run_dir, chained)
             result = reused_or_run(run_dir, parts, lambda job=job: fit(*job))
             print(f"[bench_online] {kind} seed {seed}: next-day AUC {[round(a, 4) for a in result['next_day_auc']]}")
             results.setdefault(kind, []).append(result)
@@ -228,6 +362,35 @@ def main() -> None:
             + f" | {rate:,.0f} | {rss} | {churn} |"
         )
     plot(results, trained, ROOT / "docs/online_auc.png")
+    serving = []
+    if "managed" in results:
+        run_dir = args.out / f"managed-seed{args.seeds[0]}"
+        sizes = delta_chain(run_dir / "days", run_dir / "chain", args.dtype)
+        from recsys.data.arrow import split_files
+        from recsys.data.days import day_split, next_day
+
+        day_file = split_files(args.data, day_split(next_day(trained[-1])))[0]
+        swap = swap_latency(run_dir / "chain", day_file)
+        full = sizes[0]["bytes"]
+        serving = [
+            "",
+            f"Deltas (`recsys export --since`, {args.dtype}, managed run of seed {args.seeds[0]}: day 1 in full, "
+            "each later day on the day before): "
+            + ", ".join(
+                f"{d['name']} {d['bytes'] / 1e6:.2f} MB ({d['bytes'] / full:.0%} of the full export; "
+                f"{d['changed_rows'] / d['rows']:.0%} of rows changed)"
+                for d in sizes[1:]
+            )
+            + f"; the full export is {full / 1e6:.2f} MB (its vocabularies included).",
+            "",
+            f"Hot swap (`recsys serve --watch`, 1 torch thread, {swap['clients']} keep-alive clients on 127.0.0.1 "
+            f"sending {swap['batch']} raw rows of the test day without pause; the {swap['swaps']} deltas dropped "
+            f"in one every 5 s): {swap['failed']} failed requests; applying a delta took "
+            f"{min(swap['apply_s']):.2f}–{max(swap['apply_s']):.2f} s (arrival to its sequence live); requests "
+            f"overlapping a swap: {swap['during']['requests']}, p50 {swap['during']['p50_ms']:.0f} ms, p99 "
+            f"{swap['during']['p99_ms']:.0f} ms; the others: {swap['outside']['requests']}, p50 "
+            f"{swap['outside']['p50_ms']:.0f} ms, p99 {swap['outside']['p99_ms']:.0f} ms.",
+        ]
     days_info = info["days"]
     new = [statistics.mean(d["new_id_share"]) for d in days_info[1 : len(trained) + 1]]
     shown = args.data.relative_to(ROOT) if args.data.is_relative_to(ROOT) else args.data
@@ -241,7 +404,7 @@ def main() -> None:
             f"`datasets/synthetic/stream.py`, {days_info[0]['rows']:,} rows a day; each day a share of the "
             f"{len(drifting)} drifting features' catalogues is renewed (of a day's distinct ids, "
             f"{min(new):.0%}–{max(new):.0%} are new), planted AUC {days_info[1]['planted_auc']:.3f}. "
-            "One epoch per day (`configs/stream/base.yaml`: EmbeddingMLP, Adam 1e-3, batch 4096); the AUC "
+            "One epoch per day (`configs/stream/base.yaml`: EmbeddingMLP, Adagrad 0.02, batch 4096); the AUC "
             "of day d is the model after day d scored on day d+1 (val, no checkpoint chosen; the last column "
             "is the test day). Memory: the drifting features' tables (+ 40 B per managed slot), the same for "
             f"every kind (vocab rows of day 1: {sum(rows.values()):,}). Managed: admit after 2 sightings, LRU, "
@@ -251,6 +414,7 @@ def main() -> None:
             *lines,
             "",
             "![next-day AUC per day](online_auc.png)",
+            *serving,
         ]
     )
     write_doc_section(args.doc, "bench_online", md)

@@ -67,6 +67,13 @@ COMMANDS = [
         "optembed",
     ),
     Command(
+        "tables",
+        "Embedding tables (the kind is the model.init_args.embedding block, docs/configs.md)",
+        "a checkpoint's tables: kind, rows, width; managed tables' occupancy, admissions, evictions",
+        "recsys tables runs/stream/base/version_0/checkpoints/last.ckpt",
+        "tables",
+    ),
+    Command(
         "export",
         "Serving",
         "a checkpoint → a self-describing directory (manifest, tables fp32/fp16/int8/int4), or a delta",

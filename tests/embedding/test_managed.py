@@ -156,7 +156,7 @@ def test_bad_managed_settings_are_refused_naming_the_key(entry: dict, message: s
     assert message in str(err.value)
 
 
-def test_managed_tables_train_export_and_serve(tmp_path: Path) -> None:
+def test_managed_tables_train_export_and_serve(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """DIN over raw users and a managed item table its behaviors read too; the export scores as the model."""
     data = write_dataset(tmp_path / "raw", schema=RAW_SCHEMA)
     block = {
@@ -171,6 +171,11 @@ def test_managed_tables_train_export_and_serve(tmp_path: Path) -> None:
     model = load_model(ckpt)
     stats = model.embedding.managed_statistics()
     assert stats["managed/user/admissions"] == 40 and stats["managed/item/admissions"] == 60  # every id, once
+    from recsys.commands.tables import main as tables
+
+    assert tables([str(ckpt)]) == 0
+    printed = capsys.readouterr().out
+    assert "user             managed           48    8    raw ids  occupancy 85.1%, 40 admitted, 0 evicted" in printed
     reference = predict_split(model, CTRDataModule(str(data), eval_batch_size=256).stream("test"))
     scorer = load(export(ckpt, tmp_path / "export", "fp32", progress=False))
     np.testing.assert_allclose(scorer.score(raw_rows(data, n=50)), reference["prob"][:50], atol=1e-5, rtol=0)
