@@ -76,24 +76,24 @@ NULL_RAW_ID = -(2**63)  # a null raw id (`vocabulary: none`): int64's minimum, o
 
 
 def raw_ids(values: pa.Array) -> np.ndarray:
-    """The int64 ids of a ``vocabulary: none`` column: integers as they are (uint64 hashed, it does not fit),
-    strings through pandas' SipHash with its fixed key (stable across processes and platforms), nulls
-    ``NULL_RAW_ID``. No vocabulary, no pass over the data: the table kind hashes or manages these ids."""
+    """The int64 ids of a ``vocabulary: none`` column: integers as they are (uint64 by their bits, so a
+    value past 2⁶³ − 1 wraps to a negative id), strings through pandas' SipHash with its fixed key
+    (stable across processes and platforms), nulls and int64's maximum (the managed tables' marker of a
+    free slot) ``NULL_RAW_ID``. No vocabulary, no pass over the data: the table kind hashes or manages
+    these ids."""
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
     nulls = values.is_null().to_numpy(zero_copy_only=False)
-    if pa.types.is_integer(values.type) and values.type != pa.uint64():
-        ids = pc.fill_null(values, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_integer(values.type):
+        filled = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
+        ids = filled.view(np.int64) if filled.dtype == np.uint64 else filled.astype(np.int64)
     else:
-        array = values.to_numpy(zero_copy_only=False)
-        if pa.types.is_integer(values.type):
-            array = np.where(nulls, 0, array).astype(np.uint64)
-        else:
-            array = np.where(nulls, "", array).astype(object)
+        array = np.where(nulls, "", values.to_numpy(zero_copy_only=False)).astype(object)
         ids = pd.util.hash_array(array).view(np.int64)
-    if nulls.any():
+    reserved = nulls | (ids == np.iinfo(np.int64).max)
+    if reserved.any():
         ids = ids.copy()
-        ids[nulls] = NULL_RAW_ID
+        ids[reserved] = NULL_RAW_ID
     return ids
 
 

@@ -342,7 +342,7 @@ class EmbeddingLayer(nn.Module):
         statistics), re-initialising the rows of the slots it just handed to new ids."""
         out: dict[str, JaggedTensor] = {}
         for owner, module in self.managed.items():
-            readers = {lk.key: features[lk.feature] for lk in self.all_lookups if lk.owner == owner}
+            readers = {lk.key: features.get(lk.feature) for lk in self.all_lookups if lk.owner == owner}
             readers = {k: v for k, v in readers.items() if v is not None}
             if not readers:
                 continue
@@ -362,7 +362,7 @@ class EmbeddingLayer(nn.Module):
         generator = torch.Generator().manual_seed(feature_salt(table, step))
         low, high = config.get_weight_init_min(), config.get_weight_init_max()
         fresh = torch.rand(len(rows), weight.shape[1], generator=generator) * (high - low) + low
-        weight[rows] = fresh.to(weight.dtype)
+        weight[rows.to(weight.device)] = fresh.to(weight.device, weight.dtype)
         pending = self.reset_rows.get(table)
         self.reset_rows[table] = rows if pending is None else torch.unique(torch.cat([pending, rows]))
 

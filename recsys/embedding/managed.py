@@ -119,7 +119,7 @@ class ManagedIds(nn.Module):
         ids, counts = torch.unique(values, return_counts=True)
         known = self._in_table(ids)
         eligible = self._admit(ids[~known], counts[~known])  # may take a slot at the interval's end
-        keep = torch.isin(values, torch.cat([ids[known], eligible]))
+        keep = torch.isin(values, torch.cat([ids[known], eligible.to(ids.device)]))
         if int(known.sum()) + len(eligible) > self.capacity - 1:
             raise ValueError(
                 f"managed table {self.name!r}: this step's {int(known.sum()) + len(eligible):,} distinct admitted "
@@ -129,8 +129,10 @@ class ManagedIds(nn.Module):
         self._restore_history()
         kept = values[keep]
         self._ensure_history(len(kept))
-        before = self.slot_ids()
-        self.mch.profile({"ids": JaggedTensor(values=kept, lengths=kept.new_tensor([len(kept)]).int())})
+        mch = self.mch
+        due = mch._current_iter == -1 or mch._current_iter + 1 - mch._last_eviction_iter >= self.interval
+        before = self.slot_ids() if due else None  # (only a step that admits can evict)
+        mch.profile({"ids": JaggedTensor(values=kept, lengths=kept.new_tensor([len(kept)]).int())})
         evicted = self.mch.evict()
         if evicted is not None and len(evicted):
             evicted = evicted[evicted != self.default_slot]  # the default row is never handed to an id
@@ -138,14 +140,15 @@ class ManagedIds(nn.Module):
             self.slot_last_step[evicted] = -1
             after = self.slot_ids()[evicted]
             self.admissions += int((after != EMPTY).sum())
-            self.evictions += int((before[evicted] != EMPTY).sum())  # a free slot taken is no eviction
+            if before is not None:  # a free slot taken is no eviction
+                self.evictions += int((before[evicted] != EMPTY).sum())
             self._evicted = evicted if self._evicted is None else torch.unique(torch.cat([self._evicted, evicted]))
             if len(self.pending_ids):  # ids admitted meanwhile (interval > 1) may have been counted again
                 waiting = ~self._in_table(self.pending_ids)
                 self.pending_ids, self.pending_counts = self.pending_ids[waiting], self.pending_counts[waiting]
         slots = self.mch.remap({"ids": JaggedTensor(values=values, lengths=values.new_tensor([len(values)]).int())})
         slots = slots["ids"].values()
-        self.slot_counts += torch.bincount(slots, minlength=self.capacity)
+        self.slot_counts.index_add_(0, slots, torch.ones_like(slots))
         self.slot_last_step[slots] = self.step
         self.step += 1
 
@@ -161,11 +164,12 @@ class ManagedIds(nn.Module):
         old = {"ids": mch._history_accumulator[:held].clone()} if held else {}
         old |= {k: v[:held].clone() for k, v in mch._history_metadata.items()} if held else {}
         size = max(2 * needed, 1024)
+        device = mch._mch_sorted_raw_ids.device
         mch._input_history_buffer_size = size
-        mch._history_accumulator = torch.empty(size, dtype=torch.int64)
+        mch._history_accumulator = torch.empty(size, dtype=torch.int64, device=device)
         for key, _, is_history in mch._eviction_policy.metadata_info:
             if is_history:
-                buffer = torch.zeros(size, dtype=torch.int64)
+                buffer = torch.zeros(size, dtype=torch.int64, device=device)
                 setattr(mch, f"_history_{key}", buffer)
                 mch._history_metadata[key] = buffer
         if held:
@@ -185,6 +189,7 @@ class ManagedIds(nn.Module):
         frequent)."""
         if self.admit_after == 1 or len(new) == 0:
             return new
+        self.pending_ids, self.pending_counts = self.pending_ids.to(new.device), self.pending_counts.to(new.device)
         if len(self.pending_ids):
             position = torch.searchsorted(self.pending_ids, new).clamp(max=len(self.pending_ids) - 1)
             seen = self.pending_ids[position] == new
@@ -209,7 +214,7 @@ class ManagedIds(nn.Module):
     # -- statistics ------------------------------------------------------------------------------
     def slot_ids(self) -> Tensor:
         """``[capacity]`` the raw id in each slot (``EMPTY`` for a free slot and the default row)."""
-        out = torch.full((self.capacity,), EMPTY, dtype=torch.int64)
+        out = torch.full((self.capacity,), EMPTY, dtype=torch.int64, device=self.mch._mch_sorted_raw_ids.device)
         out[self.mch._mch_remapped_ids_mapping] = self.mch._mch_sorted_raw_ids
         out[self.default_slot] = EMPTY
         return out
@@ -229,6 +234,8 @@ class ManagedIds(nn.Module):
     # -- checkpoints -----------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
         """Pending ids and the current interval's history: a checkpoint mid-interval forgets nothing."""
+        if self._restored_history is not None:  # restored, and no step since: what was restored
+            return {**self._restored_history, "pending_ids": self.pending_ids, "pending_counts": self.pending_counts}
         mch = self.mch
         offset = mch._current_history_buffer_offset if mch._input_history_buffer_size > 0 else 0
         history = {

@@ -319,8 +319,8 @@ class EmbeddingSpec:
             if kind in ("plain", "optembed"):
                 raise EmbeddingConfigError(
                     f"{WHERE}.{key}: feature {owner.name!r} has `vocabulary: none` in {schema.source} (raw "
-                    f"ids, no vocabulary), and kind {kind!r} has one row per vocabulary row; use kind hashed or "
-                    f"unified for it (embedding.features.{owner.name}: {{kind: hashed, rows: N}})"
+                    f"ids, no vocabulary), and kind {kind!r} has one row per vocabulary row; use kind hashed, "
+                    f"unified or managed for it (embedding.features.{owner.name}: {{kind: hashed, rows: N}})"
                 )
             sized = entry.rows is not None or self.rows is not None
             if kind in ("hashed", "unified") and not sized:

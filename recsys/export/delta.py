@@ -113,9 +113,15 @@ def chain_of(since: Path) -> tuple[Path, list[Path]]:
             return current, deltas[::-1]
         deltas.append(current)
         previous = manifest.get("previous")
-        if not isinstance(previous, str) or not previous or Path(previous).name != previous:
+        sibling = current.parent / previous if isinstance(previous, str) else None
+        if (
+            sibling is None
+            or previous in ("", ".", "..", current.name)
+            or Path(previous).name != previous
+            or sibling.resolve().parent != current.parent.resolve()
+        ):
             raise _error(f"{current / MANIFEST}: 'previous' must name a sibling export directory, got {previous!r}")
-        current = current.parent / previous
+        current = sibling
         if len(deltas) > 100_000:
             raise _error(f"{since}: the chain of previous exports does not end")
 

@@ -14,6 +14,7 @@ and skipped, and the last good version keeps serving; it is tried again if its m
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import threading
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recsys.export.exporter import MANIFEST
+from recsys.export.exporter import MANIFEST, sha256
 from recsys.export.loader import ExportError, load, read_manifest
 
 log = logging.getLogger(__name__)
@@ -44,15 +45,24 @@ class ExportWatcher(threading.Thread):
         self.swaps = 0
 
     def exports(self) -> list[tuple[Path, dict[str, Any]]]:
-        """(directory, manifest) of every readable export in the watched directory."""
+        """(directory, manifest) of every readable export in the watched directory (a link, or anything
+        that leads out of it, is not read)."""
         found = []
+        inside = self.directory.resolve()
         for path in sorted(p for p in self.directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if not (path / MANIFEST).is_file():
+            if not (path / MANIFEST).is_file() or self.refused.get(path.name) == self._stamp(path):
+                continue
+            if path.is_symlink() or path.resolve().parent != inside:
+                self._refuse(path, f"{path} is a link; exports are read only from inside {self.directory}")
                 continue
             try:
-                found.append((path, read_manifest(path)))
-            except ExportError as err:
-                self._refuse(path, str(err))
+                manifest = read_manifest(path)
+                if not isinstance(manifest.get("sequence", 0), int):
+                    raise ExportError(f"{path / MANIFEST}: sequence {manifest.get('sequence')!r} is not an integer")
+            except Exception as err:  # a manifest that is not even an object: refused like any other fault
+                self._refuse(path, f"{type(err).__name__}: {err}")
+                continue
+            found.append((path, manifest))
         return found
 
     @staticmethod
@@ -69,7 +79,7 @@ class ExportWatcher(threading.Thread):
         stamp = self._stamp(path)
         if self.refused.get(path.name) != stamp:
             self.refused[path.name] = stamp
-            _say(f"not applied: {reason}; still serving sequence {self.sequence}")
+            _say(f"{path.name} not applied: {reason}; still serving sequence {self.sequence}")
 
     @property
     def sequence(self) -> int | None:
@@ -85,24 +95,26 @@ class ExportWatcher(threading.Thread):
             if len(fulls) > 1:
                 _say(f"{len(fulls)} full exports in {self.directory}; following the first, {fulls[0].name}")
             return self._swap(fulls[0], [])
-        following = {int(m.get("sequence", -1)): p for p, m in found if m.get("kind") == "delta"}
-        nxt = following.get(len(self.applied) + 1)
-        if nxt is None:
-            return False
-        if self.refused.get(nxt.name) == self._stamp(nxt):
-            return False
-        return self._swap(self.full, [*self.applied, nxt])
+        last = self.applied[-1] if self.applied else self.full
+        base = sha256(last / MANIFEST)
+        for path, manifest in found:  # the delta on what is served now (another chain's are passed over)
+            if manifest.get("kind") == "delta" and manifest.get("base_manifest_sha256") == base:
+                if self._swap(self.full, [*self.applied, path]):
+                    return True
+        return False
 
     def _swap(self, full: Path, deltas: list[Path]) -> bool:
         try:
             scorer = load(full, deltas)
-        except (ExportError, OSError, ValueError, KeyError) as err:
+        except Exception as err:  # whatever is wrong with it, the last good version keeps serving
             self._refuse(deltas[-1] if deltas else full, f"{type(err).__name__}: {err}")
             return False
+        gc.unfreeze()  # the serving scorer was frozen out of collection: let it be collected once replaced
+        self.server.scorer = scorer  # one assignment: each request holds the scorer it started with
+        time.sleep(0.2)  # requests that began on the old version finish with it
         from recsys.serve.server import _leave_out_of_collection
 
         _leave_out_of_collection()
-        self.server.scorer = scorer  # one assignment: each request holds the scorer it started with
         self.full, self.applied = full, deltas
         self.swaps += 1
         name = deltas[-1].name if deltas else full.name

@@ -110,13 +110,14 @@ class RecsysCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         strategy = config.get("trainer", {}).get("strategy")
         init_args = strategy.get("init_args", {}) if hasattr(strategy, "get") else {}
-        if _names_torchrec(strategy) and _uses_managed(config):
+        if (_names_torchrec(strategy) or _many_processes(config)) and _uses_managed(config):
             self.parser.error(
-                "model.init_args.embedding: kind 'managed' runs in one process for now; under "
-                "--trainer.strategy torchrec the managed tables would need torchrec's sharded managed "
-                "collections (row-wise EmbeddingCollection on CPU, with recsys' admission, re-initialisation "
-                "and statistics on every shard), which recsys does not wire yet. Train it without the "
-                "torchrec strategy"
+                "model.init_args.embedding: kind 'managed' runs in one process for now; on several "
+                "processes each would admit and evict its own ids (under DDP the slots would differ per "
+                "rank), and under --trainer.strategy torchrec the managed tables would need torchrec's "
+                "sharded managed collections (row-wise EmbeddingCollection on CPU, with recsys' admission, "
+                "re-initialisation and statistics on every shard), which recsys does not wire yet. Train it "
+                "with --trainer.devices 1 and without the torchrec strategy"
             )
         try:
             with tables_on("meta") if init_args.get("init_tables_on_meta") else nullcontext():
@@ -132,6 +133,18 @@ def _names_torchrec(strategy: Any) -> bool:
     """``--trainer.strategy torchrec`` or a class_path naming recsys' TorchrecStrategy."""
     name = strategy.get("class_path", "") if hasattr(strategy, "get") else strategy
     return isinstance(name, str) and (name == "torchrec" or name.endswith("TorchrecStrategy"))
+
+
+def _many_processes(config: Any) -> bool:
+    """Whether the trainer block asks for more than one process (devices or nodes above 1, or all devices)."""
+    trainer = config.get("trainer") if hasattr(config, "get") else None
+    if not hasattr(trainer, "get"):
+        return False
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    if isinstance(devices, list | tuple):
+        return len(devices) > 1
+    count = str(devices).strip()
+    return count == "-1" or (count.isdigit() and int(count) > 1) or (str(nodes).isdigit() and int(str(nodes)) > 1)
 
 
 def _uses_managed(config: Any) -> bool:

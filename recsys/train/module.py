@@ -137,6 +137,14 @@ class CTRModule(L.LightningModule):
             self.log("train/reg", reg, batch_size=len(batch))
         return total
 
+    def on_fit_start(self) -> None:
+        layer = getattr(self, "embedding", None)
+        if isinstance(layer, EmbeddingLayer) and layer.managed and self.trainer.world_size > 1:
+            raise ValueError(  # (the CLI refuses it earlier when the config says so; "auto" devices may not)
+                f"model.init_args.embedding: managed tables {sorted(layer.managed)} run in one process for now, "
+                f"and this run has {self.trainer.world_size}; train with --trainer.devices 1"
+            )
+
     def on_train_epoch_end(self) -> None:
         for name, value in self.embedding.epoch_metrics().items():
             self.log(name, value)

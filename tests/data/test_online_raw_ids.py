@@ -35,10 +35,13 @@ def test_raw_ids_are_the_integers_themselves_and_a_pinned_hash_otherwise() -> No
     ints = raw_ids(pa.array([5, -3, None, 2**62], type=pa.int64()))
     assert ints.tolist() == [5, -3, NULL_RAW_ID, 2**62]
     assert raw_ids(pa.array([7, 9], type=pa.int32())).tolist() == [7, 9]
-    # strings and uint64 (which int64 cannot hold) through pandas' SipHash with its fixed key; the values
-    # are pinned so that a release that changed them (and every trained raw-id table with them) fails here
+    # strings through pandas' SipHash with its fixed key; the values are pinned so that a release that
+    # changed them (and every trained raw-id table with them) fails here
     assert raw_ids(pa.array(["paris", "t1", None])).tolist() == [7007961254432302975, -6868006352132252612, NULL_RAW_ID]
-    assert raw_ids(pa.array([2**64 - 1, 5], type=pa.uint64())).tolist() == [-5417735806833148549, -5278393320434088484]
+    # uint64 by its bits: the same id as the int64 a server receives for a value below 2**63
+    assert raw_ids(pa.array([2**64 - 1, 5], type=pa.uint64())).tolist() == [-1, 5]
+    # int64's maximum marks a free managed slot: it reads as the null id
+    assert raw_ids(pa.array([2**63 - 1], type=pa.int64())).tolist() == [NULL_RAW_ID]
     assert (
         raw_ids(pa.array(["paris", "t1"]).dictionary_encode()).tolist() == raw_ids(pa.array(["paris", "t1"])).tolist()
     )

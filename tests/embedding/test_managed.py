@@ -190,6 +190,19 @@ def test_managed_under_the_torchrec_strategy_is_refused_when_the_config_is_parse
     data = write_dataset(tmp_path / "tiny", schema=TINY_SCHEMA)
     block = json.dumps({"dim": 8, "features": {"user": {"kind": "managed", "capacity": 64}}})
     args = ["--config", str(CONFIGS / "base.yaml"), "--data.path", str(data), "--model.init_args.embedding", block]
-    with pytest.raises(SystemExit):
-        run([*args, "--trainer.strategy", "torchrec"], subcommand=False)
-    assert "kind 'managed' runs in one process for now" in capsys.readouterr().err
+    for extra in (["--trainer.strategy", "torchrec"], ["--trainer.devices", "2"]):
+        with pytest.raises(SystemExit):
+            run([*args, *extra], subcommand=False)
+        assert "kind 'managed' runs in one process for now" in capsys.readouterr().err
+
+
+def test_a_managed_table_is_skipped_by_a_call_that_does_not_read_it(tmp_path: Path) -> None:
+    """TwoTower's item catalogue embeds the item alone; the user's managed table is not read (nor counted)."""
+    from recsys.models.two_tower import TwoTower
+
+    data = write_dataset(tmp_path / "tiny")
+    info = CTRDataModule(str(data)).dataset_info
+    block = {"dim": 8, "features": {"user": {"kind": "managed", "capacity": 64}}}
+    model = TwoTower(info, user="user", item="item", history="hist_item", embedding=block).eval()
+    vectors = model.item_vectors(torch.arange(5))
+    assert vectors.shape[0] == 5 and int(model.embedding.managed["user"].step) == 0

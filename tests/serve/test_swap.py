@@ -3,8 +3,10 @@ a half-applied version, a bad delta refused while the last good version keeps se
 
 from __future__ import annotations
 
+import gc
 import shutil
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,7 @@ def test_deltas_swap_in_under_concurrent_load_and_a_bad_one_is_refused(trained: 
     server = serve(None, port=0, watch=str(watch), poll=0.05)
     try:
         assert wait_for(lambda: request(server, "GET", "/healthz")[0] == 200)
+        first = weakref.ref(server.scorer)  # replaced versions must be freed, not kept frozen
         seen: list[list[tuple[int, int | None]]] = [[] for _ in range(4)]
         stop = threading.Event()
 
@@ -80,6 +83,8 @@ def test_deltas_swap_in_under_concurrent_load_and_a_bad_one_is_refused(trained: 
     finally:
         server.shutdown()
         server.server_close()
+    gc.collect()
+    assert first() is None
     answers = [a for log in seen for a in log]
     assert all(status == 200 for status, _ in answers)  # no request failed during a swap
     assert all(version is not None for _, version in answers)  # each answer is one whole version

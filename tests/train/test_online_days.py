@@ -9,7 +9,9 @@ import json
 import re
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -56,6 +58,15 @@ def test_each_epoch_reads_its_day_and_validates_on_the_next(stream: Path) -> Non
     dm = CTRDataModule(str(stream), batch_size=100, days="2024-01-01:2024-01-03")
     assert dm.split_path("train") == "train/day=2024-01-01" and dm.split_path("val") == "train/day=2024-01-02"
     assert dm.split_path("test") == "train/day=2024-01-04"
+    for epoch, day in ((1, "02"), (2, "03")):  # as the trainer moves on
+        dm.trainer = SimpleNamespace(current_epoch=epoch)
+        assert dm.split_path("train") == f"train/day=2024-01-{day}"
+        assert dm.split_path("val") == f"train/day=2024-01-0{int(day) + 1}"
+        read = np.concatenate([b.dense[:, 0].numpy() for b in dm.stream("train")])  # the day's I1, standardized
+        mean, std = dm.vocab.numeric_stats["I1"]
+        raw = pq.read_table(stream / "train" / f"day=2024-01-{day}").column("I1").to_numpy()
+        np.testing.assert_allclose(np.sort(read), np.sort((raw - mean) / std), rtol=0, atol=1e-6)
+    dm.trainer = None
     # the vocabularies (C3, C4) come from the first day only; the raw features have none
     assert dm.vocab.num_embeddings("C1") == 0 and dm.vocab.num_embeddings("C3") > 1
     assert parse_days("2024-02-28:2024-03-01") == ["2024-02-28", "2024-02-29", "2024-03-01"]
