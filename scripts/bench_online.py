@@ -376,9 +376,9 @@ def main() -> None:
         daily = statistics.mean(x for r in results["managed"] for x in per_day(r["admissions"])[1:])
         turnover = (
             f"The managed tables admit {daily:,.0f} ids a day (after day 1, mean over seeds) into {slots:,} "
-            f"slots (admissions a day: {daily / slots:.0%} of the slots; LRU turns the tables over every day), so a "
-            "day's delta holds about every row; deltas pay off where most rows stay untouched between exports (shorter intervals, tables "
-            "larger than a day's ids)."
+            f"slots (admissions a day: {daily / slots:.0%} of the slots; LRU turns the tables over every day), "
+            "so a day's delta holds about every row; deltas pay off where most rows stay untouched between "
+            "exports (shorter intervals, tables larger than a day's ids)."
         )
         serving = [
             "",

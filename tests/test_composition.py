@@ -1,5 +1,4 @@
-"""Composition: every model × every table kind trains, shards over 2 ranks (managed tables: 1 process,
-refused on 2), exports and serves.
+"""Composition: every model × every table kind trains, shards over 2 ranks, exports and serves.
 
 One process runs every 1-rank cell (a few SGD steps: finite losses, a lower loss on a held-out
 batch afterwards; the fp32 export scores within 1e-5 of the model; int8/int4 for a covering subset).
@@ -78,9 +77,6 @@ KINDS = {
     "managed": {"kind": "managed", "dim": 8, "capacity": 96},
 }
 CELLS = [(m, k) for m in MODELS for k in KINDS]
-ONE_PROCESS_ONLY = {
-    "managed"
-}  # refused on several processes when the config is parsed (tests/embedding/test_managed.py)
 POOLED_ONLY = {"base", "dlrm", "two_tower", "deepfm", "dcnv2", "finalmlp"}  # exported with a torch.export head
 # int8 and int4 on a subset that covers every model and every kind
 QUANTIZED = [
@@ -244,8 +240,6 @@ def _sharded_worker(rank: int, world: int, rendezvous: str, data: str, out: str)
     train, val = batches(data)
     results = {}
     for model_name, kind in CELLS:
-        if kind in ONE_PROCESS_ONLY:
-            continue
         model = build(data, model_name, kind).train()
         if model_name == "two_tower":  # its loss is not its forward: route it through DMP/DDP as Lightning does
             model.forward = model.training_loss
@@ -275,7 +269,10 @@ def test_two_ranks_give_the_one_process_trajectory_for_every_cell(one_process: d
     spawn_ranks(_sharded_worker, 2, data, out)
     sharded = np.load(out)
     for model_name, kind in CELLS:
-        if kind in ONE_PROCESS_ONLY:
+        if (model_name, kind) == ("two_tower", "managed"):
+            # the one-process reference runs each step as two forwards (one per share), and a managed table
+            # gives new ids their slots forward by forward: other slots, other initial rows. Trained on 2 ranks:
+            assert np.isfinite(sharded["two_tower-managed-losses"]).all()
             continue
         np.testing.assert_allclose(
             sharded[f"{model_name}-{kind}-losses"],

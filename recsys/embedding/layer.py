@@ -335,6 +335,15 @@ class EmbeddingLayer(nn.Module):
         self.managed = nn.ModuleDict(
             {o: ManagedIds(o, **self.spec.managed(o)) for o, p in self.plans.items() if p.kind == "managed"}
         )
+        # what evicted rows are drawn from, and where each table lives (kept: the collections may be sharded)
+        configs = list(self.bags.embedding_bag_configs()) if self.bags is not None else []
+        by_rows = {g: c.embedding_configs() for g, c in self.rows.items()}
+        self.bag_tables = {c.name for c in configs}
+        self.row_tables = {g: {c.name for c in cs} for g, cs in by_rows.items()}
+        self._init_bounds = {
+            c.name: (c.get_weight_init_min(), c.get_weight_init_max(), c.embedding_dim)
+            for c in [*configs, *(c for cs in by_rows.values() for c in cs)]
+        }
         self.reset_rows: dict[str, Tensor] = {}  # table -> rows re-initialised since the last optimizer step
 
     def _managed_ids(self, features: dict[str, JaggedTensor]) -> dict[str, JaggedTensor]:
@@ -355,20 +364,46 @@ class EmbeddingLayer(nn.Module):
     @torch.no_grad()
     def _reset_evicted(self, table: str, rows: Tensor, step: int) -> None:
         """A new id gets a freshly initialised row (the table's own initializer), never the evicted id's;
-        the optimizer's state of those rows is cleared before the next step (``reset_optimizer_rows``).
-        The draw is seeded by table and step, so a run resumed from a checkpoint draws the same rows."""
-        weight = self.table_weight(table)
-        config = next(c for c in self._table_configs() if c.name == table)
+        the optimizer's state of those rows is cleared before the next step (``reset_optimizer_rows``), or
+        at once for a sharded table (its fused optimizer updates inside this step's backward). The draw is
+        seeded by table and step, so a resumed run, and every rank, draws the same rows."""
+        low, high, dim = self._init_bounds[table]
         generator = torch.Generator().manual_seed(feature_salt(table, step))
-        low, high = config.get_weight_init_min(), config.get_weight_init_max()
-        fresh = torch.rand(len(rows), weight.shape[1], generator=generator) * (high - low) + low
-        weight[rows.to(weight.device)] = fresh.to(weight.device, weight.dtype)
-        pending = self.reset_rows.get(table)
-        self.reset_rows[table] = rows if pending is None else torch.unique(torch.cat([pending, rows]))
+        fresh = torch.rand(len(rows), dim, generator=generator) * (high - low) + low
+        collection, key = self._collection_of(table)
+        if isinstance(collection, EmbeddingBagCollection | EmbeddingCollection):  # one process
+            weight = self.table_weight(table)
+            weight[rows.to(weight.device)] = fresh.to(weight.device, weight.dtype)
+            pending = self.reset_rows.get(table)
+            self.reset_rows[table] = rows if pending is None else torch.unique(torch.cat([pending, rows]))
+            return
+        # sharded by DistributedModelParallel: this rank writes the rows of its shards, and zeroes their
+        # rows in the fused optimizer's state (what FBGEMM's reset_weight_momentum does, which has no CPU kernel)
+        for shard in collection.state_dict()[key].local_shards():
+            (start, column), (count, width) = shard.metadata.shard_offsets, shard.tensor.shape
+            mine = (rows >= start) & (rows < start + count)
+            shard.tensor[rows[mine] - start] = fresh[mine][:, column : column + width].to(shard.tensor.dtype)
+        optimizer = getattr(collection, "fused_optimizer", None)
+        for state in optimizer.state.values() if optimizer is not None else []:
+            for name, value in state.items():
+                if name.startswith(f"{table}.") and hasattr(value, "local_shards"):
+                    for shard in value.local_shards():
+                        start, count = shard.metadata.shard_offsets[0], shard.tensor.shape[0]
+                        mine = (rows >= start) & (rows < start + count)
+                        shard.tensor[rows[mine] - start] = 0
 
-    def _table_configs(self) -> list:
-        configs = list(self.bags.embedding_bag_configs()) if self.bags is not None else []
-        return configs + [c for collection in self.rows.values() for c in collection.embedding_configs()]
+    @property
+    def sharded(self) -> bool:
+        """Whether ``DistributedModelParallel`` has sharded this layer's collections."""
+        collections = [c for c in (self.bags, *self.rows.values()) if c is not None]
+        return any(not isinstance(c, EmbeddingBagCollection | EmbeddingCollection) for c in collections)
+
+    def _collection_of(self, table: str) -> tuple[nn.Module, str]:
+        """The (possibly sharded) collection holding ``table`` and the table's weight key in its state dict."""
+        if table in self.bag_tables:
+            return self.bags, f"embedding_bags.{table}.weight"
+        group = next(g for g, names in self.row_tables.items() if table in names)
+        return self.rows[group], f"embeddings.{table}.weight"
 
     @torch.no_grad()
     def reset_optimizer_rows(self, optimizer: torch.optim.Optimizer) -> None:

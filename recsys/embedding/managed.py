@@ -44,6 +44,25 @@ EVICTIONS = ("lru", "lfu", "decayed_lfu")
 EMPTY = torch.iinfo(torch.int64).max  # torchrec's marker of a free slot (that id can never be admitted)
 
 
+def _every_rank(values: Tensor) -> Tensor:
+    """The ids of this step on every rank, in rank order (the ids themselves on one process): each
+    rank then admits, evicts and counts alike, so the slots are the same everywhere while the table
+    rows are sharded (``DistributedModelParallel``)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(values)], dtype=torch.int64))
+    longest = int(max(sizes))
+    padded = torch.zeros(longest, dtype=torch.int64)
+    padded[: len(values)] = values.cpu()
+    parts = [torch.zeros(longest, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)]).to(values.device)
+
+
 def eviction_policy(name: str) -> Any:
     """torchrec's policy for ``name``: least recently used, least frequently used (cumulative counts: a
     full table then admits only ids that beat the old counts) or frequency decayed by distance in steps."""
@@ -115,7 +134,7 @@ class ManagedIds(nn.Module):
 
     @torch.no_grad()
     def _profile(self, features: dict[str, JaggedTensor]) -> None:
-        values = torch.cat([jt.values() for jt in features.values()])
+        values = _every_rank(torch.cat([jt.values() for jt in features.values()]))
         ids, counts = torch.unique(values, return_counts=True)
         known = self._in_table(ids)
         eligible = self._admit(ids[~known], counts[~known])  # may take a slot at the interval's end

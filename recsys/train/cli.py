@@ -110,14 +110,11 @@ class RecsysCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         strategy = config.get("trainer", {}).get("strategy")
         init_args = strategy.get("init_args", {}) if hasattr(strategy, "get") else {}
-        if (_names_torchrec(strategy) or _many_processes(config)) and _uses_managed(config):
+        if _many_processes(config) and not _names_torchrec(strategy) and _uses_managed(config):
             self.parser.error(
-                "model.init_args.embedding: kind 'managed' runs in one process for now; on several "
-                "processes each would admit and evict its own ids (under DDP the slots would differ per "
-                "rank), and under --trainer.strategy torchrec the managed tables would need torchrec's "
-                "sharded managed collections (row-wise EmbeddingCollection on CPU, with recsys' admission, "
-                "re-initialisation and statistics on every shard), which recsys does not wire yet. Train it "
-                "with --trainer.devices 1 and without the torchrec strategy"
+                "model.init_args.embedding: kind 'managed' on several processes needs --trainer.strategy "
+                "torchrec (its tables sharded, every rank admitting and evicting the same ids); under plain "
+                "data parallelism each rank would keep its own slots"
             )
         try:
             with tables_on("meta") if init_args.get("init_tables_on_meta") else nullcontext():

@@ -139,10 +139,10 @@ class CTRModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         layer = getattr(self, "embedding", None)
-        if isinstance(layer, EmbeddingLayer) and layer.managed and self.trainer.world_size > 1:
+        if isinstance(layer, EmbeddingLayer) and layer.managed and self.trainer.world_size > 1 and not layer.sharded:
             raise ValueError(  # (the CLI refuses it earlier when the config says so; "auto" devices may not)
-                f"model.init_args.embedding: managed tables {sorted(layer.managed)} run in one process for now, "
-                f"and this run has {self.trainer.world_size}; train with --trainer.devices 1"
+                f"model.init_args.embedding: managed tables {sorted(layer.managed)} on "
+                f"{self.trainer.world_size} processes need --trainer.strategy torchrec"
             )
 
     def on_train_epoch_end(self) -> None:

@@ -98,7 +98,9 @@ def shard_model(
     if on_meta and copy_initial_weights:
         log.info("tables were built on the meta device: each rank initialises its own shards")
     copy = copy_initial_weights and not on_meta
-    full_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if copy else {}
+    full_state = (
+        {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)} if copy else {}
+    )  # (a managed table's extra state is not a tensor: it stays where it is)
     optimizer = sparse_optimizer_class(sparse_optimizer, device_type)
     apply_optimizer_in_backward(
         optimizer, table_parameters(model), {"lr": sparse_lr, **(sparse_optimizer_kwargs or {})}

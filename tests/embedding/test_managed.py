@@ -184,16 +184,15 @@ def test_managed_tables_train_export_and_serve(tmp_path: Path, capsys: pytest.Ca
     assert transform == {"kind": "managed", "module": "embedding.managed.item"}
 
 
-def test_managed_under_the_torchrec_strategy_is_refused_when_the_config_is_parsed(
+def test_managed_on_several_processes_without_sharding_is_refused_when_the_config_is_parsed(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     data = write_dataset(tmp_path / "tiny", schema=TINY_SCHEMA)
     block = json.dumps({"dim": 8, "features": {"user": {"kind": "managed", "capacity": 64}}})
     args = ["--config", str(CONFIGS / "base.yaml"), "--data.path", str(data), "--model.init_args.embedding", block]
-    for extra in (["--trainer.strategy", "torchrec"], ["--trainer.devices", "2"]):
-        with pytest.raises(SystemExit):
-            run([*args, *extra], subcommand=False)
-        assert "kind 'managed' runs in one process for now" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run([*args, "--trainer.devices", "2"], subcommand=False)
+    assert "kind 'managed' on several processes needs --trainer.strategy torchrec" in capsys.readouterr().err
 
 
 def test_a_managed_table_is_skipped_by_a_call_that_does_not_read_it(tmp_path: Path) -> None:
@@ -206,3 +205,72 @@ def test_a_managed_table_is_skipped_by_a_call_that_does_not_read_it(tmp_path: Pa
     model = TwoTower(info, user="user", item="item", history="hist_item", embedding=block).eval()
     vectors = model.item_vectors(torch.arange(5))
     assert vectors.shape[0] == 5 and int(model.embedding.managed["user"].step) == 0
+
+
+def _ranks_worker(rank: int, world: int, rendezvous: str, data: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from recsys.data.parquet import ParquetStream
+    from recsys.models.base import EmbeddingMLP
+    from recsys.train.strategy import shard_model
+    from tests.test_composition import loss_of, share
+
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    dm = CTRDataModule(data)
+    block = {"dim": 8, "features": {"user": {"kind": "managed", "capacity": 24}, "tags": {"kind": "hashed", "rows": 8}}}
+    model = EmbeddingMLP(dm.dataset_info, embedding=block, dnn_hidden_units=[8]).train()
+    net = shard_model(model, world, torch.device("cpu"), sparse_optimizer="rowwise_adagrad", sparse_lr=0.3)
+    optimizer = torch.optim.SGD([p for p in net.parameters() if not hasattr(p, "_in_backward_optimizers")], lr=0.1)
+    stream = ParquetStream(data, "train", dm.vocab, batch_size=16, shuffle=True, rank=0, world_size=1)
+    losses, managed = [], model.embedding.managed["user"]
+    states = model.embedding.bags.fused_optimizer.state.values()  # row-wise Adagrad: one momentum per row
+    momentum = [
+        shard.tensor for st in states for k, v in st.items() if k == "m_user.momentum1" for shard in v.local_shards()
+    ]
+    reset_seen = torch.zeros(1)
+    for step, batch in zip(range(12), stream, strict=False):
+        before = managed.slot_ids().clone()
+        if step == 11:  # a huge momentum everywhere: the slots this step hands to new ids must start from 0
+            for tensor in momentum:
+                tensor.fill_(1e6)
+        optimizer.zero_grad()
+        loss = loss_of(net, model, share(batch, rank, world))
+        loss.backward()
+        optimizer.step()
+        if step == 11:
+            handed = torch.nonzero((managed.slot_ids() != before) & (before != EMPTY)).flatten()
+            for tensor in momentum:  # (on the rank holding the table)
+                reset_seen += float((tensor[handed] < 1e5).all() and len(handed) > 0 and (tensor >= 1e6).any())
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+    dist.all_reduce(reset_seen)
+    if rank == 0:
+        np.savez(
+            out,
+            losses=np.array(losses),
+            evictions=int(managed.evictions),
+            slots=managed.slot_ids().numpy(),
+            reset_seen=float(reset_seen),
+        )
+    dist.destroy_process_group()
+
+
+def test_managed_tables_sharded_over_two_ranks_evict_as_on_one(tmp_path: Path) -> None:
+    """Every rank sees the step's ids of all ranks, so slots, evictions and fresh rows are the same as on
+    one rank; evicted rows are written, and their row-wise Adagrad momentum zeroed, on the rank holding
+    them (FBGEMM's reset_weight_momentum has no CPU kernel)."""
+    from tests.train.test_strategy import spawn_ranks
+
+    data = str(write_dataset(tmp_path / "tiny"))
+    results = {}
+    for world in (1, 2):
+        spawn_ranks(_ranks_worker, world, data, str(tmp_path / f"world{world}.npz"))
+        results[world] = np.load(tmp_path / f"world{world}.npz")
+    assert int(results[1]["evictions"]) > 10  # 40 users through 23 slots
+    assert int(results[2]["evictions"]) == int(results[1]["evictions"])
+    np.testing.assert_array_equal(results[2]["slots"], results[1]["slots"])
+    np.testing.assert_allclose(results[2]["losses"], results[1]["losses"], atol=2e-5, rtol=0)
+    assert float(results[1]["reset_seen"]) == 1 and float(results[2]["reset_seen"]) == 1
