@@ -83,6 +83,7 @@ def generate(
     zipf: float = 1.05,
     signal: float = 0.8,
     seed: int = 0,
+    row_group_size: int = 65_536,
 ) -> dict:
     if not 1 <= drifting <= num_sparse:
         raise ValueError(f"--drifting must be between 1 and --num-sparse ({num_sparse}), got {drifting}")
@@ -124,7 +125,7 @@ def generate(
         label = (rng.random(rows_per_day) < 1 / (1 + np.exp(-logit))).astype(np.int8)
         arrays = [pa.array(label)] + [pa.array(dense[:, j]) for j in range(num_dense)]
         table = pa.Table.from_arrays(arrays + [pa.array(c) for c in columns], schema=schema)
-        writer = SplitWriter(out, f"train/day={day}", schema)
+        writer = SplitWriter(out, f"train/day={day}", schema, row_group_size=row_group_size)  # ranks share row groups
         writer.write(table)
         writer.close()
         report.append(

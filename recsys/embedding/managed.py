@@ -28,8 +28,10 @@ Example::
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchrec.modules.mc_modules import (
@@ -61,6 +63,18 @@ def _every_rank(values: Tensor) -> Tensor:
     parts = [torch.zeros(longest, dtype=torch.int64) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)]).to(values.device)
+
+
+def _pack(values: Tensor) -> str:
+    """int64 ids → base64 of their little-endian bytes: a plain string, which every checkpoint format
+    stores and ``torch.load(weights_only=True)`` reads (an empty ``bytes`` pickles as a call it refuses)."""
+    return base64.b64encode(values.detach().cpu().to(torch.int64).numpy().astype("<i8").tobytes()).decode("ascii")
+
+
+def _unpack(data: str | Tensor) -> Tensor:
+    if isinstance(data, Tensor):
+        return data.to(torch.int64)
+    return torch.from_numpy(np.frombuffer(base64.b64decode(data), dtype="<i8").astype(np.int64))
 
 
 def eviction_policy(name: str) -> Any:
@@ -252,25 +266,34 @@ class ManagedIds(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
-        """Pending ids and the current interval's history: a checkpoint mid-interval forgets nothing."""
+        """Pending ids and the current interval's history: a checkpoint mid-interval forgets nothing.
+        Their lengths vary, so they travel as strings (``_pack``): a sharded (DCP) checkpoint loads tensors
+        in place and would refuse a size that is not the fresh module's."""
         if self._restored_history is not None:  # restored, and no step since: what was restored
-            return {**self._restored_history, "pending_ids": self.pending_ids, "pending_counts": self.pending_counts}
+            return (
+                dict(self._restored_history)
+                | {"pending_ids": _pack(self.pending_ids)}
+                | {"pending_counts": _pack(self.pending_counts)}
+            )
         mch = self.mch
         offset = mch._current_history_buffer_offset if mch._input_history_buffer_size > 0 else 0
-        history = {
-            "ids": mch._history_accumulator[:offset].clone() if offset else torch.zeros(0, dtype=torch.int64),
-            **{k: v[:offset].clone() for k, v in mch._history_metadata.items()},
-        }
+        history = {"ids": _pack(mch._history_accumulator[:offset] if offset else torch.zeros(0, dtype=torch.int64))}
+        for key, _, is_history in mch._eviction_policy.metadata_info:
+            if is_history:
+                held = mch._history_metadata.get(key)
+                history[key] = _pack(
+                    held[:offset] if offset and held is not None else torch.zeros(0, dtype=torch.int64)
+                )
         return {
-            "pending_ids": self.pending_ids.clone(),
-            "pending_counts": self.pending_counts.clone(),
+            "pending_ids": _pack(self.pending_ids),
+            "pending_counts": _pack(self.pending_counts),
             "history": history,
             "current_iter": int(mch._current_iter),
             "last_eviction_iter": int(mch._last_eviction_iter),
         }
 
     def set_extra_state(self, state: dict) -> None:
-        self.pending_ids, self.pending_counts = state["pending_ids"], state["pending_counts"]
+        self.pending_ids, self.pending_counts = _unpack(state["pending_ids"]), _unpack(state["pending_counts"])
         self._restored_history = state
 
     def _restore_history(self) -> None:
@@ -279,7 +302,7 @@ class ManagedIds(nn.Module):
         if state is None or state["current_iter"] < 0:
             return
         mch = self.mch
-        history = state["history"]
+        history = {k: _unpack(v) for k, v in state["history"].items()}
         mch._current_history_buffer_offset = 0
         self._ensure_history(len(history["ids"]))
         n = len(history["ids"])

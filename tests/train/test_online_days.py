@@ -34,7 +34,15 @@ def stream(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 days × 600 rows; C1 and C2 drift and have `vocabulary: none`."""
     out = tmp_path_factory.mktemp("stream") / "stream"
     stream_generator.generate(
-        out, days=4, rows_per_day=600, num_dense=2, num_sparse=4, drifting=2, catalogue=300, static_cardinality=50
+        out,
+        days=4,
+        rows_per_day=600,
+        num_dense=2,
+        num_sparse=4,
+        drifting=2,
+        catalogue=300,
+        static_cardinality=50,
+        row_group_size=100,  # 6 row groups a day: 2 ranks read 3 each
     )
     schema = yaml.safe_load((out / "schema.yaml").read_text())
     for feature in schema["features"]:
@@ -87,11 +95,13 @@ def test_a_missing_or_malformed_day_is_refused_naming_it(stream: Path, days: str
         CTRDataModule(str(stream), days=days)
 
 
-def _config(path: Path, data: Path, runs: Path, version: str, kill_at: int | None) -> Path:
+def _config(path: Path, data: Path, runs: Path, version: str, kill_at: int | None, every: int | None = 4) -> Path:
+    """``every``: a checkpoint every so many steps (None: at the end of each day)."""
+    steps = {"every_n_train_steps": every} if every else {}
     callbacks = [
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"every_n_train_steps": 4, "save_top_k": 0, "save_last": True},
+            "init_args": {**steps, "save_top_k": 0, "save_last": True},
         },
         {"class_path": "recsys.train.callbacks.RowLedger", "init_args": {"dirpath": str(runs / version / "ledger")}},
         {"class_path": "tests.train.faults.SaveFinal", "init_args": {"path": str(runs / version / "final.ckpt")}},
@@ -157,3 +167,34 @@ def test_sigkill_mid_day_then_the_same_command_resumes_the_day_exactly(stream: P
     job_state = torch.load(runs / "job" / "final.ckpt", weights_only=True)["state_dict"]
     key = slots.removeprefix("model.")
     assert torch.equal(full_state[key], job_state[key])  # the same ids hold the same slots
+
+
+def test_a_sharded_day_by_day_run_with_managed_tables_resumes_on_one_process(stream: Path, tmp_path: Path) -> None:
+    """Days 1–2 on 2 ranks (tables sharded, managed slots on every rank), its end-of-day checkpoint (DCP)
+    resumed by 1 rank for day 3: the slots and statistics carry over and day 3 trains every row once."""
+    from recsys.train.checkpoint import load_model
+
+    runs = tmp_path / "runs"
+    config = _config(tmp_path / "two.yaml", stream, runs, "two", kill_at=None, every=None)
+    two = _fit(
+        config, "--trainer.strategy", "torchrec", "--trainer.devices", "2", "--data.days", "2024-01-01:2024-01-02"
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    last = runs / "two" / "checkpoints" / "last.ckpt"
+    assert last.is_dir()  # a sharded (DCP) checkpoint
+    after_two = load_model(last).embedding.managed["C1"]
+    assert int(after_two.step) == 10  # 2 days × 600 rows / (2 ranks × 60): every rank counted every id
+    one = _fit(
+        _config(tmp_path / "one.yaml", stream, runs, "one", kill_at=None, every=None),
+        "--ckpt_path",
+        str(last),
+        "--trainer.strategy",
+        "torchrec",  # on 1 rank: a sharded checkpoint resumes under the strategy that reads it
+    )  # days 1–3 on 1 process, from the end of day 2
+    assert one.returncode == 0, one.stderr[-3000:]
+    ledger = read_ledger(runs / "one" / "ledger" / "ledger.rank0.tsv")
+    assert {epoch for _, epoch, _, _ in ledger} == {2}  # only day 3 trained
+    assert sorted(p for *_, ps in ledger for p in ps) == list(range(600))
+    final = load_model(runs / "one" / "final.ckpt").embedding.managed["C1"]
+    # the counters went on from the 2-rank state (a fresh table would restart them from 0)
+    assert int(final.step) == 20 and int(final.admissions) > int(after_two.admissions)
