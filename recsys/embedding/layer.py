@@ -379,18 +379,25 @@ class EmbeddingLayer(nn.Module):
             return
         # sharded by DistributedModelParallel: this rank writes the rows of its shards, and zeroes their
         # rows in the fused optimizer's state (what FBGEMM's reset_weight_momentum does, which has no CPU kernel)
-        for shard in collection.state_dict()[key].local_shards():
+        weight_shards = collection.state_dict()[key].local_shards()
+        for shard in weight_shards:
             (start, column), (count, width) = shard.metadata.shard_offsets, shard.tensor.shape
-            mine = (rows >= start) & (rows < start + count)
-            shard.tensor[rows[mine] - start] = fresh[mine][:, column : column + width].to(shard.tensor.dtype)
+            here, drawn = rows.to(shard.tensor.device), fresh.to(shard.tensor.device, shard.tensor.dtype)
+            mine = (here >= start) & (here < start + count)
+            shard.tensor[here[mine] - start] = drawn[mine][:, column : column + width]
         optimizer = getattr(collection, "fused_optimizer", None)
         for state in optimizer.state.values() if optimizer is not None else []:
             for name, value in state.items():
-                if name.startswith(f"{table}.") and hasattr(value, "local_shards"):
-                    for shard in value.local_shards():
-                        start, count = shard.metadata.shard_offsets[0], shard.tensor.shape[0]
-                        mine = (rows >= start) & (rows < start + count)
-                        shard.tensor[rows[mine] - start] = 0
+                if not (name.startswith(f"{table}.") and hasattr(value, "local_shards")):
+                    continue
+                # a state shard goes with the weight shard of the same local position (whole rows:
+                # MANAGED_SHARDING); one that is not one value (or row) per row is not a row's state
+                for weight, held in zip(weight_shards, value.local_shards(), strict=False):
+                    start, count = weight.metadata.shard_offsets[0], weight.tensor.shape[0]
+                    if held.tensor.shape[0] != count:
+                        continue
+                    here = rows.to(held.tensor.device)
+                    held.tensor[here[(here >= start) & (here < start + count)] - start] = 0
 
     @property
     def sharded(self) -> bool:

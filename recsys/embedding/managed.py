@@ -46,6 +46,12 @@ EVICTIONS = ("lru", "lfu", "decayed_lfu")
 EMPTY = torch.iinfo(torch.int64).max  # torchrec's marker of a free slot (that id can never be admitted)
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _every_rank(values: Tensor) -> Tensor:
     """The ids of this step on every rank, in rank order (the ids themselves on one process): each
     rank then admits, evicts and counts alike, so the slots are the same everywhere while the table
@@ -54,15 +60,15 @@ def _every_rank(values: Tensor) -> Tensor:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
-    world = dist.get_world_size()
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(values)], dtype=torch.int64))
-    longest = int(max(sizes))
-    padded = torch.zeros(longest, dtype=torch.int64)
-    padded[: len(values)] = values.cpu()
-    parts = [torch.zeros(longest, dtype=torch.int64) for _ in range(world)]
+    world, device = dist.get_world_size(), values.device  # (NCCL gathers device tensors, gloo CPU ones)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(values)], dtype=torch.int64, device=device))
+    longest = int(max(int(n) for n in sizes))
+    padded = torch.zeros(longest, dtype=torch.int64, device=device)
+    padded[: len(values)] = values
+    parts = [torch.zeros(longest, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)]).to(values.device)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)])
 
 
 def _pack(values: Tensor) -> str:
@@ -156,6 +162,7 @@ class ManagedIds(nn.Module):
         if int(known.sum()) + len(eligible) > self.capacity - 1:
             raise ValueError(
                 f"managed table {self.name!r}: this step's {int(known.sum()) + len(eligible):,} distinct admitted "
+                f"{'(over all ranks) ' if _distributed() else ''}"
                 f"ids do not fit its {self.capacity - 1:,} slots (capacity {self.capacity:,}, the last slot is "
                 f"the default row); raise embedding.features.{self.name}.capacity above the distinct ids of a batch"
             )

@@ -46,6 +46,9 @@ def embedding_tables(model: nn.Module) -> dict[str, str]:
     return tables
 
 
+MANAGED_SHARDING = ("table_wise", "row_wise")  # whole rows per shard, the fused kernel's optimizer
+
+
 def constraints_for(
     model: nn.Module,
     device_type: str,
@@ -69,8 +72,18 @@ def constraints_for(
     if unknown:
         raise ValueError(f"sharding_types names unknown tables {sorted(unknown)}; the model has {sorted(tables)}")
     out = {}
+    layer = getattr(model, "embedding", None)
+    managed = {f"m_{owner}" for owner in getattr(layer, "managed", {})}
     for table, kind in tables.items():
         allowed = ALLOWED[(device_type, kind)]
+        if table in managed:  # evicted rows are rewritten shard by shard, with the fused optimizer's state
+            allowed = [t for t in allowed if t in MANAGED_SHARDING]
+            if cache_load_factor is not None or compute_kernel != "fused":
+                raise ValueError(
+                    f"table {table!r} is managed: its evicted rows are rewritten in the fused kernel's weights, "
+                    f"which UVM caching (cache_load_factor) or a {compute_kernel!r} kernel would not see; use the "
+                    f"fused kernel without caching"
+                )
         wanted = requested.get(table, requested.get(kind))
         if wanted is not None and wanted not in allowed:
             raise ValueError(

@@ -77,6 +77,15 @@ def is_sparse(parameter: nn.Parameter) -> bool:
     return hasattr(parameter, "_in_backward_optimizers")
 
 
+def _restore_extra_states(module: nn.Module, state: dict[str, Any]) -> None:
+    """Hands modules their non-tensor state (``get_extra_state``: managed tables' pending ids and interval
+    history) from a loaded state dict; tensors were copied in place, these are not."""
+    for name, child in module.named_modules():
+        key = f"{name}._extra_state" if name else "_extra_state"
+        if key in state and type(child).get_extra_state is not nn.Module.get_extra_state:
+            child.set_extra_state(state[key])
+
+
 def shard_model(
     model: nn.Module,
     world_size: int,
@@ -240,6 +249,7 @@ class TorchrecStrategy(DDPStrategy):
             # resume a sharded fit from a checkpoint the strategy wrote
             checkpoint = read_checkpoint(path)
             copy_full_weights(self.lightning_module.state_dict(), checkpoint["state_dict"])
+            _restore_extra_states(self.lightning_module, checkpoint["state_dict"])
             checkpoint["state_dict"] = None
             return checkpoint
         checkpoint = read_checkpoint(path)
@@ -249,6 +259,7 @@ class TorchrecStrategy(DDPStrategy):
         }
         load_sharded(state, path)
         self.model.fused_optimizer.load_state_dict(state["sparse_optimizer"])
+        _restore_extra_states(self.lightning_module, state["state_dict"])  # (DCP fills tensors in place only)
         checkpoint["state_dict"] = None  # loaded in place above
         return checkpoint
 

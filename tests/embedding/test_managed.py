@@ -226,14 +226,19 @@ def _ranks_worker(rank: int, world: int, rendezvous: str, data: str, out: str) -
     stream = ParquetStream(data, "train", dm.vocab, batch_size=16, shuffle=True, rank=0, world_size=1)
     losses, managed = [], model.embedding.managed["user"]
     states = model.embedding.bags.fused_optimizer.state.values()  # row-wise Adagrad: one momentum per row
-    momentum = [
-        shard.tensor for st in states for k, v in st.items() if k == "m_user.momentum1" for shard in v.local_shards()
+    momentum = [  # (row offset, this rank's rows of the table's momentum)
+        (shard.metadata.shard_offsets[0], shard.tensor)
+        for st in states
+        for k, v in st.items()
+        if k == "m_user.momentum1"
+        for shard in v.local_shards()
     ]
-    reset_seen = torch.zeros(1)
+
+    checked, wrong = torch.zeros(1), torch.zeros(1)
     for step, batch in zip(range(12), stream, strict=False):
         before = managed.slot_ids().clone()
         if step == 11:  # a huge momentum everywhere: the slots this step hands to new ids must start from 0
-            for tensor in momentum:
+            for _, tensor in momentum:
                 tensor.fill_(1e6)
         optimizer.zero_grad()
         loss = loss_of(net, model, share(batch, rank, world))
@@ -241,19 +246,23 @@ def _ranks_worker(rank: int, world: int, rendezvous: str, data: str, out: str) -
         optimizer.step()
         if step == 11:
             handed = torch.nonzero((managed.slot_ids() != before) & (before != EMPTY)).flatten()
-            for tensor in momentum:  # (on the rank holding the table)
-                reset_seen += float((tensor[handed] < 1e5).all() and len(handed) > 0 and (tensor >= 1e6).any())
+            for start, tensor in momentum:  # the handed slots this rank holds, at their place in its shard
+                local = handed[(handed >= start) & (handed < start + len(tensor))] - start
+                checked += len(local)
+                wrong += int((tensor[local] >= 1e5).sum())
         total = loss.detach().clone()
         dist.all_reduce(total)
         losses.append(total.item() / world)
-    dist.all_reduce(reset_seen)
+    dist.all_reduce(checked)
+    dist.all_reduce(wrong)
     if rank == 0:
         np.savez(
             out,
             losses=np.array(losses),
             evictions=int(managed.evictions),
             slots=managed.slot_ids().numpy(),
-            reset_seen=float(reset_seen),
+            checked=float(checked),
+            wrong=float(wrong),
         )
     dist.destroy_process_group()
 
@@ -273,4 +282,5 @@ def test_managed_tables_sharded_over_two_ranks_evict_as_on_one(tmp_path: Path) -
     assert int(results[2]["evictions"]) == int(results[1]["evictions"])
     np.testing.assert_array_equal(results[2]["slots"], results[1]["slots"])
     np.testing.assert_allclose(results[2]["losses"], results[1]["losses"], atol=2e-5, rtol=0)
-    assert float(results[1]["reset_seen"]) == 1 and float(results[2]["reset_seen"]) == 1
+    for world in (1, 2):  # every handed slot, on whichever rank holds it, starts from zero momentum
+        assert float(results[world]["checked"]) > 0 and float(results[world]["wrong"]) == 0

@@ -86,3 +86,26 @@ class SaveFinal(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
         trainer.save_checkpoint(self.path)
+
+
+class SaveManagedState(L.Callback):
+    """Writes, when training starts (after any resume), each managed table's pending ids and interval
+    phase to ``path`` as JSON: what a resumed run actually holds."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        import json
+
+        from recsys.embedding.managed import _unpack
+
+        out = {}
+        for owner, module in pl_module.embedding.managed.items():
+            state = module.get_extra_state()
+            out[owner] = {
+                "pending": sorted(_unpack(state["pending_ids"]).tolist()),
+                "last_eviction_iter": state["last_eviction_iter"],
+                "history": len(_unpack(state["history"]["ids"])),
+            }
+        Path(self.path).write_text(json.dumps(out))

@@ -184,8 +184,13 @@ def test_a_sharded_day_by_day_run_with_managed_tables_resumes_on_one_process(str
     assert last.is_dir()  # a sharded (DCP) checkpoint
     after_two = load_model(last).embedding.managed["C1"]
     assert int(after_two.step) == 10  # 2 days × 600 rows / (2 ranks × 60): every rank counted every id
+    one_config = _config(tmp_path / "one.yaml", stream, runs, "one", kill_at=None, every=None)
+    loaded = yaml.safe_load(one_config.read_text())
+    dump = {"class_path": "tests.train.faults.SaveManagedState", "init_args": {"path": str(tmp_path / "held.json")}}
+    loaded["trainer"]["callbacks"].append(dump)
+    one_config.write_text(yaml.safe_dump(loaded))
     one = _fit(
-        _config(tmp_path / "one.yaml", stream, runs, "one", kill_at=None, every=None),
+        one_config,
         "--ckpt_path",
         str(last),
         "--trainer.strategy",
@@ -194,6 +199,15 @@ def test_a_sharded_day_by_day_run_with_managed_tables_resumes_on_one_process(str
     assert one.returncode == 0, one.stderr[-3000:]
     ledger = read_ledger(runs / "one" / "ledger" / "ledger.rank0.tsv")
     assert {epoch for _, epoch, _, _ in ledger} == {2}  # only day 3 trained
+    # the resumed run held the 2-rank run's pending ids and interval phase (DCP fills tensors in place
+    # only: the extra state is handed back by the strategy)
+    from recsys.embedding.managed import _unpack
+
+    saved = load_model(last).embedding.managed["C2"].get_extra_state()
+    held = json.loads((tmp_path / "held.json").read_text())["C2"]
+    assert held["pending"] == sorted(_unpack(saved["pending_ids"]).tolist()) and held["pending"]
+    assert held["history"] == len(_unpack(saved["history"]["ids"])) > 0  # mid-interval sightings
+    assert held["last_eviction_iter"] == saved["last_eviction_iter"]
     assert sorted(p for *_, ps in ledger for p in ps) == list(range(600))
     final = load_model(runs / "one" / "final.ckpt").embedding.managed["C1"]
     # the counters went on from the 2-rank state (a fresh table would restart them from 0)
