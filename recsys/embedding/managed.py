@@ -42,7 +42,8 @@ from torchrec.modules.mc_modules import (
 )
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-EVICTIONS = ("lru", "lfu", "decayed_lfu")
+from recsys.embedding.spec import EVICTIONS
+
 EMPTY = torch.iinfo(torch.int64).max  # torchrec's marker of a free slot (that id can never be admitted)
 
 

@@ -43,7 +43,7 @@ import yaml
 from recsys.data.schema import FeatureType, Schema
 
 KINDS = ("plain", "hashed", "unified", "optembed", "managed")
-EVICTIONS = ("lru", "lfu", "decayed_lfu")  # recsys.embedding.managed.eviction_policy
+EVICTIONS = ("lru", "lfu", "decayed_lfu")  # the policies recsys.embedding.managed.eviction_policy builds
 STAGES = ("supernet", "compact")
 TABLE_POOLINGS = ("mean", "sum")
 WHERE = "model.init_args.embedding"

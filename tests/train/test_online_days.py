@@ -22,6 +22,7 @@ from recsys.data.datamodule import CTRDataModule
 from recsys.data.days import parse_days
 from recsys.train.callbacks import read_ledger
 from tests.conftest import ROOT
+from tests.train.test_reliability import _config as reliability_config
 from tests.train.test_reliability import _fit, _state
 
 spec = importlib.util.spec_from_file_location("stream_generator", ROOT / "datasets" / "synthetic" / "stream.py")
@@ -96,44 +97,16 @@ def test_a_missing_or_malformed_day_is_refused_naming_it(stream: Path, days: str
 
 
 def _config(path: Path, data: Path, runs: Path, version: str, kill_at: int | None, every: int | None = 4) -> Path:
-    """``every``: a checkpoint every so many steps (None: at the end of each day)."""
-    steps = {"every_n_train_steps": every} if every else {}
-    callbacks = [
-        {
-            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {**steps, "save_top_k": 0, "save_last": True},
-        },
-        {"class_path": "recsys.train.callbacks.RowLedger", "init_args": {"dirpath": str(runs / version / "ledger")}},
-        {"class_path": "tests.train.faults.SaveFinal", "init_args": {"path": str(runs / version / "final.ckpt")}},
-    ]
-    if kill_at is not None:
-        callbacks.append({"class_path": "tests.train.faults.KillAt", "init_args": {"step": kill_at}})
+    """The reliability tests' run, day by day over the stream with managed C1 and C2 (admit after 2, every
+    3 steps); ``every``: a checkpoint every so many steps (None: at the end of each day)."""
+    kill = [{"class_path": "tests.train.faults.KillAt", "init_args": {"step": kill_at}}] if kill_at is not None else []
+    config = yaml.safe_load(reliability_config(path, data, runs, version, kill, every=every).read_text())
     managed = {"kind": "managed", "capacity": 160, "admit_after": 2, "interval": 3}
-    config = {
-        "seed_everything": 42,
-        "ckpt_path": "last",
-        "model": {
-            "class_path": "recsys.models.base.EmbeddingMLP",
-            "init_args": {
-                "embedding": {"dim": 8, "features": {"C1": managed, "C2": managed}},
-                "dnn_hidden_units": [16],
-                "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
-            },
-        },
-        "data": {"path": str(data), "batch_size": 60, "days": "2024-01-01:2024-01-03"},
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "enable_progress_bar": False,
-            "log_every_n_steps": 1,
-            "num_sanity_val_steps": 0,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(runs), "name": "", "version": version},
-            },
-            "callbacks": callbacks,
-        },
-    }
+    config["model"]["init_args"] |= {"embedding": {"dim": 8, "features": {"C1": managed, "C2": managed}}}
+    config["model"]["init_args"]["dnn_hidden_units"] = [16]
+    config["data"]["days"] = "2024-01-01:2024-01-03"
+    del config["trainer"]["max_epochs"]  # one epoch per day
+    config["trainer"]["num_sanity_val_steps"] = 0
     path.write_text(yaml.safe_dump(config))
     return path
 

@@ -22,7 +22,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("reliable") / "tiny")
 
 
-def _config(path: Path, data: Path, runs: Path, version: str, callbacks: list[dict], workers: int = 0) -> Path:
+def _config(
+    path: Path, data: Path, runs: Path, version: str, callbacks: list[dict], workers: int = 0, every: int | None = 10
+) -> Path:
+    """A resumable EmbeddingMLP run (ledger, final weights); ``every``: a checkpoint every so many steps
+    (None: at the end of each epoch)."""
+    steps = {"every_n_train_steps": every} if every else {}
     config = {
         "seed_everything": 42,
         "ckpt_path": "last",
@@ -48,7 +53,7 @@ def _config(path: Path, data: Path, runs: Path, version: str, callbacks: list[di
             "callbacks": [
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"every_n_train_steps": 10, "save_top_k": 0, "save_last": True},
+                    "init_args": {**steps, "save_top_k": 0, "save_last": True},
                 },
                 {
                     "class_path": "recsys.train.callbacks.RowLedger",
