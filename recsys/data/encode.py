@@ -57,6 +57,24 @@ class Chunk:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def rows(self, start: int, end: int) -> Chunk:
+        """Rows ``[start, end)``: ``take(np.arange(start, end))`` by slicing (copies, so a batch never
+        shares memory with the chunk it came from)."""
+
+        def cut(values: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            first = int(lengths[:start].sum())
+            return values[first : first + int(lengths[start:end].sum())].copy(), lengths[start:end].copy()
+
+        return Chunk(
+            labels=self.labels[start:end].copy(),
+            groups=self.groups[start:end].copy(),
+            dense=self.dense[start:end].copy(),
+            sparse={k: cut(v, ln) for k, (v, ln) in self.sparse.items()},
+            sequences={k: cut(v, ln) for k, (v, ln) in self.sequences.items()},
+            positions=self.positions[start:end].copy(),
+            text={k: v[start:end].copy() for k, v in self.text.items()},
+        )
+
     def take(self, rows: np.ndarray) -> Chunk:
         return Chunk(
             labels=self.labels[rows],

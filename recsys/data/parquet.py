@@ -106,6 +106,7 @@ class ParquetStream(IterableDataset):
         self.num_workers = num_workers
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._resume = torch.tensor([-1, 0], dtype=torch.int64).share_memory_()  # (epoch, batches done)
+        self._encoded: dict[tuple[Path, int], list[Chunk]] = {}  # see _chunks
         self.units, self.num_rows = self._plan()
 
     def _plan(self) -> tuple[list[_Unit], int]:
@@ -207,7 +208,14 @@ class ParquetStream(IterableDataset):
         encoder = ChunkEncoder(self.schema, self.vocab)
         columns = self.schema.columns()
         readers: dict[Path, pq.ParquetFile] = {}  # one footer read per file, not per row group
+        # rows that fit in one shuffle buffer are held in memory whole during a pass anyway: keep them
+        # encoded for the next passes (epochs, validations) instead of reading and encoding them again
+        keep = sum(u.num_rows for u in units) <= self.shuffle_buffer
         for unit in units:
+            if keep and (unit.file, unit.row_group) in self._encoded:
+                yield from self._encoded[unit.file, unit.row_group]
+                continue
+            encoded: list[Chunk] = []
             if unit.file not in readers:
                 readers[unit.file] = open_parquet(unit.file)
             reader = readers[unit.file]
@@ -215,10 +223,13 @@ class ParquetStream(IterableDataset):
             try:
                 batches = reader.iter_batches(batch_size=65_536, row_groups=[unit.row_group], columns=columns)
                 for record_batch in batches:
-                    yield encoder.encode(record_batch, unit.file, first, unit.file_index)
+                    encoded.append(encoder.encode(record_batch, unit.file, first, unit.file_index))
+                    yield encoded[-1]
                     first += record_batch.num_rows
             except (pa.ArrowException, OSError) as err:
                 raise DataError(f"{unit.file}: row group {unit.row_group} is unreadable: {err}") from err
+            if keep:
+                self._encoded[unit.file, unit.row_group] = encoded
 
     def __iter__(self) -> Iterator[Batch]:
         units, rng, cap, skip = self._shard()
@@ -245,7 +256,7 @@ class ParquetStream(IterableDataset):
                 emit = len(rows) // self.batch_size * self.batch_size
             for start in range(0, emit, self.batch_size):
                 yield partial(_assemble, rows, start, start + self.batch_size, self.share)
-            rest = rows.take(np.arange(emit, len(rows)))
+            rest = rows.rows(emit, len(rows))
             pending, held = [rest], len(rest)
             del rows
             release_freed_memory()
@@ -280,7 +291,7 @@ _TRIM = None
 def _assemble(rows: Chunk, start: int, end: int, share: tuple[int, int] | None = None) -> Batch:
     """Rows ``[start, end)`` as a Batch, or this rank's padded share of them (see ``share``)."""
     if share is None:
-        return rows.take(np.arange(start, end)).to_batch()
+        return rows.rows(start, end).to_batch()
     rank, world = share
     size = -(-(end - start) // world)
     low = min(start + rank * size, end)

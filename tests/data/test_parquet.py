@@ -63,6 +63,49 @@ def test_jagged_take_against_reference() -> None:
     assert taken.tolist() == [30, 10, 11, 20, 21, 22] and taken_lengths.tolist() == [1, 2, 0, 3]
 
 
+def test_rows_of_a_chunk_are_a_copy_of_the_plain_take(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "d", schema=ROW_SCHEMA)
+    chunk = next(_stream(root, "val")._chunks(_stream(root, "val").units))
+    for start, end in [(0, 5), (7, 7), (3, len(chunk)), (len(chunk) - 1, len(chunk))]:
+        got, expected = chunk.rows(start, end), chunk.take(np.arange(start, end))
+        assert got.labels.tolist() == expected.labels.tolist() and got.positions.tolist() == expected.positions.tolist()
+        assert np.array_equal(got.dense, expected.dense)
+        for part in ("sparse", "sequences"):
+            for key, (values, lengths) in getattr(expected, part).items():
+                assert getattr(got, part)[key][0].tolist() == values.tolist(), (part, key)
+                assert getattr(got, part)[key][1].tolist() == lengths.tolist(), (part, key)
+    got = chunk.rows(0, 5)
+    got.sequences["hist_item"][0][:] = -1  # a batch never writes into the rows it was cut from
+    got.labels[:] = -1
+    assert (chunk.sequences["hist_item"][0] >= 0).all() and (chunk.labels >= 0).all()
+
+
+@pytest.mark.parametrize("buffer", [4000, 1000])
+def test_a_split_that_fits_the_buffer_is_read_once(tmp_path: Path, buffer: int, monkeypatch) -> None:
+    """3,000 training rows: with a 4,000-row buffer the second epoch re-reads nothing and yields what a
+    fresh stream yields; with 1,000 every epoch reads the files again (nothing is kept)."""
+    root = write_dataset(tmp_path / "d", schema=ROW_SCHEMA)
+    stream = _stream(root, batch_size=256, shuffle=True, seed=3, shuffle_buffer=buffer)
+    reads = []
+    original = pq.ParquetFile.iter_batches
+
+    def counted(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        reads.append(kwargs.get("row_groups"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
+    list(stream)
+    first_pass = len(reads)
+    assert first_pass == len(stream.units)
+    stream.set_epoch(1)
+    kept = [(b.groups.tolist(), b.sequences["hist_item"].values().tolist(), b.dense.tolist()) for b in stream]
+    assert len(reads) == (first_pass if buffer == 4000 else 2 * first_pass)
+    fresh = _stream(root, batch_size=256, shuffle=True, seed=3, shuffle_buffer=buffer)
+    fresh.set_epoch(1)
+    assert kept == [(b.groups.tolist(), b.sequences["hist_item"].values().tolist(), b.dense.tolist()) for b in fresh]
+    assert sorted(g for groups, _, _ in kept for g in groups) == sorted(range(3000))
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_every_row_exactly_once_with_workers(tmp_path: Path, num_workers: int) -> None:
     root = write_dataset(

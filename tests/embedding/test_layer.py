@@ -117,6 +117,30 @@ def test_outputs_match_a_gather_and_pool_reference(dm: CTRDataModule, kind: str,
         assert (out.pooled[f] if f in out.pooled else out.jagged[f].values()).shape[1] == layer.output_dims()[f]
 
 
+@pytest.mark.parametrize("kind", ["plain", "hashed"])
+def test_rows_read_one_by_one_get_the_gradients_of_their_reads(dm: CTRDataModule, kind: str) -> None:
+    """Jagged features are read row by row (unsharded: index_select on the torchrec table's weight):
+    each table row's gradient is the sum of the upstream gradients of every read of it (a plain loop)."""
+    torch.manual_seed(0)
+    layer = EmbeddingLayer(_info(dm), KINDS[kind], jagged=("item", "hist_item")).train()
+    out = layer(_batch())
+    upstream = {f: torch.randn_like(out.jagged[f].values()) for f in ("item", "hist_item")}
+    sum((out.jagged[f].values() * g).sum() for f, g in upstream.items()).backward()
+    batch = _batch()
+    features = batch.sparse.to_dict() | batch.sequences.to_dict()
+    plan = layer.plans[layer.owner["item"]]
+    expected: dict[str, torch.Tensor] = {}
+    for f, g in upstream.items():
+        for probe, lookup in enumerate(layer.lookups[f]):
+            weight = layer.table_weight(lookup.table)
+            grad = expected.setdefault(lookup.table, torch.zeros_like(weight))
+            for i, v in enumerate(features[f].values().tolist()):
+                row = _hash_row(v, plan.owner, probe, plan.hash_rows) if plan.hash_rows else v
+                grad[row] += g[i, probe * plan.dim : (probe + 1) * plan.dim]
+    for table, grad in expected.items():
+        torch.testing.assert_close(layer.table_weight(table).grad, grad)
+
+
 def test_unified_layout_salts_and_shared_rows(dm: CTRDataModule) -> None:
     layer = EmbeddingLayer(_info(dm), KINDS["unified"])
     names = {c.name: c.feature_names for c in layer.bags.embedding_bag_configs()}
