@@ -27,52 +27,25 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from benchdoc import machine, write_doc_section
+from checkouts import ROOT, check_imports_from, checkout_of, environment, prepared_data, recsys
 
-ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "bench_startup"
-DATA = ROOT / "data" / "ml100k-ctr"
-RECSYS = "import sys; from recsys.cli import main; sys.exit(main())"  # the console script, from the cwd's package
 TARGETS = {"recsys --help": 1.0, "recsys fit --help": 3.5, "recsys serve → /healthz 200": 6.0, "recsys eval": 6.0}
-
-
-def recsys(*args: str) -> list[str]:
-    """The command line of ``recsys ARGS`` run with the package of the working directory."""
-    return [sys.executable, "-c", RECSYS, *args]
-
-
-def environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return {**env, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")}
-
-
-def checkout_of(commit: str) -> Path:
-    """A worktree of ``commit`` under OUT (made once; only that directory is ever replaced)."""
-    path = OUT / commit
-    if not (path / "recsys").is_dir():
-        subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=True)
-        subprocess.run(["git", "worktree", "add", "--detach", str(path), commit], cwd=ROOT, check=True)
-    return path
 
 
 def prepare(checkout: Path, name: str) -> tuple[Path, Path]:
     """A one-epoch base model and its fp32 export, made by ``checkout``'s code (its own formats)."""
-    where = [sys.executable, "-c", "import recsys; print(recsys.__file__)"]
-    package = subprocess.run(where, cwd=checkout, env=environment(), capture_output=True, text=True, check=True)
-    if not Path(package.stdout.strip()).resolve().is_relative_to(checkout.resolve()):
-        raise RuntimeError(f"{checkout}: the package imported is {package.stdout.strip()}, not the checkout's")
+    check_imports_from(checkout)
     work = OUT / "models" / name  # made once per checkout name (commit): delete it after editing the code
     ckpt, export, data = work / "base" / "checkpoints" / "last.ckpt", work / "export", work / "ml100k-ctr"
     if not export.exists():
         shutil.rmtree(work, ignore_errors=True)
-        dataset = [sys.executable, "datasets/movielens/prepare.py", "--out", str(data)]
-        dataset += ["--cache", str(DATA.parent / "raw")]
-        subprocess.run(dataset, cwd=checkout, env=environment(), check=True, capture_output=True)  # its own schema
+        data = prepared_data(checkout, name)  # its own schema
         fit = ["fit", "--config", "configs/movielens/base.yaml", "--data.path", str(data)]
         fit += ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--seed_everything", "1"]
         fit += ["--trainer.logger.init_args.save_dir", str(work), "--trainer.logger.init_args.name", ""]
