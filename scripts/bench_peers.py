@@ -35,7 +35,8 @@ from checkouts import DATA, ROOT, environment
 
 OUT = ROOT / "runs" / "bench_peers"
 VENV = OUT / "venv"
-PEER = ["torch==2.13.0", "deepctr-torch==0.3.0", "scikit-learn", "pandas", "pyarrow", "tqdm", "requests"]  # it imports requests
+# deepctr_torch imports requests (not in its declared requirements)
+PEER = ["torch==2.13.0", "deepctr-torch==0.3.0", "scikit-learn", "pandas", "pyarrow", "tqdm", "requests"]
 CONFIG = "configs/movielens/din.yaml"
 
 
@@ -90,7 +91,8 @@ def markdown(results: dict, args: argparse.Namespace, load: float) -> str:
         f"{machine()}; OMP_NUM_THREADS={environment()['OMP_NUM_THREADS']}, load average {load:.2f} at the start; "
         f"{time.strftime('%Y-%m-%d')}. Median [min–max] of {args.runs} runs per side, the sides alternating. "
         "recsys: `recsys fit` of configs/movielens/din.yaml as shipped then `recsys eval` (two processes, from "
-        "the prepared dataset: training = the fit's wall time, start-up included; evaluation = the eval's). "
+        "the prepared dataset; training = the fit's wall time, evaluation = the eval's, start-up included in "
+        "both: —). "
         "DeepCTR-Torch 0.3.0: one process in its own venv (the same torch 2.13.0 build), its DIN with width "
         "16 and normalised attention like ours, Adam at the given lr, batch 256, best-val epoch kept; its "
         "data preparation builds the same ml100k-ctr rows from the RecBole wheel with our prepare.py, then "
@@ -100,7 +102,10 @@ def markdown(results: dict, args: argparse.Namespace, load: float) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in results.items():
-        cells = [spread([r[k] for r in runs], ".1f") + " s" for k in ("prepare_s", "train_s", "eval_s", "startup_s")]
+        cells = [
+            spread([r[k] for r in runs], ".1f") + " s" if name != "recsys" or k in ("train_s", "eval_s") else "—"
+            for k in ("prepare_s", "train_s", "eval_s", "startup_s")
+        ]
         total = spread([r["total_s"] for r in runs], ".1f") + " s"
         lines.append(f"| {name} | {' | '.join(cells)} | {total} | {spread([r['test_auc'] for r in runs], '.4f')} |")
     lines += [
@@ -117,7 +122,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--peer-lr", type=float, default=1e-3, help="DeepCTR's Adam learning rate")
     parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument("--render", action="store_true", help="rewrite the table from the last results.json")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads((OUT / "results.json").read_text())
+        vars(args).update(saved.pop("args"))
+        load = saved.pop("load")
+        write_doc_section(ROOT / "docs" / "benchmarks.md", "bench_peers", markdown(saved, args, load))
+        return
     if not (DATA / "PREPARED.json").exists():
         raise SystemExit(f"{DATA} is not prepared: run `make data` first")
     python = peer_python()
@@ -133,7 +145,8 @@ def main() -> None:
             flush=True,
         )
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    saved = {"args": {k: vars(args)[k] for k in ("runs", "epochs", "peer_lr")}, "load": load}
+    (OUT / "results.json").write_text(json.dumps(results | saved, indent=2))
     text = markdown(results, args, load)
     print(text)
     if not args.no_doc:
