@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py                        # din.yaml, 3 epochs, this checkout vs ac0ab83, 3 runs each
     python scripts/bench_train.py --configs configs/movielens/din.yaml configs/movielens/base.yaml --runs 5
+    python scripts/bench_train.py --baseline '' --variant "fused TBE=--trainer.strategy torchrec"
 
 Per run, in fresh processes and with the checkouts alternating (a slow minute hits both):
 ``recsys fit --config CONFIG --trainer.max_epochs E`` exactly as the config ships it (TensorBoard
@@ -14,8 +15,10 @@ best.ckpt --split test``. Reported per checkout, median [min–max] over the run
 - test AUC (the eval's report).
 
 The older checkout (``--baseline``, a git worktree under runs/bench_startup/) trains on ml100k-ctr as
-its own prepare.py writes it. Writes runs/bench_train/results.json and the ``bench_train`` block of
-docs/benchmarks.md. ``scripts/profile_train_step.py`` says where a step's time goes.
+its own prepare.py writes it. ``--variant NAME=ARGS`` adds runs of this checkout with more fit
+arguments (e.g. the FBGEMM fused path). Writes runs/bench_train/results.json and the ``bench_train``
+block of docs/benchmarks.md (``--section`` another block). ``scripts/profile_train_step.py`` says where
+a step's time goes.
 """
 
 from __future__ import annotations
@@ -49,9 +52,9 @@ def timed(checkout: Path, args: list[str], log: Path) -> tuple[float, str]:
     return seconds, done.stdout + done.stderr
 
 
-def one_run(checkout: Path, data: Path, config: str, epochs: int, out: Path) -> dict:
+def one_run(checkout: Path, data: Path, config: str, epochs: int, out: Path, extra: tuple | list = ()) -> dict:
     """Fit then eval, as a user runs them; their times, the epochs' rates and the test AUC."""
-    fit = ["fit", "--config", config, "--data.path", str(data), "--trainer.max_epochs", str(epochs)]
+    fit = ["fit", "--config", config, "--data.path", str(data), "--trainer.max_epochs", str(epochs), *extra]
     fit += ["--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", ""]
     fit += ["--trainer.logger.init_args.version", "fit"]
     fit_seconds, text = timed(checkout, fit, out / "fit.log")
@@ -72,14 +75,15 @@ def one_run(checkout: Path, data: Path, config: str, epochs: int, out: Path) -> 
     }
 
 
-def measure(checkouts: dict[str, Path], configs: list[str], epochs: int, runs: int) -> dict:
-    data = {name: prepared_data(path, name) for name, path in checkouts.items()}
+def measure(checkouts: dict[str, tuple[Path, list[str]]], configs: list[str], epochs: int, runs: int) -> dict:
+    """``checkouts``: row name → (checkout, extra fit arguments)."""
+    data = {name: prepared_data(path, name.split()[0]) for name, (path, _) in checkouts.items()}
     results: dict = {config: {name: [] for name in checkouts} for config in configs}
     for i in range(runs):
         for config in configs:
-            for name, path in checkouts.items():
-                out = OUT / Path(config).stem / name.split()[0] / f"run{i}"
-                r = one_run(path, data[name], config, epochs, out)
+            for row, (name, (path, extra)) in enumerate(checkouts.items()):
+                out = OUT / Path(config).stem / f"row{row}" / f"run{i}"
+                r = one_run(path, data[name], config, epochs, out, extra)
                 results[config][name].append(r)
                 print(
                     f"[bench_train] {config} {name} run {i + 1}/{runs}: {r['samples_per_s']:,.0f} samples/s, "
@@ -94,15 +98,17 @@ def spread(values: list[float], fmt: str) -> str:
 
 
 def markdown(results: dict, args: argparse.Namespace, load: float) -> str:
+    variants = "".join(f' --variant "{v}"' for v in args.variant)
     lines = [
         "## Training a user starts (`scripts/bench_train.py`)",
         "",
-        f"`python scripts/bench_train.py --configs {' '.join(args.configs)} --epochs {args.epochs} --runs {args.runs} "
-        f"--baseline {args.baseline}` — {machine()}; OMP_NUM_THREADS={environment()['OMP_NUM_THREADS']}, load "
-        f"average {load:.2f} at the start; {time.strftime('%Y-%m-%d')}. Each run: `recsys fit` of the config as "
-        f"shipped ({args.epochs} epochs, validation and checkpoints included) in a fresh process, then `recsys "
-        "eval` of its best checkpoint on test in another; the checkouts alternate. Median [min–max] over the "
-        "runs. Samples/s: the run's own epoch lines, mean of the epochs after the first.",
+        f"`python scripts/bench_train.py --configs {' '.join(args.configs)} --epochs {args.epochs} "
+        f"--runs {args.runs} --baseline '{args.baseline}'{variants}` — {machine()}; "
+        f"OMP_NUM_THREADS={environment()['OMP_NUM_THREADS']}, load average {load:.2f} at the start; "
+        f"{time.strftime('%Y-%m-%d')}. Each run: `recsys fit` of the config as shipped ({args.epochs} "
+        "epochs, validation and checkpoints included) in a fresh process, then `recsys eval` of its best "
+        "checkpoint on test in another; the rows alternate. Median [min–max] over the runs. Samples/s: the "
+        "run's own epoch lines, mean of the epochs after the first.",
         "",
         "| config | checkout | training samples/s | fit wall | eval wall | trained + evaluated | test AUC |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -114,15 +120,12 @@ def markdown(results: dict, args: argparse.Namespace, load: float) -> str:
                 f"{spread([r['fit_s'] for r in runs], '.1f')} s | {spread([r['eval_s'] for r in runs], '.1f')} s | "
                 f"{spread([r['total_s'] for r in runs], '.1f')} s | {spread([r['test_auc'] for r in runs], '.4f')} |"
             )
-        names = list(by_checkout)
-        if len(names) == 2:
-            ours, theirs = ([r["samples_per_s"] for r in by_checkout[n]] for n in names)
-            ratios = [a / b for a, b in zip(ours, theirs, strict=True)]  # run i of each: minutes apart
-            lines.append(
-                f"| `{config}` | ratio (run by run) | {spread(ratios, '.2f')}× | | | "
-                f"{spread([b['total_s'] / a['total_s'] for a, b in zip(*by_checkout.values(), strict=True)], '.2f')}×"
-                " faster | |"
-            )
+        first, *others = by_checkout
+        for other in others:  # run i of each row: minutes apart
+            pairs = list(zip(by_checkout[first], by_checkout[other], strict=True))
+            rates = spread([a["samples_per_s"] / b["samples_per_s"] for a, b in pairs], ".2f")
+            totals = spread([b["total_s"] / a["total_s"] for a, b in pairs], ".2f")
+            lines.append(f"| `{config}` | first row ÷ {other} (run by run) | {rates}× | | | {totals}× faster | |")
     return "\n".join(lines)
 
 
@@ -132,14 +135,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per fit (the first is not in the rate)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--baseline", default="ac0ab83", help="the commit to compare with ('' for none)")
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="NAME=ARGS", help="more runs of this checkout with ARGS"
+    )
+    parser.add_argument("--section", default="bench_train", help="the docs/benchmarks.md block to write")
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    checkouts = {f"this checkout ({head.strip()})": ROOT}
+    this = f"this checkout ({head.strip()})"
+    checkouts: dict[str, tuple[Path, list[str]]] = {this: (ROOT, [])}
+    for variant in args.variant:
+        name, _, extra = variant.partition("=")
+        checkouts[f"{this}, {name}: `{extra}`"] = (ROOT, extra.split())
     if args.baseline:
-        checkouts[args.baseline] = checkout_of(args.baseline)
-    for path in checkouts.values():
+        checkouts[args.baseline] = (checkout_of(args.baseline), [])
+    for path, _ in checkouts.values():
         check_imports_from(path)
     results = measure(checkouts, args.configs, args.epochs, args.runs)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -147,7 +158,7 @@ def main() -> None:
     text = markdown(results, args, load)
     print(text)
     if not args.no_doc:
-        write_doc_section(ROOT / "docs" / "benchmarks.md", "bench_train", text)
+        write_doc_section(ROOT / "docs" / "benchmarks.md", args.section, text)
 
 
 if __name__ == "__main__":
