@@ -60,17 +60,19 @@ class Chunk:
     def rows(self, start: int, end: int) -> Chunk:
         """Rows ``[start, end)``: ``take(np.arange(start, end))`` by slicing (copies, so a batch never
         shares memory with the chunk it came from)."""
+        offsets = self.__dict__.setdefault("_offsets", {})  # per jagged column, computed once per chunk
 
-        def cut(values: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            first = int(lengths[:start].sum())
-            return values[first : first + int(lengths[start:end].sum())].copy(), lengths[start:end].copy()
+        def cut(key: str, values: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            if key not in offsets:
+                offsets[key] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+            return values[offsets[key][start] : offsets[key][end]].copy(), lengths[start:end].copy()
 
         return Chunk(
             labels=self.labels[start:end].copy(),
             groups=self.groups[start:end].copy(),
             dense=self.dense[start:end].copy(),
-            sparse={k: cut(v, ln) for k, (v, ln) in self.sparse.items()},
-            sequences={k: cut(v, ln) for k, (v, ln) in self.sequences.items()},
+            sparse={k: cut(f"sparse.{k}", v, ln) for k, (v, ln) in self.sparse.items()},
+            sequences={k: cut(f"sequences.{k}", v, ln) for k, (v, ln) in self.sequences.items()},
             positions=self.positions[start:end].copy(),
             text={k: v[start:end].copy() for k, v in self.text.items()},
         )

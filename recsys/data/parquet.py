@@ -69,7 +69,9 @@ class ParquetStream(IterableDataset):
 
     Row groups are dealt to the ``world_size * num_workers`` readers round-robin, the same way
     every epoch, so ``len()`` (batches per epoch on this rank) is exact; shuffling changes the
-    order of a reader's row groups and of rows within its buffer.
+    order of a reader's row groups and of rows within its buffer. A reader whose row groups fit in
+    one ``shuffle_buffer`` (held in memory whole during a pass anyway) keeps them encoded for its
+    later passes instead of reading and encoding them again.
     """
 
     def __init__(

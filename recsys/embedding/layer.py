@@ -702,7 +702,8 @@ class _GradientGuard(torch.autograd.Function):
         present = [g for g in grads if g is not None]
         # one fused reduction per gradient: a norm is not finite when an element is not (or the sum of
         # squares overflows); 10x cheaper than isfinite(g).all(), which takes three passes per tensor
-        finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(present))).all()) if present else True
+        norms = torch._foreach_norm([g.float() for g in present]) if present else []  # (fp32: no copy)
+        finite = bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
         bad = torch.tensor(0 if finite else 1, dtype=torch.int32, device=present[0].device if present else None)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
