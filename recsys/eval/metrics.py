@@ -106,26 +106,40 @@ def bootstrap_intervals(
 
     Resampling whole users keeps each user's correlated rows together, so the intervals are
     not too narrow; GAUC reuses the per-user AUCs (they do not change when a user is drawn).
+    A resample is not built row by row: each row counts as often as its user was drawn, so its
+    AUC is the Mann-Whitney statistic with those multiplicities over the rows sorted once (tied
+    scores share a run and count half), and its log loss the drawn users' loss sums over their row
+    counts — the same numbers as stacking the drawn users' rows (tests/eval/test_metrics.py).
     """
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels, dtype=np.float64)
     probs = np.asarray(probs, dtype=np.float64)
     groups = np.asarray(groups)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    sizes = np.bincount(inverse, minlength=len(uniq))
-    starts = np.cumsum(sizes) - sizes
+    uniq, user = np.unique(groups, return_inverse=True)
     gids, aucs, weights = group_aucs(labels, probs, groups)
     group_auc = np.full(len(uniq), np.nan)
     group_weight = np.zeros(len(uniq))
     position = np.searchsorted(uniq, gids)
     group_auc[position], group_weight[position] = aucs, weights
+    order = np.argsort(probs, kind="mergesort")
+    ordered = probs[order]
+    run = np.cumsum(np.r_[True, ordered[1:] != ordered[:-1]]) - 1  # tied scores share a run
+    positive = labels[order] > 0.5
+    pos_run, pos_user = run[positive], user[order][positive]
+    neg_run, neg_user = run[~positive], user[order][~positive]
+    p = np.clip(probs, EPS, 1 - EPS)
+    user_loss = np.bincount(user, -(labels * np.log(p) + (1 - labels) * np.log(1 - p)), len(uniq))
+    user_rows = np.bincount(user, minlength=len(uniq)).astype(np.float64)
     results: dict[str, list[float]] = {"auc": [], "gauc": [], "logloss": []}
     for _ in range(num_samples):
         drawn = rng.integers(0, len(uniq), len(uniq))
-        rows = order[np.repeat(starts[drawn], sizes[drawn]) + _ranges(sizes[drawn])]
-        results["auc"].append(auc(labels[rows], probs[rows]))
-        results["logloss"].append(logloss(labels[rows], probs[rows]))
+        times = np.bincount(drawn, minlength=len(uniq)).astype(np.float64)  # how often each user was drawn
+        pos = np.bincount(pos_run, times[pos_user], run[-1] + 1)
+        neg = np.bincount(neg_run, times[neg_user], run[-1] + 1)
+        pairs = pos.sum() * neg.sum()
+        below = np.cumsum(neg) - neg
+        results["auc"].append(float(pos @ (below + neg / 2) / pairs) if pairs else np.nan)
+        results["logloss"].append(float(times @ user_loss / (times @ user_rows)))
         w = group_weight[drawn]
         results["gauc"].append(float(np.nansum(group_auc[drawn] * w) / w.sum()) if w.sum() else np.nan)
     alpha = (1 - level) / 2
@@ -190,13 +204,6 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, num_bins: 
     mask = bins["counts"] > 0
     gap = np.abs(bins["predicted"][mask] - bins["observed"][mask])
     return float((gap * bins["counts"][mask]).sum() / bins["counts"].sum())
-
-
-def _ranges(sizes: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(s)`` for each s in sizes."""
-    total = int(sizes.sum())
-    starts = np.cumsum(sizes) - sizes
-    return np.arange(total) - np.repeat(starts, sizes)
 
 
 def recall_per_user(ranked: list[list], positives: list[set], k: int) -> list[float]:
