@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,23 @@ def test_fit_then_eval_on_any_dataset_in_the_contract(tmp_path: Path, capsys: py
     assert "RelaImpr(AUC)" in md and "reliability.png" in md
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert "[recsys eval] test (600 rows)" in capsys.readouterr().out
+
+    # from the command line the process ends without the interpreter's teardown: what it wrote is whole
+    shell = tmp_path / "report_shell"
+    argv = ["recsys", "eval", "--ckpt", str(ckpt), "--out", str(shell), "--baseline", str(baseline)]
+    argv += ["--bootstrap", "50"]
+    code = f"import sys; from recsys.cli import main; sys.argv = {argv!r}; sys.exit(main())"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe: block-buffered
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert done.returncode == 0 and "[recsys eval] test (600 rows)" in done.stdout, done.stderr[-2000:]
+    timed = {"scoring_rows_per_s", "out"}  # (a speed, and where it went)
+    shell_report = json.loads((shell / "report.json").read_text())
+    assert {k: v for k, v in shell_report.items() if k not in timed} == {
+        k: v for k, v in report.items() if k not in timed
+    }
+    assert pq.read_table(shell / "predictions.parquet").equals(pq.read_table(out / "predictions.parquet"))
+    assert (shell / "report.md").read_text() == md.replace(str(out), str(shell))
+    assert (shell / "reliability.png").read_bytes() == (out / "reliability.png").read_bytes()
 
 
 def test_same_config_trains_on_a_dataset_with_other_features(tmp_path: Path) -> None:
