@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         finally:
             _leave_process_group()
+        if from_command_line:  # Lightning finalized the loggers in its teardown hook; checkpoints are closed
+            _exit_without_teardown(0)
         return 0
     code = import_module(f"recsys.commands.{command.module}").main(rest)
     if from_command_line:  # the command returned: its files are written and closed
