@@ -180,6 +180,7 @@ class CTRDataModule(L.LightningDataModule):
                 shuffle_buffer=self.shuffle_buffer,
                 seed=seed,
                 num_workers=self.num_workers,
+                keep_encoded=not self.days,  # a day is read once for training and once for validation
                 # evaluation: the whole split, in the same batches on every rank (a sharded model's
                 # forward is collective); val/test loaders take each rank's share (_eval_stream)
                 **({} if train else {"rank": 0, "world_size": 1}),
@@ -202,6 +203,7 @@ class CTRDataModule(L.LightningDataModule):
             rank=0,
             world_size=1,
             share=(trainer.global_rank, trainer.world_size),
+            keep_encoded=whole.keep_encoded,
         )
 
     def _loader(self, split: str, shared: bool = False) -> DataLoader:

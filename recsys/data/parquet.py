@@ -66,6 +66,8 @@ class ParquetStream(IterableDataset):
             every batch (so all run the same number of steps) and keeps rows
             ``[rank·s, (rank+1)·s)`` of it, ``s = ceil(B / world)``, padded to ``s`` rows with
             repeats of the batch's first row (``Batch.padded``). Needs ``rank=0, world_size=1``.
+        keep_encoded: keep a reader's rows encoded between passes when they fit one shuffle buffer
+            (below); off for a split read once (a day of a day-by-day run).
 
     Row groups are dealt to the ``world_size * num_workers`` readers round-robin, the same way
     every epoch, so ``len()`` (batches per epoch on this rank) is exact; shuffling changes the
@@ -88,6 +90,7 @@ class ParquetStream(IterableDataset):
         world_size: int | None = None,
         num_workers: int = 0,
         share: tuple[int, int] | None = None,
+        keep_encoded: bool = True,
     ) -> None:
         super().__init__()
         if share is not None and not (0 <= share[0] < share[1]):
@@ -108,6 +111,7 @@ class ParquetStream(IterableDataset):
         self.num_workers = num_workers
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._resume = torch.tensor([-1, 0], dtype=torch.int64).share_memory_()  # (epoch, batches done)
+        self.keep_encoded = keep_encoded
         self._encoded: dict[tuple[Path, int], list[Chunk]] = {}  # see _chunks
         self.units, self.num_rows = self._plan()
 
@@ -212,7 +216,7 @@ class ParquetStream(IterableDataset):
         readers: dict[Path, pq.ParquetFile] = {}  # one footer read per file, not per row group
         # rows that fit in one shuffle buffer are held in memory whole during a pass anyway: keep them
         # encoded for the next passes (epochs, validations) instead of reading and encoding them again
-        keep = sum(u.num_rows for u in units) <= self.shuffle_buffer
+        keep = self.keep_encoded and sum(u.num_rows for u in units) <= self.shuffle_buffer
         for unit in units:
             if keep and (unit.file, unit.row_group) in self._encoded:
                 yield from self._encoded[unit.file, unit.row_group]
