@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.abc
 import logging
 import os
 import sys
+import threading
 from importlib import import_module
 
 from recsys.commands.table import BY_NAME, usage
@@ -44,14 +46,17 @@ def _configure_logging() -> None:
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
-def _leave_process_group() -> None:
-    """Destroys the process group a multi-rank run left up. A 2-rank ``recsys fit`` that had finished
-    (best checkpoint printed) was aborted at interpreter exit with "terminate called without an active
-    exception" (exit -6) while its gloo group was still alive; the group is left explicitly instead."""
+def _leave_process_group() -> bool:
+    """Destroys the process group a multi-rank run left up (True if there was one). A 2-rank ``recsys
+    fit`` that had finished (best checkpoint printed) was aborted at interpreter exit with "terminate
+    called without an active exception" (exit -6) while its gloo group was still alive; the group is
+    left explicitly instead."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if command.module is None:  # fit, validate, test, predict
         from recsys.train.cli import run
 
+        ranks = False
         try:
             run(None if from_command_line else [name, *rest])  # None: LightningCLI reads sys.argv itself
         except SystemExit as done:
@@ -78,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                 _exit_without_teardown(0)
             raise
         finally:
-            _leave_process_group()
-        if from_command_line:  # Lightning finalized the loggers in its teardown hook; checkpoints are closed
-            _exit_without_teardown(0)
+            ranks = _leave_process_group()
+        if from_command_line and not ranks:  # (other ranks may still need rank 0's rendezvous store)
+            _exit_without_teardown(0)  # Lightning finalized the loggers in its teardown hook
         return 0
     code = import_module(f"recsys.commands.{command.module}").main(rest)
     if from_command_line:  # the command returned: its files are written and closed
@@ -91,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
 def _exit_without_teardown(code: int) -> None:
     """Ends the process without the interpreter's teardown of torch, torchrec and Lightning's modules
     (1.3 s of a 5.4 s ``recsys fit --help``, 1.6 s of ``recsys eval``), once what the command wrote
-    is out: help text, or the files of a command that returned (closed by then; streams flushed here)."""
+    is out: help text, or the files of a command that returned (closed by then; streams flushed here).
+    Exit handlers still run (a logger's or a library's own flushing); while another non-daemon thread
+    runs (a server's workers finishing requests) the process ends the usual way instead."""
+    if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
+        return
+    atexit._run_exitfuncs()
     logging.shutdown()
     try:
         sys.stdout.flush()

@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the first epoch is warm-up, left out of the rate")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     rates: dict[tuple[str, str], list[float]] = {}

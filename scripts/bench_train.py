@@ -16,7 +16,7 @@ best.ckpt --split test``. Reported per checkout, median [min–max] over the run
 
 The older checkout (``--baseline``, a git worktree under runs/bench_startup/) trains on ml100k-ctr as
 its own prepare.py writes it. ``--variant NAME=ARGS`` adds runs of this checkout with more fit
-arguments (e.g. the FBGEMM fused path). Writes runs/bench_train/results.json and the ``bench_train``
+arguments (e.g. the FBGEMM fused path). Writes runs/bench_train/<section>.json and the ``bench_train``
 block of docs/benchmarks.md (``--section`` another block). ``scripts/profile_train_step.py`` says where
 a step's time goes.
 """
@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from checkouts import ROOT, check_imports_from, checkout_of, environment, prepar
 
 OUT = ROOT / "runs" / "bench_train"
 EPOCH_LINE = re.compile(r"\[recsys\] epoch (\d+): ([\d,]+) training samples/s")
-BEST_LINE = re.compile(r"\[recsys\] best checkpoint: (\S+)")
+BEST_LINE = re.compile(r"\[recsys\] best checkpoint: (.+?\.ckpt)")
 
 
 def timed(checkout: Path, args: list[str], log: Path) -> tuple[float, str]:
@@ -82,7 +83,7 @@ def measure(checkouts: dict[str, tuple[Path, list[str]]], configs: list[str], ep
     for i in range(runs):
         for config in configs:
             for row, (name, (path, extra)) in enumerate(checkouts.items()):
-                out = OUT / Path(config).stem / f"row{row}" / f"run{i}"
+                out = OUT / config.replace("/", "_").removesuffix(".yaml") / f"row{row}" / f"run{i}"
                 r = one_run(path, data[name], config, epochs, out, extra)
                 results[config][name].append(r)
                 print(
@@ -147,14 +148,14 @@ def main() -> None:
     checkouts: dict[str, tuple[Path, list[str]]] = {this: (ROOT, [])}
     for variant in args.variant:
         name, _, extra = variant.partition("=")
-        checkouts[f"{this}, {name}: `{extra}`"] = (ROOT, extra.split())
+        checkouts[f"{this}, {name}: `{extra}`"] = (ROOT, shlex.split(extra))
     if args.baseline:
         checkouts[args.baseline] = (checkout_of(args.baseline), [])
     for path, _ in checkouts.values():
         check_imports_from(path)
     results = measure(checkouts, args.configs, args.epochs, args.runs)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    (OUT / f"{args.section}.json").write_text(json.dumps(results, indent=2))
     text = markdown(results, args, load)
     print(text)
     if not args.no_doc:

@@ -66,14 +66,14 @@ class ParquetStream(IterableDataset):
             every batch (so all run the same number of steps) and keeps rows
             ``[rank·s, (rank+1)·s)`` of it, ``s = ceil(B / world)``, padded to ``s`` rows with
             repeats of the batch's first row (``Batch.padded``). Needs ``rank=0, world_size=1``.
-        keep_encoded: keep a reader's rows encoded between passes when they fit one shuffle buffer
-            (below); off for a split read once (a day of a day-by-day run).
+        keep_encoded: keep a shuffling reader's rows encoded between passes when they fit one shuffle
+            buffer (below); off for a split read once (a day of a day-by-day run).
 
     Row groups are dealt to the ``world_size * num_workers`` readers round-robin, the same way
     every epoch, so ``len()`` (batches per epoch on this rank) is exact; shuffling changes the
-    order of a reader's row groups and of rows within its buffer. A reader whose row groups fit in
-    one ``shuffle_buffer`` (held in memory whole during a pass anyway) keeps them encoded for its
-    later passes instead of reading and encoding them again.
+    order of a reader's row groups and of rows within its buffer. A shuffling reader whose row groups
+    fit in one ``shuffle_buffer`` (held in memory whole during a pass anyway) keeps them encoded for
+    its later passes instead of reading and encoding them again.
     """
 
     def __init__(
@@ -214,9 +214,10 @@ class ParquetStream(IterableDataset):
         encoder = ChunkEncoder(self.schema, self.vocab)
         columns = self.schema.columns()
         readers: dict[Path, pq.ParquetFile] = {}  # one footer read per file, not per row group
-        # rows that fit in one shuffle buffer are held in memory whole during a pass anyway: keep them
-        # encoded for the next passes (epochs, validations) instead of reading and encoding them again
-        keep = self.keep_encoded and sum(u.num_rows for u in units) <= self.shuffle_buffer
+        # a shuffled pass over rows that fit in one shuffle buffer holds them in memory whole anyway: keep
+        # them encoded for the next epochs instead of reading and encoding them again (an evaluation
+        # stream holds one batch at a time: it keeps nothing)
+        keep = self.keep_encoded and self.shuffle and sum(u.num_rows for u in units) <= self.shuffle_buffer
         for unit in units:
             if keep and (unit.file, unit.row_group) in self._encoded:
                 yield from self._encoded[unit.file, unit.row_group]

@@ -492,9 +492,11 @@ class EmbeddingLayer(nn.Module):
         if self.bags is not None:
             looked |= self.bags(self._kjt(rows, self.bag_keys, batch_size)).to_dict()
         for group, collection in self.rows.items():
-            if type(collection) is EmbeddingCollection:  # unsharded: the same rows, read by index_select
-                # (nn.Embedding's CPU backward sorts the ids; index_select's is an index_add: 2x faster)
-                tables = collection.embeddings
+            tables = collection.embeddings if type(collection) is EmbeddingCollection else None
+            if tables is not None and all(t.weight.device.type == "cpu" for t in tables.values()):
+                # unsharded on CPU: the same rows, read by index_select (nn.Embedding's CPU backward sorts
+                # the ids; index_select's is an index_add: 2x faster). On CUDA index_select's backward adds
+                # with atomics (not deterministic), so GPUs keep nn.Embedding's
                 looked |= {
                     k: tables[self.row_table[k]].weight.index_select(0, rows[k].values())
                     for k in self.row_keys[group]
@@ -702,7 +704,7 @@ class _GradientGuard(torch.autograd.Function):
         present = [g for g in grads if g is not None]
         # one fused reduction per gradient: a norm is not finite when an element is not (or the sum of
         # squares overflows); 10x cheaper than isfinite(g).all(), which takes three passes per tensor
-        norms = torch._foreach_norm([g.float() for g in present]) if present else []  # (fp32: no copy)
+        norms = torch._foreach_norm([g.float() for g in present]) if present else []  # (no copy for fp32)
         finite = bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
         bad = torch.tensor(0 if finite else 1, dtype=torch.int32, device=present[0].device if present else None)
         if torch.distributed.is_available() and torch.distributed.is_initialized():

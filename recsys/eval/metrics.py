@@ -129,6 +129,8 @@ def bootstrap_intervals(
     neg_run, neg_user = run[~positive], user[order][~positive]
     p = np.clip(probs, EPS, 1 - EPS)
     user_loss = np.bincount(user, -(labels * np.log(p) + (1 - labels) * np.log(1 - p)), len(uniq))
+    bad_loss = ~np.isfinite(user_loss)  # (a NaN probability: the resamples that draw its user say NaN)
+    user_loss[bad_loss] = 0.0
     user_rows = np.bincount(user, minlength=len(uniq)).astype(np.float64)
     results: dict[str, list[float]] = {"auc": [], "gauc": [], "logloss": []}
     for _ in range(num_samples):
@@ -139,7 +141,8 @@ def bootstrap_intervals(
         pairs = pos.sum() * neg.sum()
         below = np.cumsum(neg) - neg
         results["auc"].append(float(pos @ (below + neg / 2) / pairs) if pairs else np.nan)
-        results["logloss"].append(float(times @ user_loss / (times @ user_rows)))
+        drew_bad = bool(times[bad_loss].any())
+        results["logloss"].append(np.nan if drew_bad else float(times @ user_loss / (times @ user_rows)))
         w = group_weight[drawn]
         results["gauc"].append(float(np.nansum(group_auc[drawn] * w) / w.sum()) if w.sum() else np.nan)
     alpha = (1 - level) / 2

@@ -117,7 +117,7 @@ def test_outputs_match_a_gather_and_pool_reference(dm: CTRDataModule, kind: str,
         assert (out.pooled[f] if f in out.pooled else out.jagged[f].values()).shape[1] == layer.output_dims()[f]
 
 
-@pytest.mark.parametrize("kind", ["plain", "hashed"])
+@pytest.mark.parametrize("kind", ["plain", "hashed", "unified"])
 def test_rows_read_one_by_one_get_the_gradients_of_their_reads(dm: CTRDataModule, kind: str) -> None:
     """Jagged features are read row by row (unsharded: index_select on the torchrec table's weight):
     each table row's gradient is the sum of the upstream gradients of every read of it (a plain loop)."""

@@ -85,6 +85,23 @@ def test_bootstrap_intervals_equal_resampling_rows_by_hand(scored) -> None:
         assert got[key] == pytest.approx((np.quantile(values, 0.025), np.quantile(values, 0.975)), abs=1e-9), key
 
 
+def test_a_nan_probability_blanks_only_the_resamples_that_draw_its_user(scored) -> None:
+    labels, scores, groups = scored
+    labels, scores, groups = labels[:600], scores[:600].astype(np.float64), groups[:600] % 40
+    scores[groups == 7] = np.nan  # one user's rows
+    rng = np.random.default_rng(2)
+    users = np.unique(groups)
+    by_user = {u: np.flatnonzero(groups == u) for u in users}
+    losses = []
+    for _ in range(80):  # the plain procedure: stack the drawn users' rows, mean row loss (NaN if drawn)
+        rows = np.concatenate([by_user[u] for u in users[rng.integers(0, len(users), len(users))]])
+        p = np.clip(scores[rows], 1e-7, 1 - 1e-7)
+        losses.append(float(-(labels[rows] * np.log(p) + (1 - labels[rows]) * np.log(1 - p)).mean()))
+    assert 0 < sum(map(np.isnan, losses)) < 80  # some resamples drew the user, some did not
+    got = metrics.bootstrap_intervals(labels, scores, groups, num_samples=80, seed=2)["logloss"]
+    assert got == pytest.approx((np.nanquantile(losses, 0.025), np.nanquantile(losses, 0.975)), abs=1e-9)
+
+
 def test_paired_bootstrap_detects_a_better_model(scored) -> None:
     labels, scores, groups = scored
     noisy = np.clip(scores + np.random.default_rng(5).normal(0, 0.4, len(scores)), 0, 1)
