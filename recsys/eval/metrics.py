@@ -115,6 +115,8 @@ def bootstrap_intervals(
     labels = np.asarray(labels, dtype=np.float64)
     probs = np.asarray(probs, dtype=np.float64)
     groups = np.asarray(groups)
+    if len(probs) == 0:
+        return {k: (float("nan"), float("nan")) for k in ("auc", "gauc", "logloss")}
     uniq, user = np.unique(groups, return_inverse=True)
     gids, aucs, weights = group_aucs(labels, probs, groups)
     group_auc = np.full(len(uniq), np.nan)
