@@ -39,7 +39,7 @@ lint: $(STAMP)
 	.venv/bin/ruff format --check recsys tests scripts datasets
 
 bench: $(STAMP) $(DATA)/PREPARED.json
-	$(PY) scripts/bench_train.py --config configs/movielens/base.yaml configs/movielens/din.yaml
+	$(PY) scripts/bench_train.py --configs configs/movielens/din.yaml configs/movielens/base.yaml
 	$(PY) scripts/profile_train_step.py --config configs/movielens/din.yaml
 
 compare: $(STAMP) $(DATA)/PREPARED.json
