@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -54,7 +55,11 @@ def timed(checkout: Path, args: list[str], log: Path) -> tuple[float, str]:
 
 
 def one_run(checkout: Path, data: Path, config: str, epochs: int, out: Path, extra: tuple | list = ()) -> dict:
-    """Fit then eval, as a user runs them; their times, the epochs' rates and the test AUC."""
+    """Fit then eval, as a user runs them; their times, the epochs' rates and the test AUC. The run's
+    own folders under ``out`` (``fit/``, ``eval_test/``) are replaced: an earlier run's best.ckpt there
+    would make Lightning name this one best-v1.ckpt."""
+    for own in ("fit", "eval_test"):
+        shutil.rmtree(out / own, ignore_errors=True)
     fit = ["fit", "--config", config, "--data.path", str(data), "--trainer.max_epochs", str(epochs), *extra]
     fit += ["--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", ""]
     fit += ["--trainer.logger.init_args.version", "fit"]
