@@ -330,8 +330,8 @@ def main() -> None:
         for seed in args.seeds:
             run_dir = args.out / f"{kind}-seed{seed}"
             config = (ROOT / "configs/stream/base.yaml").read_text()
-            parts = [kind, kinds[kind], str(data), args.days, seed, config, kind == "managed" and seed == args.seeds[0]]
             chained = kind == "managed" and seed == args.seeds[0]  # its days become a delta chain
+            parts = [kind, kinds[kind], str(data), args.days, seed, config, chained]
             job = (kind, kinds[kind], data, args.days, seed, run_dir, chained)
             result = reused_or_run(run_dir, parts, lambda job=job: fit(*job))
             print(f"[bench_online] {kind} seed {seed}: next-day AUC {[round(a, 4) for a in result['next_day_auc']]}")

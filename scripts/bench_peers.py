@@ -28,9 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from bench_train import one_run
-from benchdoc import machine, write_doc_section
+from benchdoc import machine, publish, spread, write_doc_section
 from checkouts import DATA, ROOT, environment
 
 OUT = ROOT / "runs" / "bench_peers"
@@ -75,10 +74,6 @@ def ours_run(epochs: int, out: Path) -> dict:
         "test_auc": r["test_auc"],
         "samples_per_s": r["samples_per_s"],
     }
-
-
-def spread(values: list[float], fmt: str) -> str:
-    return f"{np.median(values):{fmt}} [{min(values):{fmt}}–{max(values):{fmt}}]"
 
 
 def markdown(results: dict, args: argparse.Namespace, load: float) -> str:
@@ -147,13 +142,8 @@ def main() -> None:
             f"DeepCTR-Torch {p['total_s']:.1f} s (AUC {p['test_auc']:.4f})",
             flush=True,
         )
-    OUT.mkdir(parents=True, exist_ok=True)
     saved = {"args": {k: vars(args)[k] for k in ("runs", "epochs", "peer_lr")}, "load": load}
-    (OUT / "results.json").write_text(json.dumps(results | saved, indent=2))
-    text = markdown(results, args, load)
-    print(text)
-    if not args.no_doc:
-        write_doc_section(ROOT / "docs" / "benchmarks.md", "bench_peers", text)
+    publish(OUT / "results.json", results | saved, "bench_peers", markdown(results, args, load), not args.no_doc)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import shutil
 import subprocess
@@ -31,8 +30,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchdoc import machine, write_doc_section
-from checkouts import ROOT, check_imports_from, checkout_of, environment, prepared_data, recsys
+from benchdoc import machine, publish
+from checkouts import ROOT, check_imports_from, checkout_of, environment, prepared_data, recsys, this_checkout
 
 OUT = ROOT / "runs" / "bench_startup"
 TARGETS = {"recsys --help": 1.0, "recsys fit --help": 3.5, "recsys serve → /healthz 200": 6.0, "recsys eval": 6.0}
@@ -143,15 +142,9 @@ def main() -> None:
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
     load = os.getloadavg()[0]
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    checkouts = {f"this checkout ({head.strip()})": ROOT, args.baseline: checkout_of(args.baseline)}
+    checkouts = {this_checkout(): ROOT, args.baseline: checkout_of(args.baseline)}
     times = measure(checkouts, args.runs, args.port)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps(times, indent=2))
-    text = markdown(times, args, load)
-    print(text)
-    if not args.no_doc:
-        write_doc_section(ROOT / "docs" / "benchmarks.md", "bench_startup", text)
+    publish(OUT / "results.json", times, "bench_startup", markdown(times, args, load), not args.no_doc)
 
 
 if __name__ == "__main__":

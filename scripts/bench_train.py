@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchdoc import machine, write_doc_section
-from checkouts import ROOT, check_imports_from, checkout_of, environment, prepared_data, recsys
+from benchdoc import machine, publish, spread
+from checkouts import ROOT, check_imports_from, checkout_of, environment, prepared_data, recsys, this_checkout
 
 OUT = ROOT / "runs" / "bench_train"
 EPOCH_LINE = re.compile(r"\[recsys\] epoch (\d+): ([\d,]+) training samples/s")
@@ -99,10 +99,6 @@ def measure(checkouts: dict[str, tuple[Path, list[str]]], configs: list[str], ep
     return results
 
 
-def spread(values: list[float], fmt: str) -> str:
-    return f"{np.median(values):{fmt}} [{min(values):{fmt}}–{max(values):{fmt}}]"
-
-
 def markdown(results: dict, args: argparse.Namespace, load: float) -> str:
     variants = "".join(f' --variant "{v}"' for v in args.variant)
     lines = [
@@ -148,8 +144,7 @@ def main() -> None:
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
     load = os.getloadavg()[0]
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    this = f"this checkout ({head.strip()})"
+    this = this_checkout()
     checkouts: dict[str, tuple[Path, list[str]]] = {this: (ROOT, [])}
     for variant in args.variant:
         name, _, extra = variant.partition("=")
@@ -159,12 +154,7 @@ def main() -> None:
     for path, _ in checkouts.values():
         check_imports_from(path)
     results = measure(checkouts, args.configs, args.epochs, args.runs)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{args.section}.json").write_text(json.dumps(results, indent=2))
-    text = markdown(results, args, load)
-    print(text)
-    if not args.no_doc:
-        write_doc_section(ROOT / "docs" / "benchmarks.md", args.section, text)
+    publish(OUT / f"{args.section}.json", results, args.section, markdown(results, args, load), not args.no_doc)
 
 
 if __name__ == "__main__":

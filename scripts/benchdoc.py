@@ -2,6 +2,8 @@
 
 from benchdoc import machine, write_doc_section      # (scripts/ is on sys.path when a script runs)
 write_doc_section("docs/benchmarks.md", "bench_train", f"Machine: {machine()} ...")
+publish(OUT / "results.json", results, "bench_train", markdown, doc=True)   # results + table + doc block
+spread([3.1, 2.9, 3.4], ".1f")                       # "3.1 [2.9–3.4]": median [min–max]
 result = reused_or_run(run_dir, [config_text, block, seed], lambda: {...})   # a run reused only if the same
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +33,21 @@ def write_doc_section(path: str | Path, name: str, markdown: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def publish(results_file: Path, results: object, section: str, markdown: str, doc: bool = True) -> None:
+    """Writes a run's raw results as JSON, prints its table, and (``doc``) rewrites its block of
+    docs/benchmarks.md."""
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    results_file.write_text(json.dumps(results, indent=2))
+    print(markdown)
+    if doc:
+        write_doc_section(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", section, markdown)
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """Median [min–max] of repeated measurements, each formatted with ``fmt``."""
+    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}–{max(values):{fmt}}]"
 
 
 def machine() -> str:

@@ -32,6 +32,12 @@ def environment() -> dict[str, str]:
     return {**env, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")}
 
 
+def this_checkout() -> str:
+    """The row name of this working tree in a benchmark table: ``this checkout (<short HEAD>)``."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return f"this checkout ({head.stdout.strip()})"
+
+
 def checkout_of(commit: str) -> Path:
     """A worktree of ``commit`` (made once; only that directory is ever replaced)."""
     path = CHECKOUTS / commit

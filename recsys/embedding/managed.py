@@ -57,10 +57,10 @@ def _every_rank(values: Tensor) -> Tensor:
     """The ids of this step on every rank, in rank order (the ids themselves on one process): each
     rank then admits, evicts and counts alike, so the slots are the same everywhere while the table
     rows are sharded (``DistributedModelParallel``)."""
+    if not _distributed():
+        return values
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
     world, device = dist.get_world_size(), values.device  # (NCCL gathers device tensors, gloo CPU ones)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([len(values)], dtype=torch.int64, device=device))
