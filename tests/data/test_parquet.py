@@ -80,13 +80,18 @@ def test_rows_of_a_chunk_are_a_copy_of_the_plain_take(tmp_path: Path) -> None:
     assert (chunk.sequences["hist_item"][0] >= 0).all() and (chunk.labels >= 0).all()
 
 
-@pytest.mark.parametrize(("buffer", "keep"), [(4000, True), (1000, True), (4000, False)])
-def test_a_split_that_fits_the_buffer_is_read_once(tmp_path: Path, buffer: int, keep: bool, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("buffer", "keep", "shuffle"), [(4000, True, True), (1000, True, True), (4000, False, True), (4000, True, False)]
+)
+def test_a_split_that_fits_the_buffer_is_read_once(
+    tmp_path: Path, buffer: int, keep: bool, shuffle: bool, monkeypatch
+) -> None:
     """3,000 training rows: with a 4,000-row buffer the second epoch re-reads nothing and yields what a
-    fresh stream yields; with 1,000 (or keep_encoded off: a day of a day-by-day run) every epoch reads
-    the files again (nothing is kept)."""
+    fresh stream yields; with 1,000, with keep_encoded off (a day of a day-by-day run) or without
+    shuffling (an evaluation stream holds one batch at a time) every pass reads the files again."""
     root = write_dataset(tmp_path / "d", schema=ROW_SCHEMA)
-    stream = _stream(root, batch_size=256, shuffle=True, seed=3, shuffle_buffer=buffer, keep_encoded=keep)
+    options = {"batch_size": 256, "shuffle": shuffle, "seed": 3, "shuffle_buffer": buffer}
+    stream = _stream(root, **options, keep_encoded=keep)
     reads = []
     original = pq.ParquetFile.iter_batches
 
@@ -100,8 +105,8 @@ def test_a_split_that_fits_the_buffer_is_read_once(tmp_path: Path, buffer: int, 
     assert first_pass == len(stream.units)
     stream.set_epoch(1)
     kept = [(b.groups.tolist(), b.sequences["hist_item"].values().tolist(), b.dense.tolist()) for b in stream]
-    assert len(reads) == (first_pass if buffer == 4000 and keep else 2 * first_pass)
-    fresh = _stream(root, batch_size=256, shuffle=True, seed=3, shuffle_buffer=buffer)
+    assert len(reads) == (first_pass if buffer == 4000 and keep and shuffle else 2 * first_pass)
+    fresh = _stream(root, **options)
     fresh.set_epoch(1)
     assert kept == [(b.groups.tolist(), b.sequences["hist_item"].values().tolist(), b.dense.tolist()) for b in fresh]
     assert sorted(g for groups, _, _ in kept for g in groups) == sorted(range(3000))

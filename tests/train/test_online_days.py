@@ -75,6 +75,7 @@ def test_each_epoch_reads_its_day_and_validates_on_the_next(stream: Path) -> Non
         mean, std = dm.vocab.numeric_stats["I1"]
         raw = pq.read_table(stream / "train" / f"day=2024-01-{day}").column("I1").to_numpy()
         np.testing.assert_allclose(np.sort(read), np.sort((raw - mean) / std), rtol=0, atol=1e-6)
+        assert not dm.stream("train")._encoded  # a day is read once for training: nothing kept in memory
     dm.trainer = None
     # the vocabularies (C3, C4) come from the first day only; the raw features have none
     assert dm.vocab.num_embeddings("C1") == 0 and dm.vocab.num_embeddings("C3") > 1
