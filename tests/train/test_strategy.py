@@ -29,11 +29,8 @@ STEPS = 4
 GLOBAL_BATCH = 256
 
 
-def _rendezvous() -> str:
-    """A file rendezvous for one process group: no TCP port to collide with another test's."""
-    import tempfile
-
-    folder = tempfile.mkdtemp(prefix="recsys-pg-")
+def _rendezvous(folder: str) -> str:
+    """A file rendezvous for one process group in ``folder``: no TCP port to collide with another test's."""
     return f"file://{folder}/store"
 
 
@@ -60,15 +57,16 @@ def spawn_ranks(worker, world: int, *args) -> None:  # noqa: ANN001
     import tempfile
 
     for attempt in range(2):
-        markers = tempfile.mkdtemp(prefix="recsys-ranks-up-")
-        try:
-            mp.spawn(_marking_start_up, args=(world, _rendezvous(), markers, worker, *args), nprocs=world, join=True)
-            return
-        except mp.ProcessExitedException as err:
-            started = (Path(markers) / f"rank{err.error_index}.up").exists()
-            if err.signal_name != "SIGABRT" or started or attempt == 1:
-                raise
-            warnings.warn(f"rank {err.error_index} aborted before its process group was up; retrying", stacklevel=2)
+        with tempfile.TemporaryDirectory(prefix="recsys-ranks-") as folder:  # the store and the markers, removed after
+            try:
+                args_ = (world, _rendezvous(folder), folder, worker, *args)
+                mp.spawn(_marking_start_up, args=args_, nprocs=world, join=True)
+                return
+            except mp.ProcessExitedException as err:
+                started = (Path(folder) / f"rank{err.error_index}.up").exists()
+                if err.signal_name != "SIGABRT" or started or attempt == 1:
+                    raise
+                warnings.warn(f"rank {err.error_index} aborted before its process group was up; retrying", stacklevel=2)
 
 
 MBA = 0.05  # large enough that the penalty moves the rows visibly in 4 steps
@@ -524,8 +522,8 @@ def test_cuda_plan_with_row_wise_and_uvm_caching_dry_run(tiny: str) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + fbgemm-gpu (CUDA build) + NCCL")
-def test_cuda_training_step_with_uvm_caching(tiny: str) -> None:  # pragma: no cover - no GPU in CI
-    dist.init_process_group("nccl", init_method=_rendezvous(), rank=0, world_size=1)
+def test_cuda_training_step_with_uvm_caching(tiny: str, tmp_path: Path) -> None:  # pragma: no cover - no GPU in CI
+    dist.init_process_group("nccl", init_method=_rendezvous(str(tmp_path)), rank=0, world_size=1)
     try:
         model, batches, _ = _build(tiny)
         dmp = shard_model(
