@@ -239,10 +239,14 @@ class ItemText(nn.Module):
 
     def _pooled(self, rows: Tensor) -> Tensor:
         """``[n, width]``: the trainable head over distinct ``rows``, texts grouped by length (each group
-        cut to its longest text: the heads ignore padding, so this only skips work)."""
+        cut to its longest text: the heads ignore padding, so this only skips work); the latent head
+        attends token by token, so its texts need no groups."""
         if self.spec.pooling == "multilayer":
             return self.head.attend(self.layer_means[:, rows].transpose(0, 1))
         lengths = self.mask[rows].sum(1)
+        if self.spec.pooling == "latent":  # each real token is pooled on its own: one call, no groups
+            cut = int(lengths.max())
+            return self._head(self.states[:, rows, :cut].float(), self.mask[rows, :cut])
         groups, outputs = [], []
         for low, high in zip((-1, *LENGTH_BUCKETS), (*LENGTH_BUCKETS, self.mask.shape[1]), strict=True):
             group = ((lengths > low) & (lengths <= high)).nonzero().squeeze(1)

@@ -52,6 +52,26 @@ def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
     return (states * weights).sum(-2) / weights.sum(-2).clamp(min=1)
 
 
+def cross_attention(attention: nn.MultiheadAttention, queries: Tensor, keys: Tensor) -> Tensor:
+    """``attention(queries, keys, keys)`` without dropout, written out from the module's weights so that
+    batch dimensions broadcast: ``queries [..., Q, D]``, ``keys [..., K, D]`` → ``[..., Q, D]``.
+
+    The heads' queries or keys are a shared parameter (latents): they are projected once, not once per
+    text, and torch's fused CPU attention kernel (tiled for long sequences) is not used for the
+    multilayer head's 4 latents over 7 layers, where the profile of a DIN step showed it as the
+    largest attention cost. ``tests/text/test_pooling.py`` checks values and gradients against a
+    per-text, per-head loop.
+    """
+    heads = attention.num_heads
+    w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
+    q = nn.functional.linear(queries, w_q, b_q).unflatten(-1, (heads, -1))  # [..., Q, h, d]
+    k = nn.functional.linear(keys, w_k, b_k).unflatten(-1, (heads, -1))  # [..., K, h, d]
+    v = nn.functional.linear(keys, w_v, b_v).unflatten(-1, (heads, -1))
+    weights = (torch.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(q.shape[-1])).softmax(-1)
+    return attention.out_proj(torch.einsum("...hqk,...khd->...qhd", weights, v).flatten(-2))
+
+
 class MeanPooling(nn.Module):
     def forward(self, states: Tensor, mask: Tensor) -> Tensor:
         _check(states, mask)
@@ -127,23 +147,10 @@ class LatentAttentionPooling(nn.Module):
     def forward(self, states: Tensor, mask: Tensor) -> Tensor:
         _check(states, mask)
         states, real = _last_layer(states), mask.bool()
-        tokens = self.mlp(self._attend(states[real]))  # each real token on its own: [n, D]
+        tokens = self.mlp(cross_attention(self.attention, states[real], self.latents))  # each real token alone: [n, D]
         text = torch.arange(len(mask), device=mask.device).unsqueeze(1).expand_as(real)[real]
         sums = torch.zeros(len(mask), tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
         return sums.index_add(0, text, tokens) / real.sum(1, keepdim=True).to(tokens.dtype)
-
-    def _attend(self, tokens: Tensor) -> Tensor:
-        """``self.attention(tokens, latents, latents)`` for ``[n, D]`` tokens, the latents' keys and values
-        projected once instead of once per text (same weights, same result, no dropout)."""
-        heads, dim = self.attention.num_heads, tokens.shape[1]
-        w_q, w_k, w_v = self.attention.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.attention.in_proj_bias.chunk(3)
-        q = (tokens @ w_q.T + b_q).view(len(tokens), heads, -1)
-        k = (self.latents @ w_k.T + b_k).view(len(self.latents), heads, -1)
-        v = (self.latents @ w_v.T + b_v).view(len(self.latents), heads, -1)
-        weights = (torch.einsum("nhd,mhd->nhm", q, k) / math.sqrt(dim // heads)).softmax(-1)
-        attended = torch.einsum("nhm,mhd->nhd", weights, v).reshape(len(tokens), dim)
-        return self.attention.out_proj(attended)
 
 
 class MultiLayerPooling(nn.Module):
@@ -170,9 +177,7 @@ class MultiLayerPooling(nn.Module):
     def attend(self, layers: Tensor) -> Tensor:
         """``[B, L, D]`` per-layer means → ``[B, D]`` (what follows the means; item text caches them)."""
         layers = layers + self.layer_embedding
-        queries = self.latents.unsqueeze(0).expand(layers.shape[0], -1, -1)
-        attended, _ = self.attention(queries, layers, layers, need_weights=False)  # [B, k, D]
-        return attended.mean(1)
+        return cross_attention(self.attention, self.latents, layers).mean(-2)  # [B, k, D] → [B, D]
 
 
 HEADS = ("mean", "cls", "last", "max", "gem", "attention", "latent", "multilayer")

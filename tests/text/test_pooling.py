@@ -123,3 +123,17 @@ def test_trainable_heads_get_gradients_and_bad_input_is_refused() -> None:
         make_pooling("multilayer", D, num_layers=3, heads=2)(states[-1], mask)
     with pytest.raises(ValueError, match="unknown pooling"):
         make_pooling("median", D)
+
+
+@pytest.mark.parametrize("name", ["latent", "multilayer"])
+def test_the_latent_heads_gradients_equal_the_written_out_attentions(name: str) -> None:
+    """The latent heads compute attention from the module's weights (no per-text latent batch): their
+    gradients, to every parameter, equal those of the per-text, per-head loop in ``_reference``."""
+    head = _head(name).train()  # the module's attention has no dropout, so train mode changes nothing
+    states, mask = _batch(seed=3)
+    weights = torch.randn(3, D, generator=torch.Generator().manual_seed(4))
+    parameters = [p for p in head.parameters() if p.requires_grad]
+    got = torch.autograd.grad((head(states, mask) * weights).sum(), parameters)
+    want = torch.autograd.grad((_reference(name, head, states, mask) * weights).sum(), parameters)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
