@@ -13,18 +13,22 @@ from importlib import import_module
 from recsys.commands.table import BY_NAME, usage
 
 
-class TorchmetricsWithoutTransformers(importlib.abc.MetaPathFinder):
-    """Answers "not installed" when torchmetrics imports ``transformers``, and only then.
+class TorchmetricsWithoutOptionalStacks(importlib.abc.MetaPathFinder):
+    """Answers "not installed" when torchmetrics imports ``transformers`` or ``matplotlib``, and only then.
 
     torchmetrics 1.0.3 (torchrec 1.8's pin; 1.9 does the same) imports transformers' model classes for
-    its text metrics whenever Lightning imports it: about 1 s of every command that builds a model.
-    recsys uses none of those metrics; told transformers is absent, torchmetrics leaves them out. Any
-    other importer, recsys' text encoder included, gets transformers as usual."""
+    its text metrics and matplotlib's pyplot for its ``.plot()`` methods whenever Lightning imports it:
+    about 1 s and 0.3 s of every command that builds a model. recsys uses none of those metrics or
+    plots; told the packages are absent, torchmetrics leaves them out. Any other importer (recsys' text
+    encoder, its evaluation plots) gets them as usual."""
+
+    LEFT_OUT = frozenset({"transformers", "matplotlib"})
 
     def find_spec(self, name: str, path: object = None, target: object = None) -> None:
-        # once transformers is loaded (imported first by someone else) there is nothing to save, and
+        top = name.partition(".")[0]
+        # once a package is loaded (imported first by someone else) there is nothing to save, and
         # torchmetrics, told it is there, then needs its submodules
-        if name.partition(".")[0] == "transformers" and "transformers" not in sys.modules:
+        if top in self.LEFT_OUT and top not in sys.modules:
             frame = sys._getframe(1)
             while frame is not None:
                 if frame.f_globals.get("__name__", "").partition(".")[0] == "torchmetrics":
@@ -63,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     _configure_logging()
-    if from_command_line and not any(isinstance(f, TorchmetricsWithoutTransformers) for f in sys.meta_path):
-        sys.meta_path.insert(0, TorchmetricsWithoutTransformers())  # the process is ours alone
+    if from_command_line and not any(isinstance(f, TorchmetricsWithoutOptionalStacks) for f in sys.meta_path):
+        sys.meta_path.insert(0, TorchmetricsWithoutOptionalStacks())  # the process is ours alone
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(usage())
         return 0

@@ -31,9 +31,9 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -51,6 +51,9 @@ from recsys.data.arrow import (
 from recsys.data.days import day_split, partitions
 from recsys.data.schema import ID_TYPES, Schema, load_schema, parse_schema
 
+if TYPE_CHECKING:  # pandas is imported where it is used: a command's --help needs none of it
+    import pandas as pd
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3
@@ -66,6 +69,8 @@ def hash_bucket(values: pa.Array, num_buckets: int) -> np.ndarray:
         array = np.where(nulls, 0, array).astype(np.int64) if nulls.any() else array.astype(np.int64)
     else:
         array = np.where(nulls, "", array).astype(object)
+    import pandas as pd
+
     hashed = pd.util.hash_array(array)  # siphash with a fixed key: stable across processes
     rows = (hashed % np.uint64(num_buckets)).astype(np.int64) + 1
     rows[nulls] = 0
@@ -88,6 +93,8 @@ def raw_ids(values: pa.Array) -> np.ndarray:
         filled = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
         ids = filled.view(np.int64) if filled.dtype == np.uint64 else filled.astype(np.int64)
     else:
+        import pandas as pd
+
         array = np.where(nulls, "", values.to_numpy(zero_copy_only=False)).astype(object)
         ids = pd.util.hash_array(array).view(np.int64)
     reserved = nulls | (ids == np.iinfo(np.int64).max)
@@ -205,6 +212,8 @@ def _fingerprint(schema: Schema, files: list[Path]) -> str:
 
 
 def _index(values: np.ndarray) -> pd.Index:
+    import pandas as pd
+
     # object dtype for strings: pandas' Arrow-backed string index converts itself on every lookup
     return pd.Index(values, dtype=object if values.dtype.kind not in "iu" else values.dtype)
 
@@ -391,6 +400,8 @@ class Vocabulary:
 
     @classmethod
     def _build(cls, data_dir: Path, schema: Schema, files: list[Path], fingerprint: str) -> Vocabulary:
+        import pandas as pd
+
         owners = schema.tables
         hashed = {f.name: f.num_buckets for f in owners if f.num_buckets}
         counted = [f for f in owners if not f.num_buckets and not f.raw]  # raw ids: nothing to count
