@@ -42,7 +42,7 @@ class RunSummary(L.Callback):
             if isinstance(cb, ModelCheckpoint) and cb.best_model_path:
                 score = "" if cb.best_model_score is None else f" ({cb.monitor}={float(cb.best_model_score):.4f})"
                 lines.append(f"best checkpoint: {cb.best_model_path}{score}")
-        if trainer.log_dir:
+        if trainer.logger is not None and trainer.log_dir:  # without a logger, log_dir is just the working dir
             lines.append(f"config + TensorBoard logs: {trainer.log_dir}  (tensorboard --logdir {trainer.log_dir})")
         for line in lines:
             rank_zero_info(f"[recsys] {line}")

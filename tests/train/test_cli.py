@@ -266,7 +266,7 @@ def test_data_whose_content_differs_is_refused_and_an_identical_copy_passes(
 
 
 def test_a_run_without_a_logger_writes_no_config_into_the_working_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     data = write_dataset(tmp_path / "tiny")
     work = tmp_path / "work"
@@ -294,3 +294,5 @@ def test_a_run_without_a_logger_writes_no_config_into_the_working_directory(
         ]
     )
     assert not (work / "config.yaml").exists(), sorted(p.name for p in work.iterdir())
+    # nor does its summary point at logs that were never written (Lightning's log_dir is the working dir)
+    assert "TensorBoard logs" not in caplog.text
