@@ -158,7 +158,8 @@ def test_console_script_help_and_print_config() -> None:
     printed = yaml.safe_load(out)
     assert printed["model"]["class_path"] == "recsys.models.base.EmbeddingMLP"
     assert "features" not in printed["model"]["init_args"]  # linked from the data module
-    assert np.isclose(printed["model"]["init_args"]["optimizer"]["init_args"]["lr"], 0.003)
+    shipped = yaml.safe_load(Path(CONFIG).read_text())["model"]["init_args"]["optimizer"]["init_args"]["lr"]
+    assert np.isclose(printed["model"]["init_args"]["optimizer"]["init_args"]["lr"], shipped)
 
 
 @pytest.mark.parametrize("model", ["base", "din", "dlrm"])

@@ -59,7 +59,7 @@ def test_configs_do_not_share_a_directory_and_a_pinned_one_refuses_another_confi
     data = write_dataset(tmp_path / "tiny")
     runs = tmp_path / "runs"
     _fit(data, runs)
-    _fit(data, runs, "--model.init_args.optimizer.init_args.lr", "0.01")
+    _fit(data, runs, "--model.init_args.optimizer.init_args.lr", "0.0123")  # not the shipped config's value
     directories = sorted(p.name for p in (runs / "movielens" / "base").iterdir())
     assert len(directories) == 2 and all(d.startswith("base-") for d in directories)
     for directory in directories:  # one best.ckpt each, no best-v1.ckpt beside it
