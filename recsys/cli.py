@@ -18,7 +18,7 @@ class TorchmetricsWithoutOptionalStacks(importlib.abc.MetaPathFinder):
 
     torchmetrics 1.0.3 (torchrec 1.8's pin; 1.9 does the same) imports transformers' model classes for
     its text metrics and matplotlib's pyplot for its ``.plot()`` methods whenever Lightning imports it:
-    about 1 s and 0.3 s of every command that builds a model. recsys uses none of those metrics or
+    about 1 s and 0.4 s of every command that builds a model. recsys uses none of those metrics or
     plots; told the packages are absent, torchmetrics leaves them out. Any other importer (recsys' text
     encoder, its evaluation plots) gets them as usual."""
 

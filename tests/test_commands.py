@@ -61,7 +61,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("package, use", [("transformers", "AutoTokenizer"), ("matplotlib", "pyplot")])
 def test_torchmetrics_is_told_its_optional_stacks_are_absent_and_others_get_them(package: str, use: str) -> None:
     # torchmetrics 1.0.3 imports transformers' model classes and matplotlib's pyplot whenever lightning
-    # imports it (~1 s and ~0.3 s a command)
+    # imports it (~1 s and ~0.4 s a command)
     finder = "import sys; from recsys.cli import TorchmetricsWithoutOptionalStacks as T; sys.meta_path.insert(0, T()); "
     done = _python(
         finder + f"import lightning.pytorch; print({package!r} in sys.modules); "
