@@ -75,10 +75,14 @@ def test_torchmetrics_is_told_its_optional_stacks_are_absent_and_others_get_them
 
 def test_a_lightning_commands_help_from_the_command_line_is_whole_and_quiet() -> None:
     # the console script's path leaves the process right after the help (no teardown): the same text as
-    # a fresh process that prints the help and ends the usual way (main given argv), and no argv warning
+    # a fresh process that prints the help and ends the usual way (main given argv), and no argv warning;
+    # the help imports none of pandas, matplotlib, transformers (printed by an exit handler)
     argv = "import sys; from recsys.cli import main; sys.argv = ['recsys', 'fit', '--help']; "
-    done = _python(argv + "main()")
+    stacks = "[m for m in ('pandas', 'matplotlib', 'transformers') if m in sys.modules]"
+    done = _python(argv + f"import atexit; atexit.register(lambda: print({stacks})); main()")
     reference = _python(argv + "main(['fit', '--help'])")
     assert done.returncode == 0 and reference.returncode == 0, done.stderr[-2000:] + reference.stderr[-2000:]
     assert "args parameter" not in done.stderr
-    assert done.stdout == reference.stdout and "--trainer.max_epochs" in done.stdout
+    help_text, _, imported = done.stdout.rstrip("\n").rpartition("\n")
+    assert imported == "[]"
+    assert help_text + "\n" == reference.stdout and "--trainer.max_epochs" in help_text

@@ -243,10 +243,10 @@ class ItemText(nn.Module):
         attends token by token, so its texts need no groups."""
         if self.spec.pooling == "multilayer":
             return self.head.attend(self.layer_means[:, rows].transpose(0, 1))
+        if self.spec.pooling == "latent":  # each token attends alone: the real tokens only, no padding, no groups
+            text, position = self.mask[rows].bool().nonzero(as_tuple=True)  # [n] each, text by text
+            return self.head.pool_tokens(self.states[-1, rows[text], position].float(), text, len(rows))
         lengths = self.mask[rows].sum(1)
-        if self.spec.pooling == "latent":  # each real token is pooled on its own: one call, no groups
-            cut = int(lengths.max())
-            return self._head(self.states[:, rows, :cut].float(), self.mask[rows, :cut])
         groups, outputs = [], []
         for low, high in zip((-1, *LENGTH_BUCKETS), (*LENGTH_BUCKETS, self.mask.shape[1]), strict=True):
             group = ((lengths > low) & (lengths <= high)).nonzero().squeeze(1)

@@ -62,6 +62,10 @@ def cross_attention(attention: nn.MultiheadAttention, queries: Tensor, keys: Ten
     largest attention cost. ``tests/text/test_pooling.py`` checks values and gradients against a
     per-text, per-head loop.
     """
+    if attention.in_proj_weight is None or attention.bias_k is not None or attention.add_zero_attn or attention.dropout:
+        raise ValueError(
+            "cross_attention needs a MultiheadAttention with packed projections, no extra key bias, no dropout"
+        )
     heads = attention.num_heads
     w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
     b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
@@ -147,10 +151,19 @@ class LatentAttentionPooling(nn.Module):
     def forward(self, states: Tensor, mask: Tensor) -> Tensor:
         _check(states, mask)
         states, real = _last_layer(states), mask.bool()
-        tokens = self.mlp(cross_attention(self.attention, states[real], self.latents))  # each real token alone: [n, D]
         text = torch.arange(len(mask), device=mask.device).unsqueeze(1).expand_as(real)[real]
-        sums = torch.zeros(len(mask), tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
-        return sums.index_add(0, text, tokens) / real.sum(1, keepdim=True).to(tokens.dtype)
+        return self.pool_tokens(states[real], text, len(mask))
+
+    def pool_tokens(self, tokens: Tensor, text: Tensor, texts: int) -> Tensor:
+        """The head over real tokens only: ``tokens [n, D]`` of texts ``text [n]`` (0..texts−1, each text at
+        least one token) → ``[texts, D]`` (each token attends alone, so no padding is needed; item text
+        gathers its tokens straight from the cache)."""
+        out = self.mlp(cross_attention(self.attention, tokens, self.latents))  # [n, D]
+        sums = torch.zeros(texts, out.shape[1], dtype=out.dtype, device=out.device).index_add(0, text, out)
+        counts = torch.zeros(texts, dtype=out.dtype, device=out.device).index_add(
+            0, text, torch.ones_like(text, dtype=out.dtype)
+        )
+        return sums / counts.unsqueeze(1)
 
 
 class MultiLayerPooling(nn.Module):

@@ -137,3 +137,22 @@ def test_the_latent_heads_gradients_equal_the_written_out_attentions(name: str) 
     want = torch.autograd.grad((_reference(name, head, states, mask) * weights).sum(), parameters)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_cross_attention_equals_torchs_multihead_attention_module() -> None:
+    """The written-out attention against ``nn.MultiheadAttention`` called as usual (no dropout), for the
+    latent head's shapes (every token a query of the shared latents) and the multilayer head's (shared
+    latent queries over each text's layers)."""
+    from recsys.text.pooling import cross_attention
+
+    torch.manual_seed(5)
+    module = torch.nn.MultiheadAttention(D, 2, batch_first=True).eval()
+    tokens, latents, layers = torch.randn(7, D), torch.randn(5, D), torch.randn(3, L, D)
+    with torch.no_grad():
+        want = module(tokens.unsqueeze(0), latents.unsqueeze(0), latents.unsqueeze(0), need_weights=False)[0][0]
+        torch.testing.assert_close(cross_attention(module, tokens, latents), want, atol=1e-6, rtol=1e-5)
+        queries = latents.expand(3, -1, -1)
+        want = module(queries, layers, layers, need_weights=False)[0]
+        torch.testing.assert_close(cross_attention(module, latents, layers), want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="no dropout"):
+        cross_attention(torch.nn.MultiheadAttention(D, 2, dropout=0.1), tokens, latents)
