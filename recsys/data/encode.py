@@ -53,6 +53,8 @@ class Chunk:
     sequences: dict[str, tuple[np.ndarray, np.ndarray]]
     positions: np.ndarray  # [N] int64: file_index << 40 | row in file
     text: dict[str, np.ndarray] = field(default_factory=dict)  # row-level text columns: name -> [N] str objects
+    # jagged offsets [N + 1] per column ("sparse.<name>", "sequences.<name>"), filled by ``rows`` on first use
+    _offsets: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,12 +62,12 @@ class Chunk:
     def rows(self, start: int, end: int) -> Chunk:
         """Rows ``[start, end)``: ``take(np.arange(start, end))`` by slicing (copies, so a batch never
         shares memory with the chunk it came from)."""
-        offsets = self.__dict__.setdefault("_offsets", {})  # per jagged column, computed once per chunk
 
         def cut(key: str, values: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            if key not in offsets:
-                offsets[key] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-            return values[offsets[key][start] : offsets[key][end]].copy(), lengths[start:end].copy()
+            if key not in self._offsets:
+                self._offsets[key] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+            offsets = self._offsets[key]
+            return values[offsets[start] : offsets[end]].copy(), lengths[start:end].copy()
 
         return Chunk(
             labels=self.labels[start:end].copy(),

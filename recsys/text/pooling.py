@@ -150,9 +150,8 @@ class LatentAttentionPooling(nn.Module):
 
     def forward(self, states: Tensor, mask: Tensor) -> Tensor:
         _check(states, mask)
-        states, real = _last_layer(states), mask.bool()
-        text = torch.arange(len(mask), device=mask.device).unsqueeze(1).expand_as(real)[real]
-        return self.pool_tokens(states[real], text, len(mask))
+        text, position = mask.bool().nonzero(as_tuple=True)  # the real tokens, text by text
+        return self.pool_tokens(_last_layer(states)[text, position], text, len(mask))
 
     def pool_tokens(self, tokens: Tensor, text: Tensor, texts: int) -> Tensor:
         """The head over real tokens only: ``tokens [n, D]`` of texts ``text [n]`` (0..texts−1, each text at
@@ -160,10 +159,7 @@ class LatentAttentionPooling(nn.Module):
         gathers its tokens straight from the cache)."""
         out = self.mlp(cross_attention(self.attention, tokens, self.latents))  # [n, D]
         sums = torch.zeros(texts, out.shape[1], dtype=out.dtype, device=out.device).index_add(0, text, out)
-        counts = torch.zeros(texts, dtype=out.dtype, device=out.device).index_add(
-            0, text, torch.ones_like(text, dtype=out.dtype)
-        )
-        return sums / counts.unsqueeze(1)
+        return sums / torch.bincount(text, minlength=texts).unsqueeze(1).to(out.dtype)
 
 
 class MultiLayerPooling(nn.Module):
