@@ -23,6 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--two-tower", required=True, help="TwoTower checkpoint (recsys fit --config configs/movielens/two_tower.yaml)"
     )
+    parser.add_argument(
+        "--hybrid-tower",
+        help="a TwoTower checkpoint with item text, trained with item_id_dropout: the learned hybrid's ID side "
+        "(cold items get a vector from their text)",
+    )
     parser.add_argument("--din", help="DIN checkpoint for re-ranking (optional)")
     parser.add_argument("--data", help="dataset directory (default: the two-tower's)")
     parser.add_argument("--text-feature", default="movie_title")
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         text_with=args.text_with,
         index=args.index,
         binary_rerank=args.binary_rerank,
+        hybrid_tower=load_model(args.hybrid_tower) if args.hybrid_tower else None,
     )
     report = retriever.evaluate(load_model(args.din) if args.din else None, args.k, args.rerank_depth, args.split)
     out = Path(args.out)

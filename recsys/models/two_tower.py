@@ -11,6 +11,11 @@ negative. Logits ``u_i · v_j / τ − log q_j`` with ``q_j`` the item's share o
 et al. 2019: in-batch negatives over-sample popular items; subtracting ``log q`` corrects it).
 ``forward(batch)`` is the matched score ``u_i · v_i / τ`` (usable as a CTR score), and
 ``user_vectors`` / ``item_vectors`` feed the ANN index (``recsys.retrieval``).
+
+With item text, ``item_id_dropout`` trains the item tower for items it has no trained row for
+(DropoutNet, Volkovs et al. 2017): that share of the clicked rows reads the out-of-vocabulary row
+instead of the item's own ID row (its text stays), so a cold item — OOV row ⊕ its text — gets a
+vector from its content alone (``item_vectors(rows, text=…)``): a hybrid learned end to end.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class TwoTower(CTRModule):
     user: the user id feature; item: the item id feature; history: the item behavior sequence.
     tower_hidden_units: hidden widths of both towers; ``output_dim`` their output.
     temperature: softmax temperature ``τ``.
+    item_id_dropout: share of clicked rows whose item ID row is replaced by the out-of-vocabulary row
+        in training (needs item text combined by ``concat``; 0: off).
     **kwargs: ``embedding``, ``text``, ``mba_lambda``, ``optimizer``.
     """
 
@@ -45,9 +52,12 @@ class TwoTower(CTRModule):
         tower_hidden_units: list[int] = [64],  # noqa: B006
         output_dim: int = 32,
         temperature: float = 0.05,
+        item_id_dropout: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(features, **kwargs)
+        if not 0.0 <= item_id_dropout < 1.0:
+            raise ValueError(f"model.init_args.item_id_dropout: {item_id_dropout} is not in [0, 1)")
         if self.schema[history].target != item:
             raise ValueError(f"{self.schema.source}: {history!r} must be a sequence of {item!r}")
         if self.schema[item].raw:
@@ -56,8 +66,15 @@ class TwoTower(CTRModule):
                 f"vocabulary (its catalogue and the in-batch softmax's frequency correction); give it a vocabulary"
             )
         self.user, self.item, self.history, self.temperature = user, item, history, temperature
+        self.item_id_dropout = item_id_dropout
         self.embedding = self.embedding_layer(features=[user, item, history])
         widths = self.embedding.output_dims()
+        self.text_width = self.embedding.text_dims.get(item, 0)  # the item's text part (last columns), if any
+        if item_id_dropout and not (self.text_width and self.embedding.text_spec.combine == "concat"):
+            raise ValueError(
+                "model.init_args.item_id_dropout: an item whose ID row is dropped keeps only its text, and "
+                f"{item!r} has no item text combined by concat (add --config configs/text/mean.yaml)"
+            )
         self.user_features = [f for f in self.embedding.pooled_features if f != item]
         self.user_tower = MLP(sum(widths[f] for f in self.user_features), tower_hidden_units, output_dim)
         self.item_tower = MLP(widths[item], tower_hidden_units, output_dim)
@@ -75,9 +92,14 @@ class TwoTower(CTRModule):
     def _items(self, vectors: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.item_tower(vectors), dim=1)
 
-    def item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
-        """``[n]`` item table rows → ``[n, E]`` L2-normalized item vectors."""
-        return self._items(self.embedding.embed_ids(self.item, rows))
+    def item_vectors(self, rows: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """``[n]`` item table rows → ``[n, E]`` L2-normalized item vectors; ``text`` (``[n, text_width]``,
+        e.g. ``ItemText.pool_states`` + ``proj`` of texts the table has no row for) replaces the text part
+        that the rows read."""
+        vectors = self.embedding.embed_ids(self.item, rows)
+        if text is not None:
+            vectors = torch.cat([vectors[:, : vectors.shape[1] - self.text_width], text], dim=1)
+        return self._items(vectors)
 
     def user_vectors(self, batch: Batch) -> torch.Tensor:
         """``[B, E]`` L2-normalized user vectors from the user id and the behavior sequence."""
@@ -94,8 +116,18 @@ class TwoTower(CTRModule):
         embedded = self.embedding(batch)
         users = self._users(embedded)[clicked]
         rows = batch.sparse[self.item].values()[clicked]
-        items = self._items(embedded.pooled[self.item][clicked])
+        items = self._items(self._drop_ids(embedded.pooled[self.item][clicked]))
         logits = users @ items.T / self.temperature - self.log_q[rows]  # [P, P]
         same = rows.unsqueeze(0) == rows.unsqueeze(1)  # another positive of the same item is no negative
         logits = logits.masked_fill(same & ~torch.eye(len(rows), dtype=torch.bool, device=rows.device), float("-inf"))
         return F.cross_entropy(logits, torch.arange(len(rows), device=rows.device))
+
+    def _drop_ids(self, items: torch.Tensor) -> torch.Tensor:
+        """``[P, W_id + W_text]`` item inputs with the ID part of a random ``item_id_dropout`` share of the
+        rows replaced by the out-of-vocabulary row's (in training only)."""
+        if not (self.training and self.item_id_dropout):
+            return items
+        id_width = items.shape[1] - self.text_width
+        oov = self.embedding.embed_ids(self.item, torch.zeros(1, dtype=torch.long, device=items.device))
+        drop = torch.rand(len(items), 1, device=items.device) < self.item_id_dropout
+        return torch.cat([torch.where(drop, oov[:, :id_width], items[:, :id_width]), items[:, id_width:]], dim=1)

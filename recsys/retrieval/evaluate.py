@@ -16,7 +16,10 @@ items absent from train (cold items) are candidates too. Rankings:
 - **hybrid (RRF)**: reciprocal rank fusion ``Σ 1/(60 + rank)`` of the two lists;
 - **hybrid (learned)**: ``α·z(s_id) + (1 − α)·z(s_text)``, each score standardized per user (the two
   cosines live on different scales), ``α`` chosen on the val split; a cold item has no trained ID
-  row, so its missing ID score is replaced by its content score (back-off to content);
+  row, so its missing ID score is replaced by its content score (back-off to content). With
+  ``--hybrid-tower`` (a two-tower with item text trained with ``item_id_dropout``), ``s_id`` is that
+  tower's score, which a cold item has from its text (OOV row ⊕ text): no back-off; the tower alone
+  is reported too (``hybrid_tower``);
 - **hybrid + DIN**: the learned hybrid's top ``--rerank-depth`` re-ordered by DIN's click
   probability for (user, candidate), with the user's features and history as of that row.
 
@@ -73,6 +76,7 @@ class Catalogue:
         self.rows = vocab.lookup(item, pa.array(self.items))
         self.cold = self.rows == 0
         self.texts = first[text_feature].fillna("").astype(str).tolist()
+        self.plain_texts = self.texts  # the text column alone (what an item table's text rows read)
         for column in text_with or []:  # more item content, e.g. "Heat (1995). genres: Action, Crime, Thriller"
             if column not in self.item_columns:
                 raise ValueError(
@@ -162,6 +166,7 @@ class Retriever:
         text_with: list[str] | None = None,
         index: str = "fp32",
         binary_rerank: int = 10,
+        hybrid_tower=None,  # noqa: ANN001
     ) -> None:
         from recsys.text.encoder import TextEncoder
         from recsys.text.pooling import make_pooling
@@ -186,7 +191,30 @@ class Retriever:
                     chunks.append(fixed(s if pooling == "multilayer" else s[-1], m))
             self.text_items = F.normalize(torch.cat(chunks), dim=1).numpy()
             self.id_items = two_tower.item_vectors(torch.from_numpy(self.catalogue.rows)).numpy()
+        self.hybrid = None if hybrid_tower is None else self._hybrid_items(hybrid_tower, encoder, data_dir)
         self.build_indexes(index, binary_rerank)
+
+    def _hybrid_items(self, tower, encoder, data_dir: Path):  # noqa: ANN001, ANN202
+        """The hybrid tower (eval mode) after its ``[N, E]`` catalogue vectors: each item's ID row (a
+        cold item's: the OOV row) ⊕ its text through the tower's own trained head and projection."""
+        check_same_content(tower.info, self.vocab.info(), data_dir)
+        item_text = tower.embedding.item_text[self.item] if self.item in tower.embedding.item_text else None
+        if getattr(tower, "item", None) != self.item or not hasattr(item_text, "pool_states"):
+            raise ValueError(
+                f"--hybrid-tower: expected a TwoTower over {self.item!r} with item text (recsys fit --config "
+                "configs/movielens/two_tower.yaml --config configs/text/mean.yaml "
+                "--model.init_args.item_id_dropout 0.5)"
+            )
+        states, mask = encoder.encode_cached(self.catalogue.plain_texts, cache_dir=data_dir / "text_cache")
+        tower.eval()
+        with torch.no_grad():
+            vectors = []
+            for start in range(0, states.shape[1], 512):
+                text = item_text.proj(item_text.pool_states(states[:, start : start + 512], mask[start : start + 512]))
+                rows = torch.from_numpy(self.catalogue.rows[start : start + 512])
+                vectors.append(tower.item_vectors(rows, text=text))
+        self.hybrid_items = torch.cat(vectors).numpy()
+        return tower
 
     def build_indexes(self, codec: str = "fp32", binary_rerank: int = 10) -> None:
         """The ID and text item vectors in a ``codec`` index (``recsys.retrieval.index``); binary
@@ -213,15 +241,26 @@ class Retriever:
         users_id, users_text = self.user_vectors(queries)
         return users_id @ self.id_items.T, users_text @ self.text_items.T
 
+    def hybrid_scores(self, queries: Queries, s_id: np.ndarray) -> np.ndarray:
+        """``[U, N]`` the learned hybrid's first score: the hybrid tower's when there is one, else ``s_id``."""
+        if self.hybrid is None:
+            return s_id
+        with torch.no_grad():
+            users = self.hybrid.user_vectors(_encode(self.vocab, queries.templates)).numpy()
+        return users @ self.hybrid_items.T
+
     def fused(self, s_id: np.ndarray, s_text: np.ndarray, alpha: float) -> np.ndarray:
-        """``α·z(s_id) + (1 − α)·z(s_text)``; cold items take their content z-score as ID score."""
+        """``α·z(s_id) + (1 − α)·z(s_text)``; without a hybrid tower, cold items take their content
+        z-score as ID score (they have no trained ID row)."""
         z_id, z_text = _standardize(s_id), _standardize(s_text)
-        z_id[:, self.catalogue.cold] = z_text[:, self.catalogue.cold]
+        if self.hybrid is None:
+            z_id[:, self.catalogue.cold] = z_text[:, self.catalogue.cold]
         return alpha * z_id + (1 - alpha) * z_text
 
     def alpha(self, val: Queries, k: int) -> float:
         """The fusion weight α ∈ {0, 0.1, …, 1} with the best Recall@k on ``val`` (the val split's users)."""
         s_id, s_text = self.scores(val)
+        s_id = self.hybrid_scores(val, s_id)
         recalls = {
             a / 10: {
                 "val": {"recall": recall_at_k(_rank(self.fused(s_id, s_text, a / 10), val.seen, k), val.positives, k)}
@@ -274,13 +313,16 @@ class Retriever:
                 for r, item in enumerate(ranking):
                     score[item] = score.get(item, 0.0) + 1.0 / (60 + r + 1)
             fused.append(sorted(score, key=lambda i: -score[i])[:depth])
-        learned = _rank(self.fused(s_id, s_text, alpha), queries.seen, depth)
+        s_hybrid = self.hybrid_scores(queries, s_id)
+        learned = _rank(self.fused(s_hybrid, s_text, alpha), queries.seen, depth)
         results = {
             "id": _metrics(id_ranked, queries, ks),
             "text": _metrics(text_ranked, queries, ks),
             "hybrid_rrf": _metrics(fused, queries, ks),
-            "hybrid_learned": _metrics(learned, queries, ks),
         }
+        if self.hybrid is not None:
+            results["hybrid_tower"] = _metrics(_rank(s_hybrid, queries.seen, depth), queries, ks)
+        results["hybrid_learned"] = _metrics(learned, queries, ks)
         if din is not None:
             reranked = self.rerank(din, queries, [r[:rerank_depth] for r in learned])
             results["hybrid_learned+din"] = _metrics(reranked, queries, ks)

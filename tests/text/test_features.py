@@ -146,6 +146,15 @@ def test_sum_and_init_combine(dm: CTRDataModule) -> None:
     assert init.embedding.output_dims()["item"] == 8 and not len(init.embedding.item_text)  # no text at run time
 
 
+def test_a_width_given_on_the_command_line_is_read_as_a_number() -> None:
+    from recsys.text.features import TextSpec
+
+    # --model.init_args.text.dim 16 arrives as the string "16": the block is a free mapping to the CLI
+    assert TextSpec.parse({"dim": "16", "head_dim": "64", "pooling": "latent"}).dim == 16
+    with pytest.raises(TextConfigError, match="got '1.5'"):
+        TextSpec.parse({"dim": "1.5"})
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

@@ -1,0 +1,130 @@
+"""The hybrid tower: a two-tower with item text whose ID rows are dropped in training (DropoutNet), so
+that items without a trained row (cold items) get a vector from their text."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recsys.data.datamodule import CTRDataModule
+from recsys.models.two_tower import TwoTower
+
+TEXT = {"pooling": "mean", "dim": 4}
+
+
+def _tower(dm: CTRDataModule, dropout: float, text: dict | None = TEXT) -> TwoTower:
+    torch.manual_seed(0)
+    return TwoTower(
+        dm.dataset_info,
+        user="user",
+        item="item",
+        history="hist_item",
+        embedding={"dim": 8},
+        tower_hidden_units=[8],
+        output_dim=4,
+        item_id_dropout=dropout,
+        text=text,
+        resources=dm.resources,
+    )
+
+
+def test_dropped_rows_read_the_oov_row_and_keep_their_text_forward_and_backward(tiny_dataset: Path) -> None:
+    dm = CTRDataModule(str(tiny_dataset), batch_size=64)
+    model = _tower(dm, 0.5)
+    rows = torch.arange(1, 41)
+    items = model.embedding.embed_ids("item", rows)  # [40, 8 ID + 4 text]
+    table = model.embedding.table_weight("t_item")
+    text = model.embedding.item_text["item"](rows)
+    torch.manual_seed(3)
+    out = model._drop_ids(items)
+    torch.manual_seed(3)
+    drop = (torch.rand(40, 1) < 0.5).flatten().tolist()
+    assert 5 < sum(drop) < 35
+    for i, dropped in enumerate(drop):  # the plain reference: row by row
+        id_part = table[0] if dropped else table[rows[i]]
+        torch.testing.assert_close(out[i], torch.cat([id_part, text[i]]))
+    out.sum().backward()  # the OOV row learns from the dropped rows, each item's own row from the kept ones
+    grad = table.grad if table.grad is not None else model.embedding.table_weight("t_item").grad
+    assert grad is not None
+    torch.testing.assert_close(grad[0], torch.full((8,), float(sum(drop))))
+    for i, dropped in enumerate(drop):
+        assert float(grad[rows[i]].abs().sum()) == (0.0 if dropped else 8.0)
+    model.eval()
+    torch.testing.assert_close(model._drop_ids(items), items)  # nothing is dropped outside training
+
+
+def test_item_vectors_take_other_text_in_place_of_the_rows(tiny_dataset: Path) -> None:
+    dm = CTRDataModule(str(tiny_dataset), batch_size=64)
+    model = _tower(dm, 0.5).eval()
+    rows, other = torch.tensor([0, 3, 7]), torch.randn(3, 4)
+    ids = model.embedding.table_weight("t_item")[rows]
+    expected = torch.nn.functional.normalize(model.item_tower(torch.cat([ids, other], dim=1)), dim=1)
+    torch.testing.assert_close(model.item_vectors(rows, text=other), expected)
+    own = model.embedding.item_text["item"](rows)
+    torch.testing.assert_close(model.item_vectors(rows, text=own), model.item_vectors(rows))
+
+
+@pytest.mark.parametrize(
+    "dropout, text, message",
+    [
+        (0.5, None, "item_id_dropout: an item whose ID row is dropped keeps only its text"),
+        (0.5, {"pooling": "mean", "combine": "sum", "dim": 8}, "no item text combined by concat"),
+        (1.0, TEXT, r"item_id_dropout: 1.0 is not in \[0, 1\)"),
+    ],
+)
+def test_item_id_dropout_is_refused_where_nothing_would_stand_for_the_id(
+    tiny_dataset: Path, dropout: float, text: dict | None, message: str
+) -> None:
+    dm = CTRDataModule(str(tiny_dataset), batch_size=64)
+    with pytest.raises(ValueError, match=message):
+        _tower(dm, dropout, text)
+
+
+def test_retrieval_scores_cold_items_through_the_hybrid_towers_text(tmp_path: Path, tiny_dataset: Path) -> None:
+    from recsys.retrieval.evaluate import Queries, Retriever, _standardize
+    from recsys.text.encoder import TextEncoder
+
+    test_file = tiny_dataset / "test" / "part-0.parquet"
+    table = pq.read_table(test_file)
+    items = table.column("item").to_numpy().copy()
+    items[:40] = 1000 + np.arange(40) % 5  # five items no train row has: cold, with titles of their own
+    titles = [f"item {i}" for i in items]
+    table = table.set_column(table.schema.get_field_index("item"), "item", pa.array(items))
+    pq.write_table(table.set_column(table.schema.get_field_index("title"), "title", pa.array(titles)), test_file)
+    dm = CTRDataModule(str(tiny_dataset), batch_size=64)
+    id_tower = TwoTower(dm.dataset_info, user="user", item="item", history="hist_item", embedding={"dim": 8})
+    hybrid = _tower(dm, 0.5)
+    retriever = Retriever(id_tower, tiny_dataset, "title", hybrid_tower=hybrid)
+    catalogue = retriever.catalogue
+    assert catalogue.cold.sum() == 5
+    # every item: its ID row (cold: the OOV row) ⊕ its title through the hybrid's own head and projection
+    with torch.no_grad():
+        states, mask = TextEncoder()(catalogue.texts)  # [L, N, T, D], [N, T]
+    item_text = hybrid.embedding.item_text["item"]
+    with torch.no_grad():
+        text = item_text.proj((states[-1] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))  # mean pooling
+        expected = hybrid.item_vectors(torch.from_numpy(catalogue.rows), text=text)
+    np.testing.assert_allclose(retriever.hybrid_items, expected.numpy(), atol=2e-3)
+    cold = np.flatnonzero(catalogue.cold)
+    assert np.abs(retriever.hybrid_items[cold[0]] - retriever.hybrid_items[cold[1]]).max() > 1e-3  # not one OOV vector
+    warm = torch.from_numpy(catalogue.rows[~catalogue.cold])
+    with torch.no_grad():  # a warm item's title is its table's text row
+        np.testing.assert_allclose(retriever.hybrid_items[~catalogue.cold], hybrid.item_vectors(warm), atol=2e-3)
+    # the learned hybrid fuses the tower's own scores with content, with no back-off for cold items
+    queries = Queries(catalogue, "test", "user", "item", "click")
+    s_id, s_text = retriever.scores(queries)
+    s_hybrid = retriever.hybrid_scores(queries, s_id)
+    with torch.no_grad():
+        from recsys.retrieval.evaluate import _encode
+
+        users = hybrid.user_vectors(_encode(retriever.vocab, queries.templates)).numpy()
+    np.testing.assert_allclose(s_hybrid, users @ retriever.hybrid_items.T, atol=1e-5)
+    np.testing.assert_allclose(
+        retriever.fused(s_hybrid, s_text, 0.7), 0.7 * _standardize(s_hybrid) + 0.3 * _standardize(s_text), atol=1e-5
+    )
+    report = retriever.evaluate(din=None, k=10, rerank_depth=20)
+    assert list(report["results"]) == ["id", "text", "hybrid_rrf", "hybrid_tower", "hybrid_learned"]
+    assert report["results"]["hybrid_tower"]["cold_recall@10"] >= 0
