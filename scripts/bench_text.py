@@ -9,13 +9,16 @@ missing): 20% of the items have no train row, val and test are ml100k-ctr's.
    from all-MiniLM-L6-v2, frozen, pooled by the head, joined to the item ID embedding of target and
    behaviors): val/test AUC and GAUC per seed, and its training samples/s (the run's own meter,
    epochs after the first).
-2. One two-tower per seed (``configs/movielens/two_tower.yaml``), then ``recsys retrieve`` at K = 10
-   and 50: ID, content (each head as its DIN run of that seed learned it), RRF, the learned hybrid,
-   hybrid + DIN re-rank; overall, on cold and on warm positives.
+2. One two-tower per seed (``configs/movielens/two_tower.yaml``) and one hybrid tower per seed and
+   ID dropout (``configs/text/hybrid_tower.yaml`` on top: item text in the item tower, a share of
+   the item ID rows dropped in training so that cold items are placed by their text), then
+   ``recsys retrieve`` at K = 10 and 50: ID, content (each head as its DIN run of that seed learned
+   it), RRF, the hybrid tower, the learned hybrid (hybrid tower fused with content), hybrid + DIN
+   re-rank; overall, on cold and on warm positives.
 Every choice is made on val through ``recsys.eval.selection.best_on_val``: the DIN re-ranker (mean
 val AUC over seeds, "none" included), the content head with its text columns (mean val content
-Recall@50), the re-rank depth (mean val Recall@50 of hybrid + DIN), α (inside ``recsys retrieve``,
-per seed). Test is read once per reported number. Per-user Recall@50 averaged over seeds gives the
+Recall@50), the hybrid tower's ID dropout (mean val Recall@50 of the learned hybrid), the re-rank
+depth (mean val Recall@50 of hybrid + DIN), α (inside ``recsys retrieve``, per seed). Test is read once per reported number. Per-user Recall@50 averaged over seeds gives the
 paired bootstrap intervals over users. Finished runs under runs/bench_text are reused when their
 fingerprint (config text, seed, data, options) is the same.
 Writes runs/bench_text/results.json and the ``bench_text`` block of docs/benchmarks.md.
@@ -45,6 +48,8 @@ TEXT_COLUMNS = {"title": [], "title + genres": ["genres"]}  # what the content t
 KS = [10, 50]
 K = KS[-1]
 DEPTHS = [50, 100, 200]  # DIN re-ranks this many of the hybrid's candidates: chosen on val
+HYBRID = ["configs/movielens/two_tower.yaml", "configs/text/hybrid_tower.yaml"]
+ID_DROPOUTS = [0.1, 0.3, 0.5]  # the hybrid tower's share of dropped item ID rows: chosen on val
 
 
 def prepared(data: str) -> str:
@@ -56,11 +61,11 @@ def prepared(data: str) -> str:
     return marker.read_text()
 
 
-def fit(version: str, seed: int, configs: list[str], data: str = "data/ml100k-ctr") -> dict:
+def fit(version: str, seed: int, configs: list[str], data: str = "data/ml100k-ctr", overrides: tuple = ()) -> dict:
     """Trains once per fingerprint; ``{"ckpt", "val", "test", "samples_per_s", "fingerprint"}``."""
 
     def train() -> dict:
-        args = ["fit"] + [a for c in configs for a in ("--config", c)]
+        args = ["fit"] + [a for c in configs for a in ("--config", c)] + list(overrides)
         args += ["--data.path", data, "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false"]
         args += ["--trainer.logger.init_args.save_dir", str(OUT), "--trainer.logger.init_args.name", ""]
         cli = run(args + ["--trainer.logger.init_args.version", version])
@@ -73,7 +78,8 @@ def fit(version: str, seed: int, configs: list[str], data: str = "data/ml100k-ct
         rates = meter.rates[1:] or meter.rates
         return {"ckpt": str(ckpt), "samples_per_s": float(np.mean(rates)), **scores}
 
-    return reused_or_run(OUT / version, [[Path(c).read_text() for c in configs], seed, prepared(data)], train)
+    texts = [Path(c).read_text() for c in configs]
+    return reused_or_run(OUT / version, [texts, seed, prepared(data), *([list(overrides)] if overrides else [])], train)
 
 
 def retrieve(name: str, runs: dict[str, dict], split: str, columns: list[str], depth: int = 100) -> dict:
@@ -85,6 +91,8 @@ def retrieve(name: str, runs: dict[str, dict], split: str, columns: list[str], d
     args += ["--rerank-depth", str(depth)]
     if "head" in runs:
         args += ["--text-head", runs["head"]["ckpt"]]
+    if "hybrid" in runs:
+        args += ["--hybrid-tower", runs["hybrid"]["ckpt"]]
     if "din" in runs:
         args += ["--din", runs["din"]["ckpt"]]
     if columns:
@@ -128,11 +136,25 @@ def main() -> None:
             content[(head, label)] = {"val": {"recall": [r["results"]["text"][f"recall@{K}"] for r in reports]}}
     head, label = best_on_val(content, "recall")
     columns = TEXT_COLUMNS[label]
+    hybrids = {
+        p: [fit(f"{tag}/hybrid_tower_d{p}_s{s}", s, HYBRID, args.data, _dropout(p)) for s in seeds] for p in ID_DROPOUTS
+    }
+    dropouts = {}
+    for p, runs in hybrids.items():
+        reports = [
+            retrieve(f"{tag}/val_hybrid_d{p}_s{s}", {"two_tower": t, "head": d, "hybrid": y}, "val", columns)
+            for s, t, d, y in zip(seeds, towers, dins[head], runs, strict=True)
+        ]
+        dropouts[p] = {"val": {"recall": [r["results"]["hybrid_learned"][f"recall@{K}"] for r in reports]}}
+    dropout = best_on_val(dropouts, "recall")
+    hybrid_towers = hybrids[dropout]
     depths = {}
     for depth in DEPTHS:
         reports = [
-            retrieve(f"{tag}/val_depth{depth}_s{s}", {"two_tower": t, "head": d, "din": r}, "val", columns, depth)
-            for s, t, d, r in zip(seeds, towers, dins[head], dins[reranker], strict=True)
+            retrieve(
+                f"{tag}/val_depth{depth}_s{s}", {"two_tower": t, "head": d, "hybrid": y, "din": r}, "val", columns, depth
+            )
+            for s, t, d, y, r in zip(seeds, towers, dins[head], hybrid_towers, dins[reranker], strict=True)
         ]
         depths[depth] = {"val": {"recall": [r["results"]["hybrid_learned+din"][f"recall@{K}"] for r in reports]}}
     depth = best_on_val(depths, "recall")
@@ -144,15 +166,22 @@ def main() -> None:
         for h in args.heads
     }
     hybrid = [
-        retrieve(f"{tag}/hybrid_s{s}", {"two_tower": t, "head": d, "din": r}, "test", columns, depth)
-        for s, t, d, r in zip(seeds, towers, dins[head], dins[reranker], strict=True)
+        retrieve(f"{tag}/hybrid_s{s}", {"two_tower": t, "head": d, "hybrid": y, "din": r}, "test", columns, depth)
+        for s, t, d, y, r in zip(seeds, towers, dins[head], hybrid_towers, dins[reranker], strict=True)
     ]
     results = {
         "data": args.data,
         "ctr": ctr,
         "samples_per_s": {h: [r["samples_per_s"] for r in runs] for h, runs in dins.items()},
-        "chosen": {"reranker": reranker, "content_head": head, "text_columns": label, "rerank_depth": depth},
+        "chosen": {
+            "reranker": reranker,
+            "content_head": head,
+            "text_columns": label,
+            "id_dropout": dropout,
+            "rerank_depth": depth,
+        },
         "content_val": {f"{h} / {c}": v for (h, c), v in content.items()},
+        "id_dropout_val": dropouts,
         "depth_val": depths,
         "retrieval": hybrid,
     }
@@ -162,6 +191,14 @@ def main() -> None:
     print(text_md)
     if not args.no_doc:
         write_doc_section("docs/benchmarks.md", "bench_text", text_md)
+
+
+def _val_means(choices: dict) -> str:
+    return ", ".join(f"{key}: {np.mean(v['val']['recall']):.4f}" for key, v in choices.items())
+
+
+def _dropout(share: float) -> tuple[str, str]:
+    return ("--model.init_args.item_id_dropout", str(share))
 
 
 def mean_std(values: list[float]) -> str:
@@ -209,10 +246,15 @@ def markdown(args: argparse.Namespace, results: dict, content_test: dict, second
     lines += [
         "",
         f"Retrieval on the test split ({first['catalogue']} items, {first['cold_items']} cold; "
-        f"{first['results']['id']['cold_users']} users with a cold positive), one two-tower per seed. Chosen on val: "
-        f"content head `{chosen['content_head']}` with text `{chosen['text_columns']}`, DIN re-ranker `"
-        f"{chosen['reranker']}` (best mean val AUC), re-rank depth {chosen['rerank_depth']} (of {DEPTHS}), α per seed "
-        f"{[r['alpha'] for r in hybrid]}.",
+        f"{first['results']['id']['cold_users']} users with a cold positive), one two-tower and one hybrid tower "
+        "per seed (`configs/text/hybrid_tower.yaml`: title vectors, mean head, projected to 16, in the item tower; "
+        "in training a share of the clicked rows read the OOV row instead of their item's ID row, so a cold item "
+        "— OOV row ⊕ its title — is placed by its text). `hybrid_tower` is that tower alone; `hybrid_learned` is "
+        "α·z(hybrid tower) + (1 − α)·z(content), α chosen on val per seed. Chosen on val: "
+        f"content head `{chosen['content_head']}` with text `{chosen['text_columns']}`, the hybrid tower's ID dropout "
+        f"{chosen['id_dropout']} (of {ID_DROPOUTS}; mean val Recall@{K} of the learned hybrid "
+        f"{_val_means(results['id_dropout_val'])}), DIN re-ranker `{chosen['reranker']}` (best mean val AUC), re-rank "
+        f"depth {chosen['rerank_depth']} (of {DEPTHS}), α per seed {[r['alpha'] for r in hybrid]}.",
         "",
         "| retrieval | " + " | ".join(f"Recall@{k} | NDCG@{k}" for k in KS) + f" | cold Recall@{K} | warm Recall@{K} |",
         "|---|" + "---:|" * (2 * len(KS) + 2),

@@ -109,6 +109,15 @@ class TwoTower(CTRModule):
         return (self._users(embedded) * self._items(embedded.pooled[self.item])).sum(1) / self.temperature
 
     # -- training: in-batch softmax over the clicked rows ------------------------------------------
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """CTR metrics as every model, and ``val/in_batch_loss``: the training loss on the val split's
+        clicks (what a retrieval checkpoint is chosen by: ``val/auc`` ranks a user's clicked rows above
+        their other rated rows, not items against the catalogue, and peaked at epochs 0–2 on ml100k-cold)."""
+        super().validation_step(batch, batch_idx)
+        loss = self.training_loss(batch)
+        if loss is not None:
+            self.log("val/in_batch_loss", loss, batch_size=int((batch.labels > 0.5).sum()), sync_dist=True)
+
     def training_loss(self, batch: Batch) -> torch.Tensor | None:
         clicked = batch.labels > 0.5
         if int(clicked.sum()) < 2:

@@ -191,3 +191,23 @@ def test_the_catalogue_adds_the_datasets_item_file_and_warm_and_cold_positives_p
     for every, cold, warm in zip(queries.positives, queries.cold_positives, queries.warm_positives, strict=True):
         assert cold | warm == every and not cold & warm
         assert all(after.cold[p] for p in cold) and not any(after.cold[p] for p in warm)
+
+
+def test_val_in_batch_loss_is_the_training_loss_on_the_val_clicks(tmp_path: Path) -> None:
+    import lightning as L
+
+    data = write_dataset(tmp_path / "d", schema=SCHEMA)
+    dm = CTRDataModule(str(data), batch_size=64, eval_batch_size=128)
+    torch.manual_seed(0)
+    model = TwoTower(dm.dataset_info, user="user", item="item", history="hist_item", embedding={"dim": 8}, output_dim=4)
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(model, dm)
+    model.eval()
+    total, clicks = 0.0, 0
+    with torch.no_grad():  # the plain reference: each val batch's in-batch softmax, weighted by its clicks
+        for batch in dm.stream("val"):
+            n = int((batch.labels > 0.5).sum())
+            total, clicks = total + float(model.training_loss(batch)) * n, clicks + n
+    assert float(trainer.callback_metrics["val/in_batch_loss"]) == pytest.approx(total / clicks, rel=1e-5)
