@@ -18,8 +18,9 @@ missing): 20% of the items have no train row, val and test are ml100k-ctr's.
 Every choice is made on val through ``recsys.eval.selection.best_on_val``: the DIN re-ranker (mean
 val AUC over seeds, "none" included), the content head with its text columns (mean val content
 Recall@50), the hybrid tower's ID dropout (mean val Recall@50 of the learned hybrid), the re-rank
-depth (mean val Recall@50 of hybrid + DIN), α (inside ``recsys retrieve``, per seed). Test is read once per reported number. Per-user Recall@50 averaged over seeds gives the
-paired bootstrap intervals over users. Finished runs under runs/bench_text are reused when their
+depth (mean val Recall@50 of hybrid + DIN), α (inside ``recsys retrieve``, per seed). Test is read
+once per reported number. Per-user Recall@50 averaged over seeds gives the paired bootstrap
+intervals over users. Finished runs under runs/bench_text are reused when their
 fingerprint (config text, seed, data, options) is the same.
 Writes runs/bench_text/results.json and the ``bench_text`` block of docs/benchmarks.md.
 """
@@ -152,7 +153,11 @@ def main() -> None:
     for depth in DEPTHS:
         reports = [
             retrieve(
-                f"{tag}/val_depth{depth}_s{s}", {"two_tower": t, "head": d, "hybrid": y, "din": r}, "val", columns, depth
+                f"{tag}/val_depth{depth}_s{s}",
+                {"two_tower": t, "head": d, "hybrid": y, "din": r},
+                "val",
+                columns,
+                depth,
             )
             for s, t, d, y, r in zip(seeds, towers, dins[head], hybrid_towers, dins[reranker], strict=True)
         ]
