@@ -18,7 +18,7 @@ missing): 20% of the items have no train row, val and test are ml100k-ctr's.
 Every choice is made on val through ``recsys.eval.selection.best_on_val``: the DIN re-ranker (mean
 val AUC over seeds, "none" included), the content head with its text columns (mean val content
 Recall@50), the hybrid tower's ID dropout (mean val Recall@50 of the learned hybrid), the re-rank
-depth (mean val Recall@50 of hybrid + DIN), α (inside ``recsys retrieve``, per seed). Test is read
+depth (mean val Recall@50 of hybrid + DIN), α (inside ``recsys retrieve --cold-floor``, per seed). Test is read
 once per reported number. Per-user Recall@50 averaged over seeds gives the paired bootstrap
 intervals over users. Finished runs under runs/bench_text are reused when their
 fingerprint (config text, seed, data, options) is the same.
@@ -93,7 +93,7 @@ def retrieve(name: str, runs: dict[str, dict], split: str, columns: list[str], d
     if "head" in runs:
         args += ["--text-head", runs["head"]["ckpt"]]
     if "hybrid" in runs:
-        args += ["--hybrid-tower", runs["hybrid"]["ckpt"]]
+        args += ["--hybrid-tower", runs["hybrid"]["ckpt"], "--cold-floor"]
     if "din" in runs:
         args += ["--din", runs["din"]["ckpt"]]
     if columns:
@@ -255,7 +255,8 @@ def markdown(args: argparse.Namespace, results: dict, content_test: dict, second
         "per seed (`configs/text/hybrid_tower.yaml`: title vectors, mean head, projected to 16, in the item tower; "
         "in training a share of the clicked rows read the OOV row instead of their item's ID row, so a cold item "
         "— OOV row ⊕ its title — is placed by its text). `hybrid_tower` is that tower alone; `hybrid_learned` is "
-        "α·z(hybrid tower) + (1 − α)·z(content), α chosen on val per seed. Chosen on val: "
+        "α·z(hybrid tower) + (1 − α)·z(content), α chosen on val per seed: the best val Recall@50 among the α "
+        "whose val cold-item Recall@50 is at least content-only's (`recsys retrieve --cold-floor`). Chosen on val: "
         f"content head `{chosen['content_head']}` with text `{chosen['text_columns']}`, the hybrid tower's ID dropout "
         f"{chosen['id_dropout']} (of {ID_DROPOUTS}; mean val Recall@{K} of the learned hybrid "
         f"{_val_means(results['id_dropout_val'])}), DIN re-ranker `{chosen['reranker']}` (best mean val AUC), re-rank "

@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--k", type=int, nargs="+", default=[50], help="cut-offs of Recall/NDCG@K (α is chosen at the largest)"
     )
+    parser.add_argument(
+        "--cold-floor",
+        action="store_true",
+        help="choose the learned hybrid's α among those whose val Recall@K on cold items is at least "
+        "content-only's (default: the best val Recall@K)",
+    )
     parser.add_argument("--rerank-depth", type=int, default=100)
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument(
@@ -92,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         binary_rerank=args.binary_rerank,
         hybrid_tower=load_model(args.hybrid_tower) if args.hybrid_tower else None,
     )
-    report = retriever.evaluate(load_model(args.din) if args.din else None, args.k, args.rerank_depth, args.split)
+    din = load_model(args.din) if args.din else None
+    report = retriever.evaluate(din, args.k, args.rerank_depth, args.split, cold_floor=args.cold_floor)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.save_index:
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "report.md").write_text(markdown(report) + "\n")
     print(markdown(report))
     print(
-        f"α (val) = {report['alpha']:.1f}; {report['users']} users, {report['catalogue']} items "
-        f"({report['cold_items']} cold); wrote {out}/report.json"
+        f"α (val, {report['alpha_rule']}) = {report['alpha']:.1f}; {report['users']} users, "
+        f"{report['catalogue']} items ({report['cold_items']} cold); wrote {out}/report.json"
     )
     return 0

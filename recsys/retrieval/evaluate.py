@@ -15,7 +15,8 @@ items absent from train (cold items) are candidates too. Rankings:
   ``--text-head``), the user's vector the mean of their train clicks' text vectors;
 - **hybrid (RRF)**: reciprocal rank fusion ``Σ 1/(60 + rank)`` of the two lists;
 - **hybrid (learned)**: ``α·z(s_id) + (1 − α)·z(s_text)``, each score standardized per user (the two
-  cosines live on different scales), ``α`` chosen on the val split; a cold item has no trained ID
+  cosines live on different scales), ``α`` chosen on the val split (``--cold-floor``: among the α
+  that find at least as many cold val positives as content alone); a cold item has no trained ID
   row, so its missing ID score is replaced by its content score (back-off to content). With
   ``--hybrid-tower`` (a two-tower with item text trained with ``item_id_dropout``), ``s_id`` is that
   tower's score, which a cold item has from its text (OOV row ⊕ text): no back-off; the tower alone
@@ -257,17 +258,20 @@ class Retriever:
             z_id[:, self.catalogue.cold] = z_text[:, self.catalogue.cold]
         return alpha * z_id + (1 - alpha) * z_text
 
-    def alpha(self, val: Queries, k: int) -> float:
-        """The fusion weight α ∈ {0, 0.1, …, 1} with the best Recall@k on ``val`` (the val split's users)."""
+    def alpha(self, val: Queries, k: int, cold_floor: bool = False) -> float:
+        """The fusion weight α ∈ {0, 0.1, …, 1} with the best Recall@k on ``val`` (the val split's users).
+        ``cold_floor``: among the α whose val Recall@k on cold positives is at least content-only's (α = 0
+        ranks as content does, so there is always one) — a hybrid that should not lose cold items."""
         s_id, s_text = self.scores(val)
         s_id = self.hybrid_scores(val, s_id)
-        recalls = {
-            a / 10: {
-                "val": {"recall": recall_at_k(_rank(self.fused(s_id, s_text, a / 10), val.seen, k), val.positives, k)}
-            }
-            for a in range(11)
-        }
-        return best_on_val(recalls, "recall")
+        content_cold = recall_at_k(_rank(s_text, val.seen, k), val.cold_positives, k)
+        candidates = {}
+        for a in range(11):
+            ranked = _rank(self.fused(s_id, s_text, a / 10), val.seen, k)
+            if cold_floor and recall_at_k(ranked, val.cold_positives, k) < content_cold:
+                continue
+            candidates[a / 10] = {"val": {"recall": recall_at_k(ranked, val.positives, k)}}
+        return best_on_val(candidates, "recall")
 
     def rerank(self, din, queries: Queries, ranked: list[list[int]]) -> list[list[int]]:  # noqa: ANN001
         """Each user's candidates re-ordered by DIN's click probability."""
@@ -292,13 +296,15 @@ class Retriever:
         k: int | list[int] = 50,
         rerank_depth: int = 100,
         split: str = "test",
+        cold_floor: bool = False,
     ) -> dict:
-        """Every ranking's metrics at each K of ``k`` on ``split``; α chosen on val at the largest K."""
+        """Every ranking's metrics at each K of ``k`` on ``split``; α chosen on val at the largest K
+        (``cold_floor``: see ``alpha``)."""
         ks = sorted({k} if isinstance(k, int) else set(k))
         k = ks[-1]
         queries = Queries(self.catalogue, split, self.user, self.item, self.label)
         val = Queries(self.catalogue, "val", self.user, self.item, self.label)
-        alpha = self.alpha(val, k)
+        alpha = self.alpha(val, k, cold_floor)
         users_id, users_text = self.user_vectors(queries)
         s_id, s_text = users_id @ self.id_items.T, users_text @ self.text_items.T
         depth = max(k, rerank_depth)
@@ -331,6 +337,7 @@ class Retriever:
             "k": k,
             "ks": ks,
             "alpha": alpha,
+            "alpha_rule": "cold floor" if cold_floor else "best val recall",
             "users": len(queries.users),
             "catalogue": len(self.catalogue.items),
             "cold_items": int(self.catalogue.cold.sum()),

@@ -128,3 +128,39 @@ def test_retrieval_scores_cold_items_through_the_hybrid_towers_text(tmp_path: Pa
     report = retriever.evaluate(din=None, k=10, rerank_depth=20)
     assert list(report["results"]) == ["id", "text", "hybrid_rrf", "hybrid_tower", "hybrid_learned"]
     assert report["results"]["hybrid_tower"]["cold_recall@10"] >= 0
+
+
+def test_the_cold_floor_keeps_the_alpha_whose_cold_recall_is_at_least_contents(
+    tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recsys.retrieval.evaluate import Queries, Retriever
+
+    dm = CTRDataModule(str(tiny_dataset), batch_size=64)
+    retriever = Retriever(_tower(dm, 0.0, None), tiny_dataset, "title")
+    val = Queries(retriever.catalogue, "val", "user", "item", "click")
+    cold = np.zeros(len(retriever.catalogue.items), dtype=bool)
+    cold[::4] = True  # a quarter of the items made cold: their ID score is their content score (back-off)
+    monkeypatch.setattr(retriever.catalogue, "cold", cold)
+    val = Queries(retriever.catalogue, "val", "user", "item", "click")
+    s_id, s_text = retriever.scores(val)
+
+    def recall(scores: np.ndarray, positives: list[set]) -> float:  # plain loop: top 5 unseen per user
+        values = []
+        for u, wanted in enumerate(positives):
+            if wanted:
+                top = [int(i) for i in np.argsort(-scores[u], kind="stable") if int(i) not in val.seen[u]][:5]
+                values.append(len(set(top) & wanted) / len(wanted))
+        return float(np.mean(values))
+
+    floor = recall(s_text, val.cold_positives)
+    kept = {}
+    for a in np.arange(11) / 10:
+        fused = retriever.fused(s_id, s_text, a)
+        if recall(fused, val.cold_positives) >= floor:
+            kept[a] = recall(fused, val.positives)
+    assert 0.0 in kept  # α = 0 ranks as content does
+    expected = max(kept, key=lambda a: (kept[a], -a))  # ties: the smaller α, as best_on_val
+    assert retriever.alpha(val, 5, cold_floor=True) == pytest.approx(expected)
+    overall = {a: recall(retriever.fused(s_id, s_text, a), val.positives) for a in np.arange(11) / 10}
+    unconstrained = max(overall, key=lambda a: (overall[a], -a))
+    assert retriever.alpha(val, 5) == pytest.approx(unconstrained) and unconstrained != expected  # the floor bites

@@ -156,7 +156,9 @@ def test_retrieve_end_to_end_excludes_seen_items_and_scores_cold_items(
     # α is chosen on val: the queries it is scored on are the val split's users, whatever split is reported
     chosen_on = []
     choose = Retriever.alpha
-    monkeypatch.setattr(Retriever, "alpha", lambda self, q, k: chosen_on.append(q.split) or choose(self, q, k))
+    monkeypatch.setattr(
+        Retriever, "alpha", lambda self, q, k, floor: chosen_on.append(q.split) or choose(self, q, k, floor)
+    )
     assert retriever.evaluate(din=None, k=10, rerank_depth=20, split="test")["split"] == "test"
     assert chosen_on == ["val"]
 
