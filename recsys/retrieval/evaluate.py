@@ -192,30 +192,33 @@ class Retriever:
                     chunks.append(fixed(s if pooling == "multilayer" else s[-1], m))
             self.text_items = F.normalize(torch.cat(chunks), dim=1).numpy()
             self.id_items = two_tower.item_vectors(torch.from_numpy(self.catalogue.rows)).numpy()
-        self.hybrid = None if hybrid_tower is None else self._hybrid_items(hybrid_tower, encoder, data_dir)
+        self.hybrid = None if hybrid_tower is None else hybrid_tower.eval()
+        if self.hybrid is not None:
+            self.hybrid_items = self._hybrid_items(text_feature, encoder, data_dir)
         self.build_indexes(index, binary_rerank)
 
-    def _hybrid_items(self, tower, encoder, data_dir: Path):  # noqa: ANN001, ANN202
-        """The hybrid tower (eval mode) after its ``[N, E]`` catalogue vectors: each item's ID row (a
-        cold item's: the OOV row) ⊕ its text through the tower's own trained head and projection."""
+    def _hybrid_items(self, text_feature: str, encoder, data_dir: Path) -> np.ndarray:  # noqa: ANN001
+        """``[N, E]`` the hybrid tower's catalogue vectors: each item's ID row (a cold item's: the OOV row)
+        ⊕ its ``text_feature`` through the tower's own trained head and projection."""
+        tower = self.hybrid
         check_same_content(tower.info, self.vocab.info(), data_dir)
         item_text = tower.embedding.item_text[self.item] if self.item in tower.embedding.item_text else None
         if getattr(tower, "item", None) != self.item or not hasattr(item_text, "pool_states"):
             raise ValueError(
                 f"--hybrid-tower: expected a TwoTower over {self.item!r} with item text (recsys fit --config "
-                "configs/movielens/two_tower.yaml --config configs/text/mean.yaml "
-                "--model.init_args.item_id_dropout 0.5)"
+                "configs/movielens/two_tower.yaml --config configs/text/hybrid_tower.yaml)"
             )
+        trained_on = [t.name for t in tower.schema.item_text if t.item == self.item]
+        if trained_on != [text_feature]:
+            raise ValueError(f"--hybrid-tower: its item text is {trained_on}, not --text-feature {text_feature!r}")
         states, mask = encoder.encode_cached(self.catalogue.plain_texts, cache_dir=data_dir / "text_cache")
-        tower.eval()
         with torch.no_grad():
             vectors = []
             for start in range(0, states.shape[1], 512):
                 text = item_text.proj(item_text.pool_states(states[:, start : start + 512], mask[start : start + 512]))
                 rows = torch.from_numpy(self.catalogue.rows[start : start + 512])
                 vectors.append(tower.item_vectors(rows, text=text))
-        self.hybrid_items = torch.cat(vectors).numpy()
-        return tower
+        return torch.cat(vectors).numpy()
 
     def build_indexes(self, codec: str = "fp32", binary_rerank: int = 10) -> None:
         """The ID and text item vectors in a ``codec`` index (``recsys.retrieval.index``); binary

@@ -164,3 +164,12 @@ def test_the_cold_floor_keeps_the_alpha_whose_cold_recall_is_at_least_contents(
     overall = {a: recall(retriever.fused(s_id, s_text, a), val.positives) for a in np.arange(11) / 10}
     unconstrained = max(overall, key=lambda a: (overall[a], -a))
     assert retriever.alpha(val, 5) == pytest.approx(unconstrained) and unconstrained != expected  # the floor bites
+
+
+def test_retrieve_refuses_a_hybrid_tower_without_item_text(tiny_dataset: Path) -> None:
+    from recsys.retrieval.evaluate import Retriever
+
+    dm = CTRDataModule(str(tiny_dataset), batch_size=64)
+    plain = _tower(dm, 0.0, None)
+    with pytest.raises(ValueError, match="--hybrid-tower: expected a TwoTower over 'item' with item text"):
+        Retriever(plain, tiny_dataset, "title", hybrid_tower=_tower(dm, 0.0, None))
