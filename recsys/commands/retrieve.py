@@ -9,7 +9,7 @@ from pathlib import Path
 
 from recsys.commands.table import example
 from recsys.retrieval import evaluate
-from recsys.retrieval.evaluate import Retriever, markdown
+from recsys.retrieval.evaluate import Retriever, hybrid_tower_problem, markdown
 from recsys.retrieval.index import CODECS
 
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--hybrid-tower",
         help="a TwoTower checkpoint with item text, trained with item_id_dropout: the learned hybrid's ID side "
-        "(cold items get a vector from their text)",
+        "(cold items get a vector from their text); its scores are exact (dense), not searched in --index",
     )
     parser.add_argument("--din", help="DIN checkpoint for re-ranking (optional)")
     parser.add_argument("--data", help="dataset directory (default: the two-tower's)")
@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         head = next(iter(text_model.embedding.item_text.values()))  # ItemText: projection + head
         pooling = text_model.embedding.text_spec.pooling
+    hybrid = load_model(args.hybrid_tower) if args.hybrid_tower else None
+    problem = hybrid_tower_problem(hybrid, tt.item, args.text_feature) if hybrid is not None else None
+    if problem:
+        parser.error(f"--hybrid-tower {args.hybrid_tower}: {problem}")
     retriever = Retriever(
         tt,
         data,
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         text_with=args.text_with,
         index=args.index,
         binary_rerank=args.binary_rerank,
-        hybrid_tower=load_model(args.hybrid_tower) if args.hybrid_tower else None,
+        hybrid_tower=hybrid,
     )
     din = load_model(args.din) if args.din else None
     report = retriever.evaluate(din, args.k, args.rerank_depth, args.split, cold_floor=args.cold_floor)

@@ -123,7 +123,7 @@ class EmbeddingLayer(nn.Module):
         if mba_lambda > 0:
             self._build_counts(resources)
         self._mba_terms: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
-        self.nonfinite_gradient = False  # set by the last backward (see _GradientGuard)
+        self.nonfinite_gradient = False  # set by the backward of a step's lookups (see _GradientGuard)
         self.pooled_features = [f for f in self.id_features if f not in self.jagged_features] + list(self.row_text)
 
     # -- construction --------------------------------------------------------------------------------
@@ -480,8 +480,10 @@ class EmbeddingLayer(nn.Module):
         batch_size: int,
         positions: Tensor | None = None,
         texts: dict[str, list[str]] | None = None,
+        remember: bool = True,
     ) -> Embedded:
-        """Embeds ``{feature: ids}`` (vocabulary rows); features left out read nothing."""
+        """Embeds ``{feature: ids}`` (vocabulary rows); features left out read nothing. ``remember``: these
+        are the batch's rows for MBA (a side lookup, ``embed_ids``, is not)."""
         features = {f: features[f] for f in self.id_features if f in features}
         check_ids({f: ids for f, ids in features.items() if f in self.vocab_rows}, self.vocab_rows)
         managed = [lk for lk in self.all_lookups if lk.transform.kind == "managed"]
@@ -509,7 +511,7 @@ class EmbeddingLayer(nn.Module):
             self.nonfinite_gradient = False
             keys = list(looked)
             looked = dict(zip(keys, _GradientGuard.apply(self, *(looked[k] for k in keys)), strict=True))
-        if self.training and self.mba_lambda > 0:
+        if self.training and self.mba_lambda > 0 and remember:
             self._remember(features, rows, looked)
         widths = self.optembed.widths(positions, batch_size) if self.optembed is not None else None
         result = Embedded()
@@ -536,7 +538,7 @@ class EmbeddingLayer(nn.Module):
     def embed_ids(self, feature: str, ids: Tensor) -> Tensor:
         """``[n]`` vocabulary rows of one feature → ``[n, W]`` (e.g. every item, for retrieval)."""
         lengths = torch.ones_like(ids, dtype=torch.int32)
-        out = self.embed({feature: JaggedTensor(values=ids, lengths=lengths)}, len(ids))
+        out = self.embed({feature: JaggedTensor(values=ids, lengths=lengths)}, len(ids), remember=False)
         return out.pooled[feature] if feature in out.pooled else out.jagged[feature].values()
 
     def _kjt(self, rows: dict[str, JaggedTensor], keys: list[str], batch_size: int) -> KeyedJaggedTensor:
@@ -709,7 +711,8 @@ class _GradientGuard(torch.autograd.Function):
         bad = torch.tensor(0 if finite else 1, dtype=torch.int32, device=present[0].device if present else None)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        ctx.layer.nonfinite_gradient = bool(bad)
+        # or-ed: a step may look rows up more than once (a side lookup); any non-finite one flags the step
+        ctx.layer.nonfinite_gradient = ctx.layer.nonfinite_gradient or bool(bad)
         if bool(bad):
             grads = tuple(None if g is None else torch.zeros_like(g) for g in grads)
         return (None, *grads)

@@ -73,7 +73,13 @@ class TwoTower(CTRModule):
         if item_id_dropout and not (self.text_width and self.embedding.text_spec.combine == "concat"):
             raise ValueError(
                 "model.init_args.item_id_dropout: an item whose ID row is dropped keeps only its text, and "
-                f"{item!r} has no item text combined by concat (add --config configs/text/mean.yaml)"
+                f"{item!r} has no item text combined by concat (add --config configs/text/hybrid_tower.yaml)"
+            )
+        kind = self.embedding.plans[item].kind
+        if item_id_dropout and kind != "plain":
+            raise ValueError(
+                f"model.init_args.item_id_dropout: dropped rows read the out-of-vocabulary row, which is a row of "
+                f"its own only in a plain table; {item!r}'s table is {kind!r} (its OOV row shares a row with items)"
             )
         self.user_features = [f for f in self.embedding.pooled_features if f != item]
         self.user_tower = MLP(sum(widths[f] for f in self.user_features), tower_hidden_units, output_dim)
@@ -109,20 +115,42 @@ class TwoTower(CTRModule):
         return (self._users(embedded) * self._items(embedded.pooled[self.item])).sum(1) / self.temperature
 
     # -- training: in-batch softmax over the clicked rows ------------------------------------------
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        """CTR metrics as every model, and ``val/in_batch_loss``: the training loss on the val split's
-        clicks (what a retrieval checkpoint is chosen by: ``val/auc`` ranks a user's clicked rows above
-        their other rated rows, not items against the catalogue, and peaked at epochs 0–2 on ml100k-cold)."""
-        super().validation_step(batch, batch_idx)
-        loss = self.training_loss(batch)
-        if loss is not None:
-            self.log("val/in_batch_loss", loss, batch_size=int((batch.labels > 0.5).sum()), sync_dist=True)
-
     def training_loss(self, batch: Batch) -> torch.Tensor | None:
         clicked = batch.labels > 0.5
         if int(clicked.sum()) < 2:
             return None
-        embedded = self.embedding(batch)
+        return self._in_batch_loss(self.embedding(batch), batch, clicked)
+
+    # -- validation: the same loss on the val split's clicks ---------------------------------------
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """CTR metrics as every model, and the in-batch softmax over this share's real clicked rows,
+        summed for ``val/in_batch_loss`` (what a retrieval checkpoint is chosen by: ``val/auc`` ranks a
+        user's clicked rows above their other rated rows, not items against the catalogue, and peaked
+        at epochs 0–2 on ml100k-cold). Under several ranks each scores a share of every batch, so the
+        negatives are a share's clicks: the value is comparable between epochs of one run."""
+        super().validation_step(batch, batch_idx)
+        real = torch.arange(len(batch), device=batch.labels.device) < len(batch) - batch.padded
+        clicked = (batch.labels > 0.5) & real
+        embedded = self.embedding(batch)  # on every rank for every share: a sharded table's lookup is collective
+        count = int(clicked.sum())
+        if count >= 2:
+            self._val_in_batch[0] += float(self._in_batch_loss(embedded, batch, clicked)) * count
+            self._val_in_batch[1] += count
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._val_in_batch = [0.0, 0]  # loss × clicks, clicks
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        totals = torch.tensor(self._val_in_batch, dtype=torch.float64, device=self.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)  # once per epoch, on every rank
+        if totals[1] > 0:
+            self.log("val/in_batch_loss", float(totals[0] / totals[1]))
+
+    def _in_batch_loss(self, embedded: Embedded, batch: Batch, clicked: torch.Tensor) -> torch.Tensor:
+        """The in-batch softmax over the ``clicked`` rows (at least 2) of an embedded batch."""
         users = self._users(embedded)[clicked]
         rows = batch.sparse[self.item].values()[clicked]
         items = self._items(self._drop_ids(embedded.pooled[self.item][clicked]))

@@ -113,6 +113,27 @@ class Queries:
         self.warm_positives = [ps - cold for ps, cold in zip(self.positives, self.cold_positives, strict=True)]
 
 
+def hybrid_tower_problem(tower, item: str, text_feature: str) -> str | None:  # noqa: ANN001
+    """Why ``tower`` cannot be the learned hybrid's ID side over ``item`` with ``text_feature`` (None: it can)."""
+    layer = getattr(tower, "embedding", None)
+    item_text = layer.item_text[item] if layer is not None and item in layer.item_text else None
+    if (
+        getattr(tower, "item", None) != item
+        or not hasattr(item_text, "pool_states")
+        or layer.text_spec.combine != "concat"
+        or not getattr(tower, "item_id_dropout", 0)
+    ):
+        return (
+            f"expected a TwoTower over {item!r} with item text combined by concat and trained with "
+            "item_id_dropout > 0 (recsys fit --config configs/movielens/two_tower.yaml --config "
+            "configs/text/hybrid_tower.yaml); without them a cold item's vector is an untrained row"
+        )
+    trained_on = [t.name for t in tower.schema.item_text if t.item == item]
+    if trained_on != [text_feature]:
+        return f"its item text is {trained_on}, not --text-feature {text_feature!r}"
+    return None
+
+
 def _encode(vocab: Vocabulary, frame: pd.DataFrame):  # noqa: ANN202
     schema = vocab.schema
     frame = frame.copy()
@@ -194,23 +215,21 @@ class Retriever:
             self.id_items = two_tower.item_vectors(torch.from_numpy(self.catalogue.rows)).numpy()
         self.hybrid = None if hybrid_tower is None else hybrid_tower.eval()
         if self.hybrid is not None:
-            self.hybrid_items = self._hybrid_items(text_feature, encoder, data_dir)
+            self.hybrid_items = self._hybrid_items(text_feature, data_dir)
         self.build_indexes(index, binary_rerank)
 
-    def _hybrid_items(self, text_feature: str, encoder, data_dir: Path) -> np.ndarray:  # noqa: ANN001
+    def _hybrid_items(self, text_feature: str, data_dir: Path) -> np.ndarray:
         """``[N, E]`` the hybrid tower's catalogue vectors: each item's ID row (a cold item's: the OOV row)
-        ⊕ its ``text_feature`` through the tower's own trained head and projection."""
+        ⊕ its ``text_feature`` through the tower's own encoder settings, trained head and projection."""
+        from recsys.text.encoder import TextEncoder
+
         tower = self.hybrid
+        problem = hybrid_tower_problem(tower, self.item, text_feature)
+        if problem:
+            raise ValueError(f"--hybrid-tower: {problem}")
         check_same_content(tower.info, self.vocab.info(), data_dir)
-        item_text = tower.embedding.item_text[self.item] if self.item in tower.embedding.item_text else None
-        if getattr(tower, "item", None) != self.item or not hasattr(item_text, "pool_states"):
-            raise ValueError(
-                f"--hybrid-tower: expected a TwoTower over {self.item!r} with item text (recsys fit --config "
-                "configs/movielens/two_tower.yaml --config configs/text/hybrid_tower.yaml)"
-            )
-        trained_on = [t.name for t in tower.schema.item_text if t.item == self.item]
-        if trained_on != [text_feature]:
-            raise ValueError(f"--hybrid-tower: its item text is {trained_on}, not --text-feature {text_feature!r}")
+        item_text, spec = tower.embedding.item_text[self.item], tower.embedding.text_spec
+        encoder = TextEncoder(spec.model_path, spec.max_length)  # the encoder its text rows were made with
         states, mask = encoder.encode_cached(self.catalogue.plain_texts, cache_dir=data_dir / "text_cache")
         with torch.no_grad():
             vectors = []
@@ -267,7 +286,8 @@ class Retriever:
         ranks as content does, so there is always one) — a hybrid that should not lose cold items."""
         s_id, s_text = self.scores(val)
         s_id = self.hybrid_scores(val, s_id)
-        content_cold = recall_at_k(_rank(s_text, val.seen, k), val.cold_positives, k)
+        # the floor is α = 0's own ranking (content's scores standardized), so α = 0 always qualifies
+        content_cold = recall_at_k(_rank(self.fused(s_id, s_text, 0.0), val.seen, k), val.cold_positives, k)
         candidates = {}
         for a in range(11):
             ranked = _rank(self.fused(s_id, s_text, a / 10), val.seen, k)

@@ -87,7 +87,7 @@ class TextSpec:
             raise TextConfigError(f"{WHERE}.{unknown[0]}: unknown key (known: {sorted(cls.__dataclass_fields__)})")
         whole = ("dim", "max_length", "head_dim", "encoder_dim", "encoder_layers")
         block = {  # a command-line override (--model.init_args.text.dim 16) arrives as a string
-            k: int(v) if k in whole and isinstance(v, str) and v.strip().isdigit() else v for k, v in block.items()
+            k: int(v) if k in whole and isinstance(v, str) and v.strip().isdecimal() else v for k, v in block.items()
         }
         spec = cls(**block)
         if spec.pooling not in HEADS:

@@ -39,7 +39,7 @@ class RunSummary(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         lines = []
         for cb in trainer.callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.best_model_path:
+            if isinstance(cb, ModelCheckpoint) and cb.monitor is not None and cb.best_model_path:  # (not "last")
                 score = "" if cb.best_model_score is None else f" ({cb.monitor}={float(cb.best_model_score):.4f})"
                 lines.append(f"best checkpoint: {cb.best_model_path}{score}")
         if trainer.logger is not None and trainer.log_dir:  # without a logger, log_dir is just the working dir

@@ -15,7 +15,7 @@ from recsys.models.two_tower import TwoTower
 TEXT = {"pooling": "mean", "dim": 4}
 
 
-def _tower(dm: CTRDataModule, dropout: float, text: dict | None = TEXT) -> TwoTower:
+def _tower(dm: CTRDataModule, dropout: float, text: dict | None = TEXT, mba: float = 0.0) -> TwoTower:
     torch.manual_seed(0)
     return TwoTower(
         dm.dataset_info,
@@ -27,6 +27,7 @@ def _tower(dm: CTRDataModule, dropout: float, text: dict | None = TEXT) -> TwoTo
         output_dim=4,
         item_id_dropout=dropout,
         text=text,
+        mba_lambda=mba,
         resources=dm.resources,
     )
 
@@ -173,3 +174,49 @@ def test_retrieve_refuses_a_hybrid_tower_without_item_text(tiny_dataset: Path) -
     plain = _tower(dm, 0.0, None)
     with pytest.raises(ValueError, match="--hybrid-tower: expected a TwoTower over 'item' with item text"):
         Retriever(plain, tiny_dataset, "title", hybrid_tower=_tower(dm, 0.0, None))
+
+
+def test_the_oov_side_lookup_keeps_the_batchs_mba_rows_and_its_nonfinite_flag(tiny_dataset: Path) -> None:
+    dm = CTRDataModule(str(tiny_dataset), batch_size=64)
+    batch = next(iter(dm.stream("train")))
+    penalties = []
+    for dropout in (0.0, 0.5):  # the same weights (seed 0): only the tower's input differs
+        model = _tower(dm, dropout, mba=0.1)
+        model.training_loss(batch)
+        penalties.append(float(model.embedding.regularization()))
+    assert penalties[0] > 0 and penalties[1] == pytest.approx(penalties[0])  # the batch's rows, not the OOV row's
+    layer = _tower(dm, 0.5).embedding
+    for side_last in (True, False):  # a NaN in the batch's lookups is flagged whichever backward runs last
+        rows = torch.arange(1, 9)
+        main = layer.embed_ids("item", rows) if not side_last else None
+        side = layer.embed_ids("item", torch.zeros(1, dtype=torch.long))
+        main = layer.embed_ids("item", rows) if side_last else main
+        (main.sum() * float("nan") + side.sum()).backward()
+        assert layer.nonfinite_gradient
+
+
+def test_val_in_batch_loss_leaves_out_a_shares_padding(tiny_dataset: Path) -> None:
+    import dataclasses
+
+    dm = CTRDataModule(str(tiny_dataset), batch_size=64, eval_batch_size=64)
+    model = _tower(dm, 0.5).eval()
+    batch = next(iter(dm.stream("val")))
+    padded = dataclasses.replace(batch, padded=20)  # the last 20 rows repeat a real row on this rank
+    model.on_validation_epoch_start()
+    with torch.no_grad():
+        model.validation_step(padded, 0)
+        real = (batch.labels > 0.5) & (torch.arange(len(batch)) < len(batch) - 20)
+        users = model.user_vectors(batch)[real]
+        rows = batch.sparse["item"].values()[real]
+        items = model.item_vectors(rows)
+    total = 0.0  # the plain reference: row by row over the real clicked rows
+    for i in range(len(rows)):
+        logits = [
+            float(users[i] @ items[j]) / model.temperature - float(model.log_q[rows[j]])
+            for j in range(len(rows))
+            if j == i or rows[j] != rows[i]
+        ]
+        own = float(users[i] @ items[i]) / model.temperature - float(model.log_q[rows[i]])
+        total -= own - float(np.log(np.exp(logits).sum()))
+    assert model._val_in_batch[1] == len(rows) < int((batch.labels > 0.5).sum())
+    assert model._val_in_batch[0] == pytest.approx(total, rel=1e-4)
