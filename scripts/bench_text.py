@@ -50,7 +50,8 @@ KS = [10, 50]
 K = KS[-1]
 DEPTHS = [50, 100, 200]  # DIN re-ranks this many of the hybrid's candidates: chosen on val
 HYBRID = ["configs/movielens/two_tower.yaml", "configs/text/hybrid_tower.yaml"]
-ID_DROPOUTS = [0.1, 0.3, 0.5]  # the hybrid tower's share of dropped item ID rows: chosen on val
+ID_DROPOUTS = [0.1, 0.3, 0.5]
+SPLITS = ("val", "test")  # the hybrid tower's share of dropped item ID rows: chosen on val
 
 
 def prepared(data: str) -> str:
@@ -62,8 +63,11 @@ def prepared(data: str) -> str:
     return marker.read_text()
 
 
-def fit(version: str, seed: int, configs: list[str], data: str = "data/ml100k-ctr", overrides: tuple = ()) -> dict:
-    """Trains once per fingerprint; ``{"ckpt", "val", "test", "samples_per_s", "fingerprint"}``."""
+def fit(
+    version: str, seed: int, configs: list[str], data: str = "data/ml100k-ctr", overrides: tuple = (), splits=SPLITS
+) -> dict:
+    """Trains once per fingerprint; ``{"ckpt", *splits, "samples_per_s", "fingerprint"}`` (a retrieval
+    tower's CTR scores are read on val only: no test number of it is reported)."""
 
     def train() -> dict:
         args = ["fit"] + [a for c in configs for a in ("--config", c)] + list(overrides)
@@ -73,7 +77,7 @@ def fit(version: str, seed: int, configs: list[str], data: str = "data/ml100k-ct
         meter = next(cb for cb in cli.trainer.callbacks if isinstance(cb, Throughput))
         ckpt = Path(cli.trainer.checkpoint_callback.best_model_path)
         scores = {}
-        for split in ("val", "test"):
+        for split in splits:
             report = evaluate(ckpt, split=split, out=OUT / version / f"eval_{split}", bootstrap=0)
             scores[split] = {m: float(report[m]) for m in ("auc", "gauc")}
         rates = meter.rates[1:] or meter.rates
@@ -119,7 +123,8 @@ def main() -> None:
     for head in args.heads:
         text = f"configs/text/{head}.yaml"
         dins[head] = [fit(f"{tag}/din_text_{head}_s{s}", s, [din, text], args.data) for s in seeds]
-    towers = [fit(f"{tag}/two_tower_s{s}", s, ["configs/movielens/two_tower.yaml"], args.data) for s in seeds]
+    tower = ["configs/movielens/two_tower.yaml"]
+    towers = [fit(f"{tag}/two_tower_s{s}", s, tower, args.data, splits=("val",)) for s in seeds]
 
     ctr = {
         h: {sp: {m: [r[sp][m] for r in runs] for m in ("auc", "gauc")} for sp in ("val", "test")}
@@ -138,7 +143,8 @@ def main() -> None:
     head, label = best_on_val(content, "recall")
     columns = TEXT_COLUMNS[label]
     hybrids = {
-        p: [fit(f"{tag}/hybrid_tower_d{p}_s{s}", s, HYBRID, args.data, _dropout(p)) for s in seeds] for p in ID_DROPOUTS
+        p: [fit(f"{tag}/hybrid_tower_d{p}_s{s}", s, HYBRID, args.data, _dropout(p), ("val",)) for s in seeds]
+        for p in ID_DROPOUTS
     }
     dropouts = {}
     for p, runs in hybrids.items():
