@@ -19,8 +19,8 @@ items absent from train (cold items) are candidates too. Rankings:
   that find at least as many cold val positives as content alone); a cold item has no trained ID
   row, so its missing ID score is replaced by its content score (back-off to content). With
   ``--hybrid-tower`` (a two-tower with item text trained with ``item_id_dropout``), ``s_id`` is that
-  tower's score, which a cold item has from its text (OOV row ⊕ text): no back-off; the tower alone
-  is reported too (``hybrid_tower``);
+  tower's score, which a cold item has from its text (OOV row ⊕ text): warm items keep it, cold
+  items blend it with content by ``α``; the tower alone is reported too (``hybrid_tower``);
 - **hybrid + DIN**: the learned hybrid's top ``--rerank-depth`` re-ordered by DIN's click
   probability for (user, candidate), with the user's features and history as of that row.
 
@@ -273,11 +273,17 @@ class Retriever:
         return users @ self.hybrid_items.T
 
     def fused(self, s_id: np.ndarray, s_text: np.ndarray, alpha: float) -> np.ndarray:
-        """``α·z(s_id) + (1 − α)·z(s_text)``; without a hybrid tower, cold items take their content
-        z-score as ID score (they have no trained ID row)."""
+        """``[U, N]`` fused scores of z-scored ``s_id`` and ``s_text``. Without a hybrid tower:
+        ``α·z(s_id) + (1 − α)·z(s_text)``, cold items taking their content z-score as ID score (they have
+        no trained ID row). With one (``s_id`` its scores): its z-score for warm items, whose trained
+        rows content only adds noise to (val, seed 1: warm Recall@50 0.358 blended at α 0.8 against
+        0.380 alone), and ``α·z(s_id) + (1 − α)·z(s_text)`` for cold items, which it places by text alone."""
         z_id, z_text = _standardize(s_id), _standardize(s_text)
-        if self.hybrid is None:
-            z_id[:, self.catalogue.cold] = z_text[:, self.catalogue.cold]
+        cold = self.catalogue.cold
+        if self.hybrid is not None:
+            z_id[:, cold] = alpha * z_id[:, cold] + (1 - alpha) * z_text[:, cold]
+            return z_id
+        z_id[:, cold] = z_text[:, cold]
         return alpha * z_id + (1 - alpha) * z_text
 
     def alpha(self, val: Queries, k: int, cold_floor: bool = False) -> float:
