@@ -55,7 +55,9 @@ def ml100k(seeds: list[int], data: str) -> dict:
     """Per codec and list (id, text): per-seed recall, per-user recall (seed mean), bytes, latency."""
     results: dict = {}
     for seed in seeds:
-        tower = fit(f"{Path(data).name}/two_tower_s{seed}", seed, ["configs/movielens/two_tower.yaml"], data)
+        tower = fit(
+            f"{Path(data).name}/two_tower_s{seed}", seed, ["configs/movielens/two_tower.yaml"], data, (), ("val",)
+        )
         retriever = Retriever(load_model(tower["ckpt"]), Path(data), "movie_title", "mean")
         queries = Queries(retriever.catalogue, "test", retriever.user, retriever.item, retriever.label)
         users = dict(zip(("id", "text"), retriever.user_vectors(queries), strict=True))

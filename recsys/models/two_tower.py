@@ -128,10 +128,10 @@ class TwoTower(CTRModule):
         user's clicked rows above their other rated rows, not items against the catalogue, and peaked
         at epochs 0–2 on ml100k-cold). Under several ranks each scores a share of every batch, so the
         negatives are a share's clicks: the value is comparable between epochs of one run."""
-        super().validation_step(batch, batch_idx)
+        embedded = self.embedding(batch)  # once, for both (a sharded table's lookup is collective: every share)
+        self._shared_step(batch, "val", logits=self.head(embedded, batch.dense))
         real = torch.arange(len(batch), device=batch.labels.device) < len(batch) - batch.padded
         clicked = (batch.labels > 0.5) & real
-        embedded = self.embedding(batch)  # on every rank for every share: a sharded table's lookup is collective
         count = int(clicked.sum())
         if count >= 2:
             self._val_in_batch[0] += float(self._in_batch_loss(embedded, batch, clicked)) * count

@@ -220,9 +220,10 @@ class CTRModule(L.LightningModule):
             dataset.set_epoch(self.current_epoch)
 
     # -- evaluation ------------------------------------------------------------------------
-    def _shared_step(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
+    def _shared_step(self, batch: Batch, stage: str, logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``logits``: the batch's, when the caller computed them (from an embedding it reuses)."""
         real = len(batch) - batch.padded  # a rank's share of an evaluation batch may end in padding
-        logits = self(batch)[:real]
+        logits = (self(batch) if logits is None else logits)[:real]
         out = {
             "prob": torch.sigmoid(logits).detach().float().cpu(),
             "label": batch.labels[:real].cpu(),

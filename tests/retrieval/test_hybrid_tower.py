@@ -11,25 +11,13 @@ import torch
 
 from recsys.data.datamodule import CTRDataModule
 from recsys.models.two_tower import TwoTower
+from tests.retrieval.towers import in_batch_loss_by_hand, small_tower
 
 TEXT = {"pooling": "mean", "dim": 4}
 
 
 def _tower(dm: CTRDataModule, dropout: float, text: dict | None = TEXT, mba: float = 0.0) -> TwoTower:
-    torch.manual_seed(0)
-    return TwoTower(
-        dm.dataset_info,
-        user="user",
-        item="item",
-        history="hist_item",
-        embedding={"dim": 8},
-        tower_hidden_units=[8],
-        output_dim=4,
-        item_id_dropout=dropout,
-        text=text,
-        mba_lambda=mba,
-        resources=dm.resources,
-    )
+    return small_tower(dm, item_id_dropout=dropout, text=text, mba_lambda=mba, resources=dm.resources)
 
 
 def test_dropped_rows_read_the_oov_row_and_keep_their_text_forward_and_backward(tiny_dataset: Path) -> None:
@@ -210,17 +198,7 @@ def test_val_in_batch_loss_leaves_out_a_shares_padding(tiny_dataset: Path) -> No
     with torch.no_grad():
         model.validation_step(padded, 0)
         real = (batch.labels > 0.5) & (torch.arange(len(batch)) < len(batch) - 20)
-        users = model.user_vectors(batch)[real]
-        rows = batch.sparse["item"].values()[real]
-        items = model.item_vectors(rows)
-    total = 0.0  # the plain reference: row by row over the real clicked rows
-    for i in range(len(rows)):
-        logits = [
-            float(users[i] @ items[j]) / model.temperature - float(model.log_q[rows[j]])
-            for j in range(len(rows))
-            if j == i or rows[j] != rows[i]
-        ]
-        own = float(users[i] @ items[i]) / model.temperature - float(model.log_q[rows[i]])
-        total -= own - float(np.log(np.exp(logits).sum()))
+        users, rows = model.user_vectors(batch)[real], batch.sparse["item"].values()[real]
+        total = in_batch_loss_by_hand(model, users, rows)  # the plain reference over the real clicked rows
     assert model._val_in_batch[1] == len(rows) < int((batch.labels > 0.5).sum())
     assert model._val_in_batch[0] == pytest.approx(total, rel=1e-4)
