@@ -50,17 +50,19 @@ def _configure_logging() -> None:
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
-def _leave_process_group() -> bool:
-    """Destroys the process group a multi-rank run left up (True if there was one). A 2-rank ``recsys
-    fit`` that had finished (best checkpoint printed) was aborted at interpreter exit with "terminate
-    called without an active exception" (exit -6) while its gloo group was still alive; the group is
-    left explicitly instead."""
+def _leave_process_group(finished: bool) -> None:
+    """Destroys the process group a multi-rank run left up; after a run that finished on this rank,
+    first waits at a barrier until every rank has finished too, so that none still needs rank 0's
+    rendezvous store and each can end without the interpreter's teardown. A 2-rank ``recsys fit``
+    that had finished was aborted at interpreter exit with "terminate called without an active
+    exception" (exit -6): a gloo thread releasing its last collective's tensors took the GIL while
+    Python finalized (pytorch/pytorch#38228; ``tests/test_ranks.py`` shows the race)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if finished and dist.get_world_size() > 1:
+            dist.barrier()  # (fails at once, rather than waiting, if a rank died)
         dist.destroy_process_group()
-        return True
-    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,16 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     if command.module is None:  # fit, validate, test, predict
         from recsys.train.cli import run
 
-        ranks = False
+        finished = False
         try:
             run(None if from_command_line else [name, *rest])  # None: LightningCLI reads sys.argv itself
+            finished = True
         except SystemExit as done:
             if from_command_line and done.code in (0, None) and ({"-h", "--help"} & set(rest)):
                 _exit_without_teardown(0)
             raise
         finally:
-            ranks = _leave_process_group()
-        if from_command_line and not ranks:  # (other ranks may still need rank 0's rendezvous store)
+            _leave_process_group(finished)
+        if from_command_line:  # every rank has finished: none needs rank 0's rendezvous store any more
             _exit_without_teardown(0)  # Lightning finalized the loggers in its teardown hook
         return 0
     code = import_module(f"recsys.commands.{command.module}").main(rest)

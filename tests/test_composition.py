@@ -263,7 +263,7 @@ def _sharded_worker(rank: int, world: int, rendezvous: str, data: str, out: str)
 
 
 def test_two_ranks_give_the_one_process_trajectory_for_every_cell(one_process: dict, data: str, tmp_path: Path) -> None:
-    from tests.train.test_strategy import spawn_ranks
+    from tests.ranks import spawn_ranks
 
     out = str(tmp_path / "sharded.npz")
     spawn_ranks(_sharded_worker, 2, data, out)

@@ -271,7 +271,7 @@ def test_managed_tables_sharded_over_two_ranks_evict_as_on_one(tmp_path: Path) -
     """Every rank sees the step's ids of all ranks, so slots, evictions and fresh rows are the same as on
     one rank; evicted rows are written, and their row-wise Adagrad momentum zeroed, on the rank holding
     them (FBGEMM's reset_weight_momentum has no CPU kernel)."""
-    from tests.train.test_strategy import spawn_ranks
+    from tests.ranks import spawn_ranks
 
     data = str(write_dataset(tmp_path / "tiny"))
     results = {}

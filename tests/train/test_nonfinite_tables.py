@@ -81,7 +81,7 @@ def _worker(rank: int, world: int, rendezvous: str, data: str, out: str) -> None
 
 
 def test_a_poisoned_embedding_gradient_changes_nothing_on_fused_tables(tmp_path: Path) -> None:
-    from tests.train.test_strategy import spawn_ranks
+    from tests.ranks import spawn_ranks
 
     data = str(write_dataset(tmp_path / "tiny"))
     out = str(tmp_path / "result.npz")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -24,49 +22,10 @@ from recsys.data.parquet import ParquetStream
 from recsys.models.din import DIN
 from recsys.train.strategy import shard_model, table_parameters
 from tests.conftest import ROOT, plain_ctr_metrics, write_dataset
+from tests.ranks import rendezvous, spawn_ranks
 
 STEPS = 4
 GLOBAL_BATCH = 256
-
-
-def _rendezvous(folder: str) -> str:
-    """A file rendezvous for one process group in ``folder``: no TCP port to collide with another test's."""
-    return f"file://{folder}/store"
-
-
-def _marking_start_up(rank: int, world: int, rendezvous: str, markers: str, worker, *args) -> None:  # noqa: ANN001
-    """Runs ``worker`` in a rank, leaving ``<markers>/rank<r>.up`` once its process group is up."""
-    init = dist.init_process_group
-
-    def init_and_mark(*a, **k) -> None:  # noqa: ANN002, ANN003
-        init(*a, **k)
-        (Path(markers) / f"rank{rank}.up").touch()
-
-    dist.init_process_group = init_and_mark
-    worker(rank, world, rendezvous, *args)
-
-
-def spawn_ranks(worker, world: int, *args) -> None:  # noqa: ANN001
-    """Runs ``worker(rank, world, rendezvous, *args)`` on ``world`` fresh processes.
-
-    One retry, with a new rendezvous and a warning, only when a rank dies by SIGABRT before its
-    process group is up: on these 2-core machines gloo's start-up has aborted ("terminate called
-    without an active exception") in about one suite run of five, before any code under test ran.
-    An abort after start-up, assertion failures and Python exceptions in a rank are never retried.
-    """
-    import tempfile
-
-    for attempt in range(2):
-        with tempfile.TemporaryDirectory(prefix="recsys-ranks-") as folder:  # the store and the markers, removed after
-            try:
-                args_ = (world, _rendezvous(folder), folder, worker, *args)
-                mp.spawn(_marking_start_up, args=args_, nprocs=world, join=True)
-                return
-            except mp.ProcessExitedException as err:
-                started = (Path(folder) / f"rank{err.error_index}.up").exists()
-                if err.signal_name != "SIGABRT" or started or attempt == 1:
-                    raise
-                warnings.warn(f"rank {err.error_index} aborted before its process group was up; retrying", stacklevel=2)
 
 
 MBA = 0.05  # large enough that the penalty moves the rows visibly in 4 steps
@@ -523,7 +482,7 @@ def test_cuda_plan_with_row_wise_and_uvm_caching_dry_run(tiny: str) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + fbgemm-gpu (CUDA build) + NCCL")
 def test_cuda_training_step_with_uvm_caching(tiny: str, tmp_path: Path) -> None:  # pragma: no cover - no GPU in CI
-    dist.init_process_group("nccl", init_method=_rendezvous(str(tmp_path)), rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=rendezvous(str(tmp_path)), rank=0, world_size=1)
     try:
         model, batches, _ = _build(tiny)
         dmp = shard_model(
@@ -586,24 +545,3 @@ def test_cli_builds_tables_on_meta_when_the_strategy_asks(tiny: str, tmp_path: P
     assert not any(p.is_meta for p in meta.model.dnn.parameters())  # dense layers are real
     plain = run(args, subcommand=False)
     assert not any(p.is_meta for p in table_parameters(plain.model))
-
-
-def _aborting_worker(rank: int, world: int, rendezvous: str, when: str, log: str) -> None:
-    with open(log, "a") as f:
-        f.write(f"{rank}\n")
-    if when == "after":
-        dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
-    if rank == 0:
-        os.abort()
-    if when == "after":
-        dist.barrier()  # rank 1 waits for rank 0, which never comes: the spawn's join stops it
-
-
-def test_spawn_ranks_retries_only_an_abort_before_start_up(tmp_path: Path) -> None:
-    for when, attempts in (("before", 2), ("after", 1)):
-        log = tmp_path / f"{when}.log"
-        with pytest.raises(mp.ProcessExitedException), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            spawn_ranks(_aborting_worker, 2, when, str(log))
-        assert log.read_text().count("0\n") == attempts, when
-        assert len([w for w in caught if "retrying" in str(w.message)]) == attempts - 1, when
