@@ -1,4 +1,5 @@
-"""Real processes for multi-rank tests: ``spawn_ranks`` runs a worker on fresh processes over gloo."""
+"""Multi-rank tests: ``spawn_ranks`` runs a worker on fresh processes over gloo; ``share`` cuts a rank's
+rows out of a global batch. Imports only torch at the top: every spawned rank imports this module."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+if TYPE_CHECKING:
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recsys.data.batch import Batch
 
 
 def rendezvous(folder: str) -> str:
@@ -59,3 +66,31 @@ def spawn_ranks(worker, world: int, *args) -> None:  # noqa: ANN001
                 if err.signal_name != "SIGABRT" or started or attempt == 1:
                     raise
                 warnings.warn(f"rank {err.error_index} aborted before its process group was up; retrying", stacklevel=2)
+
+
+def share(batch: Batch, rank: int, world: int) -> Batch:
+    """One rank's rows of a global batch (positions included: they seed OptEmbed's widths)."""
+    from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+    from recsys.data.batch import Batch
+
+    size = len(batch) // world
+    lo, hi = rank * size, (rank + 1) * size
+
+    def part(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        out = {}
+        for key, jt in kjt.to_dict().items():
+            offsets = jt.offsets()
+            out[key] = JaggedTensor(
+                values=jt.values()[int(offsets[lo]) : int(offsets[hi])], lengths=jt.lengths()[lo:hi]
+            )
+        return KeyedJaggedTensor.from_jt_dict(out)
+
+    return Batch(
+        batch.dense[lo:hi],
+        part(batch.sparse),
+        part(batch.sequences),
+        batch.labels[lo:hi],
+        batch.groups[lo:hi],
+        positions=batch.positions[lo:hi],
+    )

@@ -35,6 +35,7 @@ from recsys.models.dlrm import DLRM
 from recsys.models.finalmlp import FinalMLP
 from recsys.models.two_tower import TwoTower
 from tests.conftest import write_dataset
+from tests.ranks import share
 
 MODELS = {
     "base": (EmbeddingMLP, {"dnn_hidden_units": [16]}),
@@ -117,32 +118,6 @@ def batches(data: str) -> tuple[list[Batch], Batch]:
     stream = ParquetStream(data, "train", dm.vocab, batch_size=GLOBAL_BATCH, shuffle=True, rank=0, world_size=1)
     train = [b for _, b in zip(range(STEPS), stream, strict=False)]
     return train, next(iter(ParquetStream(data, "val", dm.vocab, batch_size=200, rank=0, world_size=1)))
-
-
-def share(batch: Batch, rank: int, world: int) -> Batch:
-    """One rank's rows of a global batch (positions included: they seed OptEmbed's widths)."""
-    from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
-
-    size = len(batch) // world
-    lo, hi = rank * size, (rank + 1) * size
-
-    def part(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        out = {}
-        for key, jt in kjt.to_dict().items():
-            offsets = jt.offsets()
-            out[key] = JaggedTensor(
-                values=jt.values()[int(offsets[lo]) : int(offsets[hi])], lengths=jt.lengths()[lo:hi]
-            )
-        return KeyedJaggedTensor.from_jt_dict(out)
-
-    return Batch(
-        batch.dense[lo:hi],
-        part(batch.sparse),
-        part(batch.sequences),
-        batch.labels[lo:hi],
-        batch.groups[lo:hi],
-        positions=batch.positions[lo:hi],
-    )
 
 
 def loss_of(net: torch.nn.Module, model: torch.nn.Module, batch: Batch) -> torch.Tensor:

@@ -213,7 +213,8 @@ def _ranks_worker(rank: int, world: int, rendezvous: str, data: str, out: str) -
     from recsys.data.parquet import ParquetStream
     from recsys.models.base import EmbeddingMLP
     from recsys.train.strategy import shard_model
-    from tests.test_composition import loss_of, share
+    from tests.ranks import share
+    from tests.test_composition import loss_of
 
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     torch.set_num_threads(1)

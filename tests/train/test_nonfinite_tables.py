@@ -42,7 +42,7 @@ def _snapshot(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _worker(rank: int, world: int, rendezvous: str, data: str, out: str) -> None:
     from recsys.train.strategy import shard_model
-    from tests.test_composition import share
+    from tests.ranks import share
     from tests.train.faults import poison_embedding_gradient
 
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)

@@ -22,7 +22,7 @@ from recsys.data.parquet import ParquetStream
 from recsys.models.din import DIN
 from recsys.train.strategy import shard_model, table_parameters
 from tests.conftest import ROOT, plain_ctr_metrics, write_dataset
-from tests.ranks import rendezvous, spawn_ranks
+from tests.ranks import rendezvous, share, spawn_ranks
 
 STEPS = 4
 GLOBAL_BATCH = 256
@@ -51,32 +51,13 @@ def _build(data: str, dice_and_mba: bool = False) -> tuple[DIN, list[Batch], Bat
     return model, batches, val
 
 
-def _rows(batch: Batch, lo: int, hi: int) -> Batch:
-    """Rows [lo, hi) of a batch: one rank's share of the global batch."""
-    from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
-
-    def part(kjt):
-        out = {}
-        for key, jt in kjt.to_dict().items():
-            offsets = jt.offsets()
-            out[key] = JaggedTensor(
-                values=jt.values()[int(offsets[lo]) : int(offsets[hi])], lengths=jt.lengths()[lo:hi]
-            )
-        return KeyedJaggedTensor.from_jt_dict(out)
-
-    return Batch(
-        batch.dense[lo:hi], part(batch.sparse), part(batch.sequences), batch.labels[lo:hi], batch.groups[lo:hi]
-    )
-
-
 def train_shares(
     net: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[Batch], rank: int, world: int
 ) -> list[float]:
     """Trains on this rank's share of each global batch; returns the global mean loss per step."""
     losses = []
     for batch in batches:
-        share = len(batch) // world
-        local = _rows(batch, rank * share, (rank + 1) * share)
+        local = share(batch, rank, world)
         optimizer.zero_grad()
         loss = F.binary_cross_entropy_with_logits(net(local), local.labels)
         loss.backward()
@@ -149,9 +130,9 @@ def _reference_dice_and_mba(data: str, world: int = 2) -> tuple[list[float], np.
     losses = []
     for batch in batches:
         optimizer.zero_grad()
-        share, total = len(batch) // world, torch.zeros(())
+        total = torch.zeros(())
         for rank in range(world):
-            local = _rows(batch, rank * share, (rank + 1) * share)
+            local = share(batch, rank, world)
             bce = F.binary_cross_entropy_with_logits(model(local), local.labels)
             total = total + (bce + _share_penalty(model, local, counts)) / world
             if rank == 0:
@@ -183,8 +164,7 @@ def _dice_mba_worker(rank: int, world: int, rendezvous: str, data: str, out: str
     dense = torch.optim.SGD([p for p in dmp.parameters() if not hasattr(p, "_in_backward_optimizers")], lr=0.1)
     losses = []
     for batch in batches:
-        share = len(batch) // world
-        local = _rows(batch, rank * share, (rank + 1) * share)
+        local = share(batch, rank, world)
         dense.zero_grad()
         loss = F.binary_cross_entropy_with_logits(dmp(local), local.labels) + dmp.module.embedding.regularization()
         loss.backward()
@@ -511,7 +491,7 @@ def _meta_worker(rank: int, world: int, rendezvous: str, data: str, out: str) ->
         model, batches, _ = _build(data)
     assert all(p.is_meta for p in table_parameters(model))  # nothing allocated for the tables
     dmp = shard_model(model, world, torch.device("cpu"), sparse_optimizer="sgd", sparse_lr=0.1)
-    local = _rows(batches[0], rank * 128, (rank + 1) * 128)
+    local = share(batches[0], rank, world)
     loss = F.binary_cross_entropy_with_logits(dmp(local), local.labels)
     loss.backward()
     materialised = not any(p.is_meta for p in dmp.parameters())
