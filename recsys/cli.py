@@ -50,19 +50,30 @@ def _configure_logging() -> None:
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
-def _leave_process_group(finished: bool) -> None:
-    """Destroys the process group a multi-rank run left up; after a run that finished on this rank,
-    first waits at a barrier until every rank has finished too, so that none still needs rank 0's
-    rendezvous store and each can end without the interpreter's teardown. A 2-rank ``recsys fit``
-    that had finished was aborted at interpreter exit with "terminate called without an active
-    exception" (exit -6): a gloo thread releasing its last collective's tensors took the GIL while
-    Python finalized (pytorch/pytorch#38228; ``tests/test_ranks.py`` shows the race)."""
+def _leave_process_group(finished: bool) -> bool:
+    """Destroys the process group a multi-rank run left up. True when the process may then end without
+    the interpreter's teardown: no group, or a gloo group whose ranks all finished and met at a barrier
+    (so none still needs rank 0's rendezvous store). A 2-rank ``recsys fit`` that had finished was
+    aborted at interpreter exit with "terminate called without an active exception" (exit -6): a gloo
+    thread releasing its last collective's tensors took the GIL while Python finalized
+    (pytorch/pytorch#38228; ``tests/test_ranks.py`` shows the race). Other backends, a run that failed
+    here and a barrier that failed (a rank that did not finish) end the usual way, as before."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        if finished and dist.get_world_size() > 1:
-            dist.barrier()  # (fails at once, rather than waiting, if a rank died)
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    alone = dist.get_world_size() == 1
+    met = alone
+    if finished and not alone and dist.get_backend() == "gloo":
+        try:  # monitored: names the rank that did not come instead of waiting out the group's timeout
+            dist.monitored_barrier(timeout=timedelta(minutes=10))
+            met = True
+        except RuntimeError as err:
+            logging.getLogger("recsys").warning("not every rank finished: %s", str(err).splitlines()[0])
+    dist.destroy_process_group()
+    return met
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 _exit_without_teardown(0)
             raise
         finally:
-            _leave_process_group(finished)
-        if from_command_line:  # every rank has finished: none needs rank 0's rendezvous store any more
+            may_exit = _leave_process_group(finished)
+        if from_command_line and may_exit:  # (no rank still needs rank 0's rendezvous store)
             _exit_without_teardown(0)  # Lightning finalized the loggers in its teardown hook
         return 0
     code = import_module(f"recsys.commands.{command.module}").main(rest)

@@ -30,10 +30,11 @@ def _marking_start_up(rank: int, world: int, rendezvous: str, markers: str, work
     A rank whose worker returned ends with ``os._exit(0)``, without the interpreter's finalization: a
     gloo worker thread still releasing its last collective's tensors then takes the GIL while Python
     finalizes, is ended by ``pthread_exit`` inside a destructor, and aborts the process ("terminate
-    called without an active exception", pytorch/pytorch#38228). Seen in about one run in ten of a
-    2-rank test on these 2 cores, after its results were written; a core dump put the aborting thread
-    in ``ProcessGroupGloo::runLoop`` → ``~AsyncAllreduceWork`` and the main thread in ``Py_FinalizeEx``.
-    A worker that raises leaves the usual way (spawn reports its traceback)."""
+    called without an active exception", pytorch/pytorch#38228). Seen in about one run in ten to fifteen
+    of a 2-rank test on these 2 cores, after its results were written; a core dump put the aborting
+    thread in ``ProcessGroupGloo::runLoop`` → ``~AsyncAllreduceWork`` and the main thread in
+    ``Py_FinalizeEx``. Exit handlers and finalizers do not run, so a worker closes what it writes
+    before it returns. A worker that raises leaves the usual way (spawn reports its traceback)."""
     init = dist.init_process_group
 
     def init_and_mark(*a, **k) -> None:  # noqa: ANN002, ANN003
