@@ -86,3 +86,26 @@ def test_a_lightning_commands_help_from_the_command_line_is_whole_and_quiet() ->
     help_text, _, imported = done.stdout.rstrip("\n").rpartition("\n")
     assert imported == "[]"
     assert help_text + "\n" == reference.stdout and "--trainer.max_epochs" in help_text
+
+
+def _leaving_worker(rank: int, world: int, rendezvous: str, finished: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from recsys.cli import _leave_process_group
+
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    may_exit = _leave_process_group(finished[rank] == "1")
+    (Path(out) / f"rank{rank}").write_text(f"{may_exit} {dist.is_initialized()}")
+
+
+@pytest.mark.parametrize(("finished", "expected"), [("11", ["True", "True"]), ("10", ["False", "False"])])
+def test_finished_ranks_meet_before_leaving_and_a_rank_that_failed_is_not_waited_for(
+    tmp_path: Path, finished: str, expected: list[str]
+) -> None:
+    """Ranks that all finished may end without teardown; when rank 1's run failed (it leaves without
+    the barrier), rank 0's barrier fails at once — not after its 10 minutes — and rank 0 ends the usual
+    way. Every rank has left its group either way."""
+    from tests.ranks import spawn_ranks
+
+    spawn_ranks(_leaving_worker, 2, finished, str(tmp_path))
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == [f"{e} False" for e in expected]
