@@ -3,8 +3,6 @@ rows out of a global batch. Imports only torch at the top: every spawned rank im
 
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -19,7 +17,7 @@ if TYPE_CHECKING:
     from recsys.data.batch import Batch
 
 
-def rendezvous(folder: str) -> str:
+def file_rendezvous(folder: str) -> str:
     """A file rendezvous for one process group in ``folder``: no TCP port to collide with another test's."""
     return f"file://{folder}/store"
 
@@ -27,14 +25,15 @@ def rendezvous(folder: str) -> str:
 def _marking_start_up(rank: int, world: int, rendezvous: str, markers: str, worker, *args) -> None:  # noqa: ANN001
     """Runs ``worker`` in a rank, leaving ``<markers>/rank<r>.up`` once its process group is up.
 
-    A rank whose worker returned ends with ``os._exit(0)``, without the interpreter's finalization: a
+    A rank whose worker returned ends without the interpreter's finalization (exit handlers run, then
+    ``os._exit(0)``; ``recsys.cli._exit_without_teardown``, as a finished ``recsys fit`` rank does); else a
     gloo worker thread still releasing its last collective's tensors then takes the GIL while Python
     finalizes, is ended by ``pthread_exit`` inside a destructor, and aborts the process ("terminate
     called without an active exception", pytorch/pytorch#38228). Seen in about one run in ten to fifteen
     of a 2-rank test on these 2 cores, after its results were written; a core dump put the aborting
     thread in ``ProcessGroupGloo::runLoop`` → ``~AsyncAllreduceWork`` and the main thread in
-    ``Py_FinalizeEx``. Exit handlers and finalizers do not run, so a worker closes what it writes
-    before it returns. A worker that raises leaves the usual way (spawn reports its traceback)."""
+    ``Py_FinalizeEx``. Garbage is not collected at exit, so a worker closes what it writes before it
+    returns. A worker that raises leaves the usual way (spawn reports its traceback)."""
     init = dist.init_process_group
 
     def init_and_mark(*a, **k) -> None:  # noqa: ANN002, ANN003
@@ -43,9 +42,9 @@ def _marking_start_up(rank: int, world: int, rendezvous: str, markers: str, work
 
     dist.init_process_group = init_and_mark
     worker(rank, world, rendezvous, *args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    from recsys.cli import _exit_without_teardown  # what a finished `recsys fit` rank does too
+
+    _exit_without_teardown(0)
 
 
 def spawn_ranks(worker, world: int, *args) -> None:  # noqa: ANN001
@@ -59,7 +58,7 @@ def spawn_ranks(worker, world: int, *args) -> None:  # noqa: ANN001
     for attempt in range(2):
         with tempfile.TemporaryDirectory(prefix="recsys-ranks-") as folder:  # the store and the markers, removed after
             try:
-                args_ = (world, rendezvous(folder), folder, worker, *args)
+                args_ = (world, file_rendezvous(folder), folder, worker, *args)
                 mp.spawn(_marking_start_up, args=args_, nprocs=world, join=True)
                 return
             except mp.ProcessExitedException as err:

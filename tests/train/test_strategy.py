@@ -22,7 +22,7 @@ from recsys.data.parquet import ParquetStream
 from recsys.models.din import DIN
 from recsys.train.strategy import shard_model, table_parameters
 from tests.conftest import ROOT, plain_ctr_metrics, write_dataset
-from tests.ranks import rendezvous, share, spawn_ranks
+from tests.ranks import file_rendezvous, share, spawn_ranks
 
 STEPS = 4
 GLOBAL_BATCH = 256
@@ -462,7 +462,7 @@ def test_cuda_plan_with_row_wise_and_uvm_caching_dry_run(tiny: str) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + fbgemm-gpu (CUDA build) + NCCL")
 def test_cuda_training_step_with_uvm_caching(tiny: str, tmp_path: Path) -> None:  # pragma: no cover - no GPU in CI
-    dist.init_process_group("nccl", init_method=rendezvous(str(tmp_path)), rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=file_rendezvous(str(tmp_path)), rank=0, world_size=1)
     try:
         model, batches, _ = _build(tiny)
         dmp = shard_model(
