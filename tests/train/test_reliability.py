@@ -1,5 +1,6 @@
 """Kill-and-resume without losing or repeating a row, and the non-finite guard."""
 
+import json
 import os
 import signal
 import subprocess
@@ -72,18 +73,26 @@ def _config(
 
 
 def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``recsys fit`` in its own session (the fault kills the job's whole process group, as a preemption
+    would). Its return code is the command's; when that is 0, every process the command started (rank 1
+    of a 2-rank run, loader workers) must have ended with 0 too: nothing else reads rank 1's status."""
     recsys = Path(sys.executable).parent / "recsys"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    # its own session: the fault kills the job's whole process group, as a preemption would
-    return subprocess.run(
-        [str(recsys), "fit", "--config", str(config), *extra],
+    codes = config.parent / f"{config.stem}.exit_codes.json"
+    driver = [sys.executable, "-m", "tests.train.exit_codes", str(codes)]
+    done = subprocess.run(
+        [*driver, str(recsys), "fit", "--config", str(config), *extra],
         capture_output=True,
         text=True,
         env=env,
         cwd=config.parent,
         timeout=600,
-        start_new_session=True,
     )
+    assert done.returncode == 0, done.stderr[-3000:]  # the driver's own
+    ended = json.loads(codes.read_text())
+    if ended["command"] == 0:
+        assert ended["all"] == [0] * len(ended["all"]), f"a process of the finished run did not exit 0: {ended}"
+    return subprocess.CompletedProcess(done.args, ended["command"], done.stdout, done.stderr)
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
