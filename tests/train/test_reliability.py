@@ -79,14 +79,14 @@ def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
     recsys = Path(sys.executable).parent / "recsys"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     codes = config.parent / f"{config.stem}.exit_codes.json"
-    driver = [sys.executable, "-m", "tests.train.exit_codes", str(codes)]
+    driver = [sys.executable, "-m", "tests.train.exit_codes", str(codes), "600"]  # kills the job after 600 s
     done = subprocess.run(
         [*driver, str(recsys), "fit", "--config", str(config), *extra],
         capture_output=True,
         text=True,
         env=env,
         cwd=config.parent,
-        timeout=600,
+        timeout=660,
     )
     assert done.returncode == 0, done.stderr[-3000:]  # the driver's own
     ended = json.loads(codes.read_text())
