@@ -91,6 +91,8 @@ def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
     assert done.returncode == 0, done.stderr[-3000:]  # the driver's own
     ended = json.loads(codes.read_text())
     if ended["command"] == 0:
+        ranks = int(extra[extra.index("--trainer.devices") + 1]) if "--trainer.devices" in extra else 1
+        assert len(ended["all"]) >= ranks, f"the driver did not see every rank end: {ended}"
         assert ended["all"] == [0] * len(ended["all"]), f"a process of the finished run did not exit 0: {ended}"
     return subprocess.CompletedProcess(done.args, ended["command"], done.stdout, done.stderr)
 
