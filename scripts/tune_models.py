@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/tune"))
     parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument("--note", default="", help="a sentence for the block: how the trials were run, what was reused")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     grid = list(itertools.product(args.lrs, args.mba))
@@ -82,7 +83,8 @@ def main() -> None:
         f"--mba {' '.join(map(str, args.mba))} --seed {args.seed}` — {machine()}, {args.threads} torch threads; "
         f"{time.strftime('%Y-%m-%d')}. Every model config gets the same {len(grid)} "
         "trials (learning rate × mini-batch aware L2), each scored by its best val AUC (seed "
-        f"{args.seed}); test is not read. The best point goes into `configs/movielens/<model>.yaml`.",
+        f"{args.seed}); test is not read. The best point goes into `configs/movielens/<model>.yaml`."
+        + (f" {args.note}" if args.note else ""),
         "",
         "| model | " + " | ".join(points) + " | chosen |",
         "|---|" + "---:|" * len(points) + "---|",
