@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 from importlib import import_module
 
 from recsys.commands.table import BY_NAME, usage
@@ -46,8 +47,10 @@ def _configure_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-    # torchrec calls torch.fx.is_fx_tracing on import; the deprecation note it triggers is not ours
+    # deprecation notes from inside torchrec (it calls torch.fx.is_fx_tracing) and Lightning (its
+    # pytree helper builds LeafSpec, which torch 2.13 deprecates): not ours, nor the user's, to act on
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _leave_process_group(finished: bool) -> bool:
