@@ -66,7 +66,16 @@ MODELS = {
         FinalMLP,
         {"mlp1_hidden_units": [16], "mlp2_hidden_units": [8], "gate_hidden_units": [8], "gate1_context": ["user"]},
     ),
-    "bst": (BST, {"transformer_dim": 8, "transformer_heads": 2, "transformer_dropout": 0.0, "dnn_hidden_units": [16]}),
+    "bst": (
+        BST,
+        {
+            "transformer_dim": 8,
+            "transformer_heads": 2,
+            "transformer_dropout": 0.0,
+            "transformer_norm_first": True,  # as configs/movielens/bst.yaml ships it
+            "dnn_hidden_units": [16],
+        },
+    ),
 }
 KINDS = {
     "plain": {"dim": 8},

@@ -44,10 +44,19 @@ class SequenceTransformer(nn.Module):
         dim: the transformer's width (tokens are projected to it, so any table kind's width works).
         heads, layers, dropout: of the encoder (``dim`` must be divisible by ``heads``).
         max_len: most behaviors per row (positions 0..max_len).
+        norm_first: pre-LN layers (norm before attention and the feed-forward) and a final norm;
+            default post-LN (norm after each residual sum), as in the BST paper.
     """
 
     def __init__(
-        self, in_features: int, dim: int = 32, heads: int = 2, layers: int = 1, dropout: float = 0.1, max_len: int = 50
+        self,
+        in_features: int,
+        dim: int = 32,
+        heads: int = 2,
+        layers: int = 1,
+        dropout: float = 0.1,
+        max_len: int = 50,
+        norm_first: bool = False,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -55,8 +64,11 @@ class SequenceTransformer(nn.Module):
         self.max_len = max_len
         self.project = nn.Linear(in_features, dim)
         self.position = nn.Embedding(max_len + 1, dim)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=dropout, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=4 * dim, dropout=dropout, batch_first=True, norm_first=norm_first
+        )
+        final = nn.LayerNorm(dim) if norm_first else None
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=final, enable_nested_tensor=False)
 
     def forward(self, target: Tensor, behaviors: Tensor, lengths: Tensor) -> Tensor:
         width = int(lengths.max()) if lengths.numel() else 0

@@ -33,6 +33,8 @@ class BST(CTRModule):
     Args:
         features: dataset info (linked from the data module by the CLI).
         transformer_dim, transformer_heads, transformer_layers, transformer_dropout: the encoder.
+        transformer_norm_first: layer norm before attention and the feed-forward, plus a final one
+            (pre-LN), instead of after each residual sum (post-LN, the paper's).
         attention_groups: lists of sequence features encoded together; default all in one.
         dnn_hidden_units, dnn_activation, dnn_dropout: the prediction MLP.
         **kwargs: ``embedding``, ``text``, ``mba_lambda``, ``optimizer``.
@@ -50,6 +52,7 @@ class BST(CTRModule):
         transformer_heads: int = 2,
         transformer_layers: int = 1,
         transformer_dropout: float = 0.1,
+        transformer_norm_first: bool = False,
         attention_groups: list[list[str]] | None = None,
         dnn_hidden_units: list[int] = [200, 80],  # noqa: B006
         dnn_activation: str = "relu",
@@ -70,6 +73,7 @@ class BST(CTRModule):
                 transformer_layers,
                 transformer_dropout,
                 max(self.schema[s].max_len for s in group),
+                transformer_norm_first,
             )
             for group in self.groups
         )

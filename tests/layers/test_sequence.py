@@ -54,3 +54,29 @@ def test_a_batch_without_any_history_encodes_the_target_alone() -> None:
     torch.testing.assert_close(
         out, torch.cat([encoded, encoded], dim=1), atol=1e-5, rtol=1e-5
     )  # one token: mean = itself
+
+
+def test_pre_norm_encoder_is_the_written_out_pre_ln_block() -> None:
+    """``norm_first``: x + MHA(LN₁(x)), then x + FFN(LN₂(x)), then a final LN — written out from the
+    layer's own weights, forward and backward, on one row without padding."""
+    torch.manual_seed(3)
+    encoder = SequenceTransformer(in_features=4, dim=8, heads=2, layers=1, dropout=0.0, max_len=6, norm_first=True)
+    target, behaviors = torch.randn(1, 4), torch.randn(3, 4, requires_grad=True)
+    out = encoder(target, behaviors, torch.tensor([3]))
+    layer, final = encoder.encoder.layers[0], encoder.encoder.norm
+    tokens = torch.cat([target, behaviors.flip(0)])
+    x = encoder.project(tokens) + encoder.position.weight[:4]  # [4, 8]
+    h = layer.norm1(x)
+    q, k, v = (h @ layer.self_attn.in_proj_weight.t() + layer.self_attn.in_proj_bias).split(8, dim=1)
+    heads = []
+    for s in (slice(0, 4), slice(4, 8)):
+        weights = torch.softmax(q[:, s] @ k[:, s].t() / 2.0, dim=1)  # √(8 / 2 heads) = 2
+        heads.append(weights @ v[:, s])
+    x = x + layer.self_attn.out_proj(torch.cat(heads, dim=1))
+    x = x + layer.linear2(torch.relu(layer.linear1(layer.norm2(x))))
+    x = final(x)
+    expected = torch.cat([x[0], x.mean(0)])
+    torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(out.square().sum(), behaviors)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), behaviors)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
