@@ -38,6 +38,12 @@ class TorchmetricsWithoutOptionalStacks(importlib.abc.MetaPathFinder):
         return None  # the other finders decide
 
 
+def _is_rank_zero() -> bool:
+    """False in a process that torchrun or Lightning's launcher started as another rank (its rank,
+    local rank or node rank in the environment is not 0); True in a single process."""
+    return all(os.environ.get(name, "0") in {"", "0"} for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def _configure_logging() -> None:
     # recsys' own INFO lines (ignored columns, vocab builds, unused text features) reach the user
     handler = logging.StreamHandler()
@@ -45,7 +51,7 @@ def _configure_logging() -> None:
     logger = logging.getLogger("recsys")
     if not logger.handlers:
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.INFO if _is_rank_zero() else logging.WARNING)  # info once, not once a rank
         logger.propagate = False
     # deprecation notes from inside torchrec (it calls torch.fx.is_fx_tracing) and Lightning (its
     # pytree helper builds LeafSpec, which torch 2.13 deprecates): not ours, nor the user's, to act on

@@ -27,8 +27,9 @@ from recsys.data.vocab import DatasetInfo
 from recsys.embedding.layer import Embedded, EmbeddingLayer
 from recsys.eval.metrics import ctr_metrics
 
-# epoch metrics come from every rank's predictions gathered (exact, equal on all ranks): no syncing
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
+# epoch metrics come from every rank's predictions gathered (exact, equal on all ranks), and the
+# training rate is rank 0's own (recsys.train.callbacks.Throughput): neither wants syncing
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('((val|test)/|train/samples_per_s)")
 
 
 class NonFiniteError(RuntimeError):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,9 @@ def shard_model(
         cache_load_factor,
         process_group=dist.GroupMember.WORLD,
     )
-    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders())
+    with warnings.catch_warnings():  # torchrec's own DDP wrapper passes an argument torch 2.13 deprecates
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders())
     if full_state:
         copy_full_weights(dmp.state_dict(), full_state)
     return dmp

@@ -72,16 +72,17 @@ def _config(
     return path
 
 
-def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
+def _fit(config: Path, *extra: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``recsys fit`` in its own session (the fault kills the job's whole process group, as a preemption
-    would). Its return code is the command's; when that is 0, every process the command started (rank 1
-    of a 2-rank run, loader workers) must have ended with 0 too: nothing else reads rank 1's status."""
+    would), started by ``launcher`` if given (torchrun). Its return code is the command's; when that is 0,
+    every process the command started (rank 1 of a 2-rank run, loader workers) must have ended with 0
+    too: nothing else reads rank 1's status."""
     recsys = Path(sys.executable).parent / "recsys"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     codes = config.parent / f"{config.stem}.exit_codes.json"
     driver = [sys.executable, "-m", "tests.train.exit_codes", str(codes), "600"]  # kills the job after 600 s
     done = subprocess.run(
-        [*driver, str(recsys), "fit", "--config", str(config), *extra],
+        [*driver, *launcher, str(recsys), "fit", "--config", str(config), *extra],
         capture_output=True,
         text=True,
         env=env,
@@ -92,6 +93,7 @@ def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
     ended = json.loads(codes.read_text())
     if ended["command"] == 0:
         ranks = int(extra[extra.index("--trainer.devices") + 1]) if "--trainer.devices" in extra else 1
+        ranks = 1 if launcher else ranks  # torchrun waits for its ranks itself, and fails when one does
         assert len(ended["all"]) >= ranks, f"the driver did not see every rank end: {ended}"
         assert ended["all"] == [0] * len(ended["all"]), f"a process of the finished run did not exit 0: {ended}"
     return subprocess.CompletedProcess(done.args, ended["command"], done.stdout, done.stderr)
@@ -143,6 +145,29 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes_without_losing_or_repea
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_torchrun_starts_the_same_2_rank_run_as_lightnings_launcher_and_it_logs_each_thing_once(
+    tiny: Path, tmp_path: Path
+) -> None:
+    """How a cluster job starts it: ``torchrun --nproc_per_node 2 recsys fit`` ends as the run Lightning's
+    own launcher starts does — every process exits 0, the same final weights (same seed, same shards of
+    rows) — and rank 1 adds no info lines of its own, nor do torchrec's or Lightning's deprecations."""
+    runs = tmp_path / "runs"
+    extra = ["--trainer.strategy", "torchrec", "--trainer.devices", "2"]
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    own = _fit(_config(tmp_path / "own.yaml", tiny, runs, "own", []), *extra)
+    started = _fit(_config(tmp_path / "torchrun.yaml", tiny, runs, "torchrun", []), *extra, launcher=torchrun)
+    assert own.returncode == 0 and started.returncode == 0, started.stderr[-3000:]
+    a, b = _state(runs / "own" / "final.ckpt"), _state(runs / "torchrun" / "final.ckpt")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+    for done in (own, started):
+        log = done.stdout + done.stderr
+        assert log.count("train/part-0.parquet: ignoring column(s) not in the schema") == 1, log[-3000:]
+        for note in ("broadcast_buffers", "sync_dist=True", "LeafSpec", "is_fx_tracing"):
+            assert note not in log, log[-3000:]
 
 
 def _run_inprocess(tiny: Path, tmp_path: Path, poison: dict, *extra: str) -> Path:
