@@ -12,6 +12,7 @@ import warnings
 from importlib import import_module
 
 from recsys.commands.table import BY_NAME, usage
+from recsys.train.ranks import is_first_process
 
 
 class TorchmetricsWithoutOptionalStacks(importlib.abc.MetaPathFinder):
@@ -38,12 +39,6 @@ class TorchmetricsWithoutOptionalStacks(importlib.abc.MetaPathFinder):
         return None  # the other finders decide
 
 
-def _is_rank_zero() -> bool:
-    """False in a process that torchrun or Lightning's launcher started as another rank (its rank,
-    local rank or node rank in the environment is not 0); True in a single process."""
-    return all(os.environ.get(name, "0") in {"", "0"} for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
-
-
 def _configure_logging() -> None:
     # recsys' own INFO lines (ignored columns, vocab builds, unused text features) reach the user
     handler = logging.StreamHandler()
@@ -51,12 +46,12 @@ def _configure_logging() -> None:
     logger = logging.getLogger("recsys")
     if not logger.handlers:
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO if _is_rank_zero() else logging.WARNING)  # info once, not once a rank
+        logger.setLevel(logging.INFO if is_first_process() else logging.WARNING)  # info once, not once a rank
         logger.propagate = False
     # deprecation notes from inside torchrec (it calls torch.fx.is_fx_tracing) and Lightning (its
     # pytree helper builds LeafSpec, which torch 2.13 deprecates): not ours, nor the user's, to act on
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
 
 
 def _leave_process_group(finished: bool) -> bool:

@@ -7,7 +7,6 @@ recsys test --config configs/movielens/base.yaml --ckpt_path runs/.../best.ckpt
 
 from __future__ import annotations
 
-import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,6 +21,7 @@ from recsys.embedding.tables import tables_on
 from recsys.text.features import TextConfigError
 from recsys.train.callbacks import PredictionWriter, RunSummary, Throughput
 from recsys.train.module import CTRModule
+from recsys.train.ranks import is_first_process
 from recsys.train.runs import RunError, RunLock, check_run, resume_from, run_version
 from recsys.train.strategy import TorchrecStrategy  # noqa: F401  (registers --trainer.strategy torchrec)
 
@@ -81,7 +81,7 @@ class RecsysCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.model.nonfinite_policy = self.config[self.subcommand]["nonfinite"]
-        if getattr(self, "_resumable", None) is not None and _first_process():
+        if getattr(self, "_resumable", None) is not None and is_first_process():
             run_dir = Path(self.trainer.log_dir)
             try:
                 check_run(run_dir, self._resumable)
@@ -154,15 +154,6 @@ def _uses_managed(config: Any) -> bool:
     entries = block.get("features") or {}
     kinds = [block.get("kind")] + [e.get("kind") for e in entries.values() if hasattr(e, "get")]
     return "managed" in kinds
-
-
-def _first_process() -> bool:
-    """Global rank 0, before the process group exists: torchrun's RANK, SLURM's SLURM_PROCID, or
-    Lightning's launcher's NODE_RANK and LOCAL_RANK."""
-    for variable in ("RANK", "SLURM_PROCID"):
-        if variable in os.environ:
-            return os.environ[variable] == "0"
-    return os.environ.get("NODE_RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def _config_error(err: BaseException | None) -> BaseException | None:

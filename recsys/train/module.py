@@ -29,7 +29,7 @@ from recsys.eval.metrics import ctr_metrics
 
 # epoch metrics come from every rank's predictions gathered (exact, equal on all ranks), and the
 # training rate is rank 0's own (recsys.train.callbacks.Throughput): neither wants syncing
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('((val|test)/|train/samples_per_s)")
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('((val|test)/|train/samples_per_s')")
 
 
 class NonFiniteError(RuntimeError):

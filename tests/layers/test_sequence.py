@@ -3,6 +3,7 @@ order of tokens is the target, then the most recent behavior first."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from recsys.layers.sequence import SequenceTransformer, jagged_to_padded
@@ -15,9 +16,12 @@ def test_jagged_to_padded_puts_the_most_recent_first() -> None:
     assert mask.tolist() == [[True] * 3, [False] * 3, [True] * 3]
 
 
-def test_a_batch_equals_each_row_encoded_alone_without_padding() -> None:
+@pytest.mark.parametrize("norm_first", [False, True])  # post-LN (the paper), pre-LN (bst.yaml)
+def test_a_batch_equals_each_row_encoded_alone_without_padding(norm_first: bool) -> None:
     torch.manual_seed(0)
-    encoder = SequenceTransformer(in_features=6, dim=8, heads=2, layers=2, dropout=0.0, max_len=5).eval()
+    encoder = SequenceTransformer(
+        in_features=6, dim=8, heads=2, layers=2, dropout=0.0, max_len=5, norm_first=norm_first
+    ).eval()
     lengths = torch.tensor([3, 0, 5, 1])
     target, behaviors = torch.randn(4, 6), torch.randn(int(lengths.sum()), 6)
     batch = encoder(target, behaviors, lengths)
@@ -32,9 +36,12 @@ def test_a_batch_equals_each_row_encoded_alone_without_padding() -> None:
         torch.testing.assert_close(batch[row], torch.cat([encoded[0], encoded.mean(0)]), atol=1e-5, rtol=1e-5)
 
 
-def test_padding_and_other_rows_do_not_change_a_row() -> None:
+@pytest.mark.parametrize("norm_first", [False, True])  # post-LN (the paper), pre-LN (bst.yaml)
+def test_padding_and_other_rows_do_not_change_a_row(norm_first: bool) -> None:
     torch.manual_seed(1)
-    encoder = SequenceTransformer(in_features=4, dim=8, heads=4, layers=1, dropout=0.0, max_len=9).eval()
+    encoder = SequenceTransformer(
+        in_features=4, dim=8, heads=4, layers=1, dropout=0.0, max_len=9, norm_first=norm_first
+    ).eval()
     target, behaviors = torch.randn(1, 4), torch.randn(2, 4)
     alone = encoder(target, behaviors, torch.tensor([2]))
     with_long_row = encoder(
@@ -45,9 +52,12 @@ def test_padding_and_other_rows_do_not_change_a_row() -> None:
     assert not torch.allclose(shuffled, alone)
 
 
-def test_a_batch_without_any_history_encodes_the_target_alone() -> None:
+@pytest.mark.parametrize("norm_first", [False, True])  # post-LN (the paper), pre-LN (bst.yaml)
+def test_a_batch_without_any_history_encodes_the_target_alone(norm_first: bool) -> None:
     torch.manual_seed(2)
-    encoder = SequenceTransformer(in_features=4, dim=8, heads=2, layers=1, dropout=0.0, max_len=3).eval()
+    encoder = SequenceTransformer(
+        in_features=4, dim=8, heads=2, layers=1, dropout=0.0, max_len=3, norm_first=norm_first
+    ).eval()
     target = torch.randn(5, 4)
     out = encoder(target, torch.zeros(0, 4), torch.zeros(5, dtype=torch.int32))
     encoded = encoder.encoder((encoder.project(target) + encoder.position.weight[0]).unsqueeze(1))[:, 0]
