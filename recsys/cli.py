@@ -48,11 +48,12 @@ def _configure_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO if is_first_process() else logging.WARNING)  # info once, not once a rank
         logger.propagate = False
+        # Lightning's tips advertise its cloud packages (litlogger, litmodels) on every run
+        tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        tips.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
     # deprecation notes from inside torchrec (it calls torch.fx.is_fx_tracing) and Lightning (its
     # pytree helper builds LeafSpec, which torch 2.13 deprecates): not ours, nor the user's, to act on
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    # Lightning's tips advertise its cloud packages (litlogger, litmodels) on every run
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not str(r.msg).startswith("💡 Tip"))
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
 
 

@@ -8,7 +8,7 @@ import os
 
 def is_first_process() -> bool:
     """Global rank 0: torchrun's ``RANK``, SLURM's ``SLURM_PROCID``, or else Lightning's launcher's
-    ``NODE_RANK`` and ``LOCAL_RANK`` (rank 0 of a Lightning launch has neither); True in a single process."""
+    ``NODE_RANK`` and ``LOCAL_RANK`` (each 0 or unset on rank 0); True in a single process."""
     for variable in ("RANK", "SLURM_PROCID"):
         if variable in os.environ:
             return os.environ[variable] == "0"
