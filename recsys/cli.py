@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 import threading
-import warnings
 from importlib import import_module
 
 from recsys.commands.table import BY_NAME, usage
@@ -48,13 +47,9 @@ def _configure_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO if is_first_process() else logging.WARNING)  # info once, not once a rank
         logger.propagate = False
-        # Lightning's tips advertise its cloud packages (litlogger, litmodels) on every run
-        tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-        tips.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
-    # deprecation notes from inside torchrec (it calls torch.fx.is_fx_tracing) and Lightning (its
-    # pytree helper builds LeafSpec, which torch 2.13 deprecates): not ours, nor the user's, to act on
+    # torchrec calls torch.fx.is_fx_tracing on import; the deprecation note it triggers is not ours
+    # (Lightning's own notes are filtered in recsys.train.cli, which in-process runs import too)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
 
 
 def _leave_process_group(finished: bool) -> bool:

@@ -7,7 +7,9 @@ recsys test --config configs/movielens/base.yaml --ckpt_path runs/.../best.ckpt
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,13 @@ from recsys.train.module import CTRModule
 from recsys.train.ranks import is_first_process
 from recsys.train.runs import RunError, RunLock, check_run, resume_from, run_version
 from recsys.train.strategy import TorchrecStrategy  # noqa: F401  (registers --trainer.strategy torchrec)
+
+# Lightning's noise, for `recsys fit` and the in-process runs of scripts alike: torch 2.13 deprecates the
+# LeafSpec its pytree helper builds, and its tips advertise its cloud packages (litlogger, litmodels)
+warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip")
+)
 
 
 class RecsysCLI(LightningCLI):

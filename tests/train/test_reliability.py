@@ -173,6 +173,19 @@ def test_torchrun_starts_the_same_2_rank_run_as_lightnings_launcher_and_it_logs_
             assert note not in log, log[-3000:]
 
 
+def test_a_run_started_in_process_is_as_quiet_as_the_command(tiny: Path, tmp_path: Path) -> None:
+    """``recsys.train.cli.run`` (what scripts/compare_models.py and tune_models.py call) leaves out the
+    same library notes and adverts as ``recsys fit``: they are filtered where both paths pass."""
+    config = _config(tmp_path / "cfg.yaml", tiny, tmp_path / "runs", "inprocess", [])
+    code = f"from recsys.train.cli import run; run(['fit', '--config', {str(config)!r}])"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "runs" / "inprocess" / "final.ckpt").exists()
+    for note in ("LeafSpec", "Tip:"):
+        assert note not in done.stdout + done.stderr, done.stderr[-3000:]
+
+
 def _run_inprocess(tiny: Path, tmp_path: Path, poison: dict, *extra: str) -> Path:
     runs = tmp_path / "runs"
     config = _config(
