@@ -47,8 +47,8 @@ def _configure_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO if is_first_process() else logging.WARNING)  # info once, not once a rank
         logger.propagate = False
-    # torchrec calls torch.fx.is_fx_tracing on import; the deprecation note it triggers is not ours
-    # (Lightning's own notes are filtered in recsys.train.cli, which in-process runs import too)
+    # torchrec calls torch.fx.is_fx_tracing on import, before recsys.train.cli (which filters it and
+    # Lightning's own notes for in-process runs too) is imported, if at all; the note is not ours
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 

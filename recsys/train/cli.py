@@ -33,6 +33,11 @@ warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprec
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip")
 )
+# fbgemm_gpu logs at import, which gives the root logger a handler (logging.basicConfig); Lightning's
+# package logger prints with its own handler and, when the root has one, passed each line on to it too
+logging.getLogger("lightning").propagate = False
+# torchrec calls torch.fx.is_fx_tracing (on import and in the first forward); the note it triggers is not ours
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 class RecsysCLI(LightningCLI):

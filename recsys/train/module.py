@@ -208,7 +208,7 @@ class CTRModule(L.LightningModule):
             trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir
         )
         path = directory / f"nonfinite-step{trainer.global_step}.ckpt"
-        trainer.save_checkpoint(path)  # collective under the torchrec strategy: every rank is here
+        trainer.save_checkpoint(path, weights_only=False)  # all state; collective under the torchrec strategy
         raise NonFiniteError(
             f"{where}; the weights before this step are in {path}. Nothing was updated with it. "
             f"Rerun with --nonfinite skip to drop such batches instead"

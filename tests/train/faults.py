@@ -85,7 +85,7 @@ class SaveFinal(L.Callback):
         self.path = path
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
 
 
 class SaveManagedState(L.Callback):

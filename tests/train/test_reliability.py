@@ -1,6 +1,7 @@
 """Kill-and-resume without losing or repeating a row, and the non-finite guard."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -175,15 +176,19 @@ def test_torchrun_starts_the_same_2_rank_run_as_lightnings_launcher_and_it_logs_
 
 def test_a_run_started_in_process_is_as_quiet_as_the_command(tiny: Path, tmp_path: Path) -> None:
     """``recsys.train.cli.run`` (what scripts/compare_models.py and tune_models.py call) leaves out the
-    same library notes and adverts as ``recsys fit``: they are filtered where both paths pass."""
+    same library notes and adverts as ``recsys fit``: they are filtered where both paths pass. The
+    scripts import torchrec (whose fbgemm_gpu logs at import, giving the root logger a handler) before
+    Lightning: each of Lightning's lines is still said once."""
     config = _config(tmp_path / "cfg.yaml", tiny, tmp_path / "runs", "inprocess", [])
-    code = f"from recsys.train.cli import run; run(['fit', '--config', {str(config)!r}])"
+    code = f"import recsys.eval.report; from recsys.train.cli import run; run(['fit', '--config', {str(config)!r}])"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "runs" / "inprocess" / "final.ckpt").exists()
-    for note in ("LeafSpec", "Tip:"):
-        assert note not in done.stdout + done.stderr, done.stderr[-3000:]
+    said = done.stdout + done.stderr
+    for note in ("LeafSpec", "Tip:", "is_fx_tracing"):
+        assert note not in said, done.stderr[-3000:]
+    assert said.count("`Trainer.fit` stopped") == 1, done.stderr[-3000:]
 
 
 def _run_inprocess(tiny: Path, tmp_path: Path, poison: dict, *extra: str) -> Path:
@@ -196,10 +201,18 @@ def _run_inprocess(tiny: Path, tmp_path: Path, poison: dict, *extra: str) -> Pat
 
 
 def test_nan_loss_stops_with_step_and_batch_after_saving_a_checkpoint(tiny: Path, tmp_path: Path) -> None:
-    with pytest.raises(
-        NonFiniteError, match=r"non-finite loss at global step 13 \(epoch 0, batch 13, rows at positions"
-    ):
-        _run_inprocess(tiny, tmp_path, {"step": 13, "what": "loss"})
+    said = logging.Handler()
+    said.emit = (lines := []).append  # what Lightning says while saving (its handlers may print elsewhere)
+    connector = logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector")
+    connector.addHandler(said)
+    try:
+        with pytest.raises(
+            NonFiniteError, match=r"non-finite loss at global step 13 \(epoch 0, batch 13, rows at positions"
+        ):
+            _run_inprocess(tiny, tmp_path, {"step": 13, "what": "loss"})
+    finally:
+        connector.removeHandler(said)
+    assert not [r for r in lines if "weights_only" in r.getMessage()]  # a full checkpoint asked for, not defaulted
     saved = next((tmp_path / "runs" / "nan").rglob("nonfinite-step13.ckpt"))
     checkpoint = torch.load(saved, weights_only=True)
     assert checkpoint["global_step"] == 13
