@@ -129,15 +129,10 @@ def id_kind(t: pa.DataType) -> str:
     return "int" if pa.types.is_integer(t) else "str" if _is_id_type(t) else str(t)
 
 
-_TOLD: set[tuple[str, tuple[str, ...]]] = set()  # (file, columns) this process has named already
-
-
 def log_extra_columns(schema: Schema, arrow_schema: pa.Schema, file: Path) -> None:
-    """Names once per process the columns of ``file`` that the schema does not use (a run can read
-    a split more than once: a 2-rank run read val twice on rank 0)."""
+    """Names the columns of ``file`` that the schema does not use (when a stream plans its reads)."""
     extra = sorted(set(arrow_schema.names) - set(schema.columns()))
-    if extra and (str(file), tuple(extra)) not in _TOLD:
-        _TOLD.add((str(file), tuple(extra)))
+    if extra:
         log.info("%s: ignoring column(s) not in the schema: %s", file, extra)
 
 

@@ -172,20 +172,26 @@ class CTRDataModule(L.LightningDataModule):
         if key not in self._streams:
             seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
             self._streams[key] = ParquetStream(
-                self.path,
-                path,
-                self.vocab,
-                batch_size=self.batch_size if train else self.eval_batch_size,
+                **self._stream_options(split),
                 shuffle=train,
                 shuffle_buffer=self.shuffle_buffer,
                 seed=seed,
-                num_workers=self.num_workers,
-                keep_encoded=not self.days,  # a day is read once for training and once for validation
                 # evaluation: the whole split, in the same batches on every rank (a sharded model's
                 # forward is collective); val/test loaders take each rank's share (_eval_stream)
                 **({} if train else {"rank": 0, "world_size": 1}),
             )
         return self._streams[key]
+
+    def _stream_options(self, split: str) -> dict[str, Any]:
+        """What every stream of ``split`` shares, whole or a rank's share."""
+        return {
+            "data_dir": self.path,
+            "split": self.split_path(split),
+            "vocab": self.vocab,
+            "batch_size": self.batch_size if split == "train" else self.eval_batch_size,
+            "num_workers": self.num_workers,
+            "keep_encoded": not self.days,  # a day is read once for training and once for validation
+        }
 
     def _eval_stream(self, split: str) -> ParquetStream:
         """``split`` for val/test when the trainer has several ranks: each scores an equal share of every
@@ -193,18 +199,8 @@ class CTRDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.world_size == 1:  # the trainer's ranks, not any process group around
             return self.stream(split)
-        whole = self.stream(split)
-        return ParquetStream(
-            self.path,
-            whole.split,
-            self.vocab,
-            batch_size=whole.batch_size,
-            num_workers=self.num_workers,
-            rank=0,
-            world_size=1,
-            share=(trainer.global_rank, trainer.world_size),
-            keep_encoded=whole.keep_encoded,
-        )
+        share = (trainer.global_rank, trainer.world_size)
+        return ParquetStream(**self._stream_options(split), rank=0, world_size=1, share=share)
 
     def _loader(self, split: str, shared: bool = False) -> DataLoader:
         """``shared``: val/test under several ranks, each scoring its share (predictions: the whole split)."""
