@@ -11,6 +11,7 @@ import threading
 from importlib import import_module
 
 from recsys.commands.table import BY_NAME, usage
+from recsys.library_notes import silence_library_notes
 from recsys.train.ranks import is_first_process
 
 
@@ -47,9 +48,7 @@ def _configure_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO if is_first_process() else logging.WARNING)  # info once, not once a rank
         logger.propagate = False
-    # torchrec calls torch.fx.is_fx_tracing on import, before recsys.train.cli (which filters it and
-    # Lightning's own notes for in-process runs too) is imported, if at all; the note is not ours
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    silence_library_notes()  # before torchrec's import, which prints one of them
 
 
 def _leave_process_group(finished: bool) -> bool:

@@ -7,9 +7,7 @@ recsys test --config configs/movielens/base.yaml --ckpt_path runs/.../best.ckpt
 
 from __future__ import annotations
 
-import logging
 import sys
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from recsys.data.datamodule import CTRDataModule
 from recsys.embedding.spec import EmbeddingConfigError, legacy_keys_message
 from recsys.embedding.tables import tables_on
+from recsys.library_notes import silence_library_notes
 from recsys.text.features import TextConfigError
 from recsys.train.callbacks import PredictionWriter, RunSummary, Throughput
 from recsys.train.module import CTRModule
@@ -27,17 +26,7 @@ from recsys.train.ranks import is_first_process
 from recsys.train.runs import RunError, RunLock, check_run, resume_from, run_version
 from recsys.train.strategy import TorchrecStrategy  # noqa: F401  (registers --trainer.strategy torchrec)
 
-# Lightning's noise, for `recsys fit` and the in-process runs of scripts alike: torch 2.13 deprecates the
-# LeafSpec its pytree helper builds, and its tips advertise its cloud packages (litlogger, litmodels)
-warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-    lambda record: not str(record.msg).startswith("💡 Tip")
-)
-# fbgemm_gpu logs at import, which gives the root logger a handler (logging.basicConfig); Lightning's
-# package logger prints with its own handler and, when the root has one, passed each line on to it too
-logging.getLogger("lightning").propagate = False
-# torchrec calls torch.fx.is_fx_tracing (on import and in the first forward); the note it triggers is not ours
-logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+silence_library_notes()  # here too: scripts run fits in-process, without the `recsys` command
 
 
 class RecsysCLI(LightningCLI):
